@@ -1,0 +1,3 @@
+from agegender.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,609 @@
+"""UTKFace: label parsing, image decoding, de-duplication, splitting and the decoded cache.
+
+A cache directory written by :func:`prepare` holds:
+
+- ``images.npy``: uint8 array ``(N, H, W, C)`` (C = 1 for gray, 3 for RGB), memory-mappable;
+- ``manifest.csv``: one row per file found, with its labels, content hash, split, status
+  (``kept`` or why it was skipped) and ``index`` (its row in ``images.npy``, -1 if not kept);
+- ``summary.json``: the counts :func:`prepare` printed;
+- ``cache.json``: what the cache was built from, so an unchanged re-run reuses it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from agegender.errors import DataError
+
+GENDERS = ("male", "female")  # UTKFace: 0 = male, 1 = female
+RACES = ("White", "Black", "Asian", "Indian", "Others")  # UTKFace race codes 0..4
+AGE_RANGE = (1, 120)
+AGE_BANDS = ((0, 9), (10, 19), (20, 39), (40, 59), (60, 200))
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+COLORS = ("gray", "rgb")
+SPLITS = ("train", "val", "test")
+MAX_PIXELS = 40_000_000  # far above any face photo; refuses decompression bombs cheaply
+CACHE_VERSION = 1
+
+# age_gender_race_datetime, then the extension as it really occurs: ".jpg.chip.jpg",
+# " .jpg.chip.jpg", "jpg.chip.jpg" (no dot), upper case, or a plain ".jpg"/".jpeg"/".png".
+_NAME = re.compile(r"^(?P<stem>.+?)\s*\.?(?:jpe?g|png)(?:\.chip\.jpe?g)?$", re.IGNORECASE)
+
+
+class Labels(NamedTuple):
+    """Labels parsed from a UTKFace file name."""
+
+    age: int
+    gender: int  # 0 male, 1 female
+    race: int  # 0..4, see RACES
+
+
+def parse_name(name: str) -> Labels:
+    """Parse ``age_gender_race_datetime.jpg.chip.jpg`` into :class:`Labels`.
+
+    Raises ``ValueError`` whose message says why the name was rejected.
+
+    >>> parse_name("26_1_2_20170116174525125.jpg.chip.jpg")
+    Labels(age=26, gender=1, race=2)
+    >>> parse_name("24_0_1_20170116220224657 .jpg.chip.jpg")
+    Labels(age=24, gender=0, race=1)
+    >>> parse_name("39_1_20170116174525125.jpg.chip.jpg")
+    Traceback (most recent call last):
+    ValueError: missing field: expected age_gender_race_datetime, got 3 fields
+    """
+    base = os.path.basename(name)
+    match = _NAME.match(base)
+    if match is None:
+        raise ValueError("not an image name ending in .jpg, .jpeg or .png")
+    fields = match["stem"].split("_")
+    if len(fields) < 4:
+        raise ValueError(
+            f"missing field: expected age_gender_race_datetime, got {len(fields)} fields"
+        )
+    if len(fields) > 4:
+        raise ValueError(f"expected age_gender_race_datetime, got {len(fields)} fields")
+    if not all(f.isdigit() for f in fields):
+        raise ValueError("fields must be whole numbers")
+    age, gender, race = (int(f) for f in fields[:3])
+    if not AGE_RANGE[0] <= age <= AGE_RANGE[1]:
+        raise ValueError(f"age {age} outside {AGE_RANGE[0]}..{AGE_RANGE[1]}")
+    if gender not in (0, 1):
+        raise ValueError(f"gender {gender} is not 0 (male) or 1 (female)")
+    if not 0 <= race < len(RACES):
+        raise ValueError(f"race {race} outside 0..{len(RACES) - 1}")
+    return Labels(age, gender, race)
+
+
+def age_band(age: int | np.ndarray) -> int | np.ndarray:
+    """Index of the age band in :data:`AGE_BANDS` (0-9, 10-19, 20-39, 40-59, 60+)."""
+    edges = np.array([lo for lo, _ in AGE_BANDS[1:]])
+    band = np.searchsorted(edges, age, side="right")
+    return int(band) if np.ndim(band) == 0 else band
+
+
+def band_name(band: int) -> str:
+    lo, hi = AGE_BANDS[band]
+    return f"{lo}+" if band == len(AGE_BANDS) - 1 else f"{lo}-{hi}"
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def open_image(src: str | os.PathLike | IO[bytes], max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open an image lazily, refusing decompression bombs before any pixel is decoded.
+
+    Raises ``ValueError`` with a one-line reason for files that are not usable images.
+    """
+    try:
+        img = Image.open(src)
+    except UnidentifiedImageError:  # an OSError too, so it goes first
+        raise ValueError("not an image (unknown format)") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"decompression bomb: {e}") from None
+    except FileNotFoundError:
+        raise ValueError("no such file") from None
+    except OSError as e:
+        raise ValueError(f"corrupt image: {e}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ValueError(f"decompression bomb: {w}x{h} pixels exceeds {max_pixels:,}")
+    return img
+
+
+def load_face(
+    src: str | os.PathLike | IO[bytes] | Image.Image,
+    size: int,
+    color: str = "gray",
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
+    """Decode one face image to a ``(size, size, C)`` uint8 array, the model's input geometry.
+
+    The centre square is kept (UTKFace crops are already square) and resized with PIL's
+    antialiasing bilinear filter. JPEGs are decoded in draft mode (reduced DCT, gray straight
+    from the luma channel), which is both faster and what training saw, so prediction must
+    decode through this function too.
+    """
+    if color not in COLORS:
+        raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+    mode = "L" if color == "gray" else "RGB"
+    try:
+        img = src if isinstance(src, Image.Image) else open_image(src, max_pixels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if img.format == "JPEG":
+                img.draft(mode, (size, size))
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16-bit: scale to 8 bits instead of letting PIL clip at 255
+                arr = np.asarray(img, dtype=np.float32)
+                img = Image.fromarray((arr * (255.0 / max(arr.max(), 1.0))).astype(np.uint8))
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, img.convert("RGBA"))
+            img = img.convert(mode)
+            w, h = img.size
+            side = min(w, h)
+            if w != h:
+                left, top = (w - side) // 2, (h - side) // 2
+                img = img.crop((left, top, left + side, top + side))
+            if side != size:
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+    except OSError as e:  # truncated or corrupt data
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"corrupt image: {msg}") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"decompression bomb: {e}") from None
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def scan(dirs: list[str | os.PathLike]) -> list[Path]:
+    """All image files (.jpg/.jpeg/.png, any case) under ``dirs``, recursively, sorted."""
+    found: set[Path] = set()
+    for d in dirs:
+        root = Path(d)
+        if not root.exists():
+            raise DataError(f"no such file or directory: {d}")
+        candidates = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        found.update(p.resolve() for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(found)
+
+
+def _hash_file(path: Path) -> tuple[str, str | None]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return "", f"unreadable: {e.strerror or e}"
+    if not data:
+        return "", "unreadable: empty file"
+    return hashlib.blake2b(data, digest_size=16).hexdigest(), None
+
+
+def _hash_chunk(paths: list[Path]) -> list[tuple[str, str | None]]:
+    return [_hash_file(p) for p in paths]
+
+
+def _decode_chunk(
+    out: str, start: int, paths: list[str], size: int, color: str
+) -> list[tuple[int, str]]:
+    """Decode ``paths`` into rows ``start...`` of the .npy at ``out``; return the failures."""
+    images = np.load(out, mmap_mode="r+")
+    failures = []
+    for i, path in enumerate(paths):
+        try:
+            images[start + i] = load_face(path, size, color)
+        except ValueError as e:
+            failures.append((start + i, f"unreadable: {e}"))
+        except Exception as e:  # one bad file must never stop the run
+            failures.append((start + i, f"unreadable: {type(e).__name__}: {e}"))
+    images.flush()
+    return failures
+
+
+def _chunks(n: int, k: int) -> list[range]:
+    return [range(i, min(i + k, n)) for i in range(0, n, k)]
+
+
+def _pool_map(fn, jobs: list[tuple], sizes: list[int], workers: int, desc: str, quiet: bool):
+    """Run ``fn(*job)`` for each job in a process pool with a progress bar; results in order."""
+    from concurrent.futures import as_completed
+
+    from tqdm import tqdm
+
+    results: list = [None] * len(jobs)
+    bar = tqdm(total=sum(sizes), desc=desc, unit="img", disable=quiet, leave=False, file=sys.stderr)
+    if workers <= 1 or len(jobs) <= 1:
+        for j, job in enumerate(jobs):
+            results[j] = fn(*job)
+            bar.update(sizes[j])
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = {pool.submit(fn, *job): j for j, job in enumerate(jobs)}
+            for fut in as_completed(futures):
+                j = futures[fut]
+                results[j] = fut.result()
+                bar.update(sizes[j])
+    bar.close()
+    return results
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def split_indices(
+    gender: np.ndarray, age: np.ndarray, fractions: tuple[float, ...], seed: int
+) -> np.ndarray:
+    """Assign each image a split (0, 1, 2, ...) stratified by gender and age band.
+
+    Images are shuffled within each (gender, age band) stratum, strata are laid end to end and
+    the splits are dealt along that order by largest deficit, so every stratum and the whole
+    set get their fraction to within one image.
+    """
+    n = len(gender)
+    rng = np.random.default_rng(seed)
+    stratum = np.asarray(gender, dtype=np.int64) * 100 + age_band(np.asarray(age))
+    order = np.lexsort((rng.random(n), stratum))
+    target = np.asarray(fractions, dtype=np.float64)
+    counts = np.zeros(len(target))
+    out = np.empty(n, dtype=np.int64)
+    for k, i in enumerate(order):
+        s = int(np.argmax(target * (k + 1) - counts))
+        counts[s] += 1
+        out[i] = s
+    return out
+
+
+def parse_split(text: str | tuple[float, ...]) -> tuple[float, float, float]:
+    """``"0.7,0.1,0.2"`` -> (0.7, 0.1, 0.2); fractions must be >= 0 and sum to 1."""
+    try:
+        parts = tuple(float(x) for x in text.split(",")) if isinstance(text, str) else text
+    except ValueError:
+        raise DataError(f"--split must be three numbers like 0.7,0.1,0.2, got {text!r}") from None
+    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1) > 1e-6:
+        raise DataError(f"--split must be three fractions >= 0 summing to 1, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+MANIFEST_COLUMNS = ("path", "age", "gender", "race", "content_hash", "split", "status", "index")
+
+
+@dataclass
+class _Row:
+    path: str
+    age: int | None = None
+    gender: int | None = None
+    race: int | None = None
+    content_hash: str = ""
+    split: str = ""
+    status: str = ""
+    index: int = -1
+
+
+def _fingerprint(paths: list[Path]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_manifest(path: Path, rows: list[_Row]) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(MANIFEST_COLUMNS)
+        for r in rows:
+            w.writerow(
+                [r.path, "" if r.age is None else r.age, "" if r.gender is None else r.gender,
+                 "" if r.race is None else r.race, r.content_hash, r.split, r.status, r.index]
+            )  # fmt: skip
+    os.replace(tmp, path)
+
+
+def read_manifest(cache_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of ``manifest.csv`` as dicts of strings."""
+    with (Path(cache_dir) / "manifest.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _rows_from_manifest(cache_dir: Path) -> list[_Row]:
+    def opt(s: str) -> int | None:
+        return int(s) if s else None
+
+    return [
+        _Row(r["path"], opt(r["age"]), opt(r["gender"]), opt(r["race"]), r["content_hash"],
+             r["split"], r["status"], int(r["index"]))
+        for r in read_manifest(cache_dir)
+    ]  # fmt: skip
+
+
+def _summarise(rows: list[_Row], extra: dict[str, Any]) -> dict[str, Any]:
+    status = Counter(r.status.split(":")[0] for r in rows)
+    dup_groups: defaultdict[str, int] = defaultdict(int)
+    for r in rows:
+        if r.content_hash:
+            dup_groups[r.content_hash] += 1
+    kept = [r for r in rows if r.status == "kept"]
+    return {
+        "files_found": len(rows),
+        "parsed": len(rows) - status["unparsable"],
+        "unparsable": status["unparsable"],
+        "unreadable": status["unreadable"],
+        "duplicate_groups": sum(1 for v in dup_groups.values() if v > 1),
+        "conflicting_groups": len(
+            {r.content_hash for r in rows if r.status.startswith("conflicting")}
+        ),
+        "duplicates_removed": status["duplicate"],
+        "kept": len(kept),
+        "splits": {s: sum(1 for r in kept if r.split == s) for s in SPLITS},
+        **extra,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary of :func:`prepare` as aligned lines for people."""
+    s = summary
+    lines = [
+        f"files found          {s['files_found']:>8,}",
+        f"parsed               {s['parsed']:>8,}",
+        f"unparsable names     {s['unparsable']:>8,}",
+        f"unreadable files     {s['unreadable']:>8,}",
+        f"duplicate groups     {s['duplicate_groups']:>8,}  (byte-identical files)",
+        f"conflicting groups   {s['conflicting_groups']:>8,}  (copies disagree on age/gender: "
+        "dropped)",
+        f"kept images          {s['kept']:>8,}",
+        "splits               " + "  ".join(f"{k} {v:,}" for k, v in s["splits"].items()),
+        f"images               {s['image_shape']} uint8 in {s['cache_dir']}/images.npy",
+        f"time                 {s['seconds']:.1f} s" + ("  (cache reused)" if s["reused"] else ""),
+    ]
+    return "\n".join(lines)
+
+
+def prepare(
+    data_dirs: list[str | os.PathLike],
+    out: str | os.PathLike,
+    size: int = 128,
+    color: str = "gray",
+    seed: int = 42,
+    split: str | tuple[float, float, float] = (0.7, 0.1, 0.2),
+    workers: int | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Scan, parse, de-duplicate, decode and split UTKFace images into a cache at ``out``.
+
+    Returns the summary (also written to ``out/summary.json``). Files that cannot be used are
+    listed in ``manifest.csv`` with the reason; they never stop the run. Re-running on unchanged
+    files with the same ``size`` and ``color`` reuses the decoded images (a new ``seed`` or
+    ``split`` only re-deals the splits).
+    """
+    t0 = time.perf_counter()
+    fractions = parse_split(split)
+    if color not in COLORS:
+        raise DataError(f"--color must be one of {', '.join(COLORS)}, got {color!r}")
+    if not 16 <= size <= 1024:
+        raise DataError(f"--size must be between 16 and 1024, got {size}")
+    if not data_dirs:
+        raise DataError("no data folder given")
+    paths = scan(data_dirs)
+    if not paths:
+        raise DataError(f"no .jpg/.jpeg/.png files under {', '.join(map(str, data_dirs))}")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images_path = out_dir / "images.npy"
+    workers = workers or min(os.cpu_count() or 1, 8)
+
+    key = {
+        "version": CACHE_VERSION, "files": _fingerprint(paths), "size": size, "color": color
+    }  # fmt: skip
+    meta_path = out_dir / "cache.json"
+    reused = False
+    if meta_path.exists() and images_path.exists() and (out_dir / "manifest.csv").exists():
+        try:
+            reused = json.loads(meta_path.read_text()).get("key") == key
+        except json.JSONDecodeError:
+            reused = False
+
+    if reused:
+        rows = _rows_from_manifest(out_dir)
+        n_images = len(np.load(images_path, mmap_mode="r"))
+    else:
+        rows, n_images = _build(paths, images_path, size, color, workers, quiet)
+        _atomic_write_text(meta_path, json.dumps({"key": key}, indent=1))
+
+    kept = [r for r in rows if r.status == "kept"]
+    assignment = split_indices(
+        np.array([r.gender for r in kept]), np.array([r.age for r in kept]), fractions, seed
+    )
+    for r, s in zip(kept, assignment):
+        r.split = SPLITS[s]
+    _write_manifest(out_dir / "manifest.csv", rows)
+    summary = _summarise(
+        rows,
+        {
+            "image_shape": [n_images, size, size, 1 if color == "gray" else 3],
+            "size": size,
+            "color": color,
+            "seed": seed,
+            "split_fractions": list(fractions),
+            "data_dirs": [str(Path(d).resolve()) for d in data_dirs],
+            "cache_dir": str(out_dir),
+            "reused": reused,
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    )
+    _atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _build(
+    paths: list[Path], images_path: Path, size: int, color: str, workers: int, quiet: bool
+) -> tuple[list[_Row], int]:
+    rows = [_Row(str(p)) for p in paths]
+    parsed: list[_Row] = []
+    for r in rows:
+        try:
+            r.age, r.gender, r.race = parse_name(r.path)
+            parsed.append(r)
+        except ValueError as e:
+            r.status = f"unparsable: {e}"
+
+    # Hash every parsed file: byte-identical copies (UTKFace has hundreds, the Kaggle layout
+    # holds every image two or three times) must count as one image on one side of the split.
+    chunk = 512
+    chunks = _chunks(len(parsed), chunk)
+    jobs = [([Path(parsed[i].path) for i in c],) for c in chunks]
+    hashed = _pool_map(_hash_chunk, jobs, [len(c) for c in chunks], workers, "hashing", quiet)
+    groups: defaultdict[str, list[_Row]] = defaultdict(list)
+    for r, (digest, err) in zip(parsed, (x for part in hashed for x in part)):
+        if err:
+            r.status = err
+        else:
+            r.content_hash = digest
+            groups[digest].append(r)
+
+    unique: list[_Row] = []
+    for members in groups.values():
+        if len({(m.age, m.gender) for m in members}) > 1:
+            for m in members:
+                m.status = "conflicting: byte-identical copies disagree on age or gender"
+            continue
+        first, *copies = members  # paths are sorted, so the first is deterministic
+        race = Counter(m.race for m in members).most_common(1)[0][0]
+        first.race = race
+        unique.append(first)
+        for m in copies:
+            m.status = f"duplicate: same bytes as {first.path}"
+
+    # Decode each unique image once, straight into a memory-mapped .npy that workers share.
+    channels = 1 if color == "gray" else 3
+    tmp = images_path.with_name(f"images.tmp{os.getpid()}.npy")
+    arr = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np.uint8, shape=(len(unique), size, size, channels)
+    )
+    del arr
+    chunks = _chunks(len(unique), 256)
+    jobs = [(str(tmp), c.start, [unique[i].path for i in c], size, color) for c in chunks]
+    decoded = _pool_map(_decode_chunk, jobs, [len(c) for c in chunks], workers, "decoding", quiet)
+    failures = dict(x for part in decoded for x in part)
+    good = [i for i in range(len(unique)) if i not in failures]
+    for i, reason in failures.items():
+        for m in groups[unique[i].content_hash]:
+            m.status = reason
+    if failures:  # compact so that images.npy holds kept images only
+        src = np.load(tmp, mmap_mode="r")
+        tmp2 = images_path.with_name(f"images.tmp{os.getpid()}b.npy")
+        dst = np.lib.format.open_memmap(
+            tmp2, mode="w+", dtype=np.uint8, shape=(len(good), *src.shape[1:])
+        )
+        for c in _chunks(len(good), 1024):
+            dst[c.start : c.stop] = src[good[c.start : c.stop]]
+        dst.flush()
+        del dst, src
+        os.replace(tmp2, tmp)
+    for new, old in enumerate(good):
+        unique[old].index = new
+        unique[old].status = "kept"
+    os.replace(tmp, images_path)
+    return rows, len(good)
+
+
+# --------------------------------------------------------------------------- reading a cache
+
+
+@dataclass(frozen=True)
+class Cache:
+    """A prepared cache: images and labels aligned by index.
+
+    ``images`` is a read-only memory map ``(N, H, W, C)`` uint8; ``age``, ``gender``, ``race``
+    are ``(N,)`` integer arrays; ``split`` is ``(N,)`` strings in :data:`SPLITS`.
+    """
+
+    root: Path
+    images: np.ndarray
+    age: np.ndarray
+    gender: np.ndarray
+    race: np.ndarray
+    split: np.ndarray
+    paths: list[str] = field(repr=False)
+    summary: dict[str, Any] = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def color(self) -> str:
+        return "gray" if self.images.shape[3] == 1 else "rgb"
+
+    def indices(self, split: str | None = None) -> np.ndarray:
+        """Row indices of one split (``train``/``val``/``test``), or all rows for ``None``."""
+        if split is None:
+            return np.arange(len(self.images))
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        return np.flatnonzero(self.split == split)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def is_cache(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / "images.npy").is_file() and (p / "manifest.csv").is_file()
+
+
+def open_cache(path: str | os.PathLike) -> Cache:
+    """Open a cache written by :func:`prepare` (images memory-mapped, not loaded)."""
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"no such cache directory: {path}")
+    if not is_cache(root):
+        raise DataError(
+            f"{path} is not a prepared cache (no images.npy and manifest.csv): "
+            "run `agegender prepare DATA_DIR --out CACHE_DIR` first"
+        )
+    images = np.load(root / "images.npy", mmap_mode="r")
+    kept = sorted(
+        (r for r in read_manifest(root) if r["status"] == "kept"), key=lambda r: int(r["index"])
+    )
+    if len(kept) != len(images) or any(int(r["index"]) != i for i, r in enumerate(kept)):
+        raise DataError(f"{path}: manifest.csv does not match images.npy; run prepare again")
+    summary_path = root / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return Cache(
+        root=root,
+        images=images,
+        age=np.array([int(r["age"]) for r in kept], dtype=np.int64),
+        gender=np.array([int(r["gender"]) for r in kept], dtype=np.int64),
+        race=np.array([int(r["race"]) for r in kept], dtype=np.int64),
+        split=np.array([r["split"] for r in kept]),
+        paths=[r["path"] for r in kept],
+        summary=summary,
+    )

@@ -1,0 +1,171 @@
+"""The study's data exploration, as PNG files and a short Markdown summary."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from agegender.data import AGE_BANDS, GENDERS, RACES, SPLITS, age_band, band_name, open_cache
+
+_GENDER_COLORS = ("tab:blue", "tab:red")
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    # Figure (not pyplot) keeps no global state and needs no display
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def _face(ax, image: np.ndarray) -> None:
+    if image.shape[2] == 1:
+        ax.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(image)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _label(age: int, gender: int) -> str:
+    return f"{age} y, {GENDERS[gender]}"
+
+
+def explore(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0) -> list[Path]:
+    """Write the exploration plots of a prepared cache into ``out_dir``; return the files.
+
+    Files: ``sample.png``, ``age_distribution.png``, ``gender_counts.png``, ``race_counts.png``,
+    ``grid.png`` (5x5 faces titled with age and gender), ``age_by_gender.png`` and ``summary.md``.
+    """
+    cache = open_cache(cache_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(cache)
+    if n == 0:
+        from agegender.errors import DataError
+
+        raise DataError(f"{cache_dir} holds no kept images")
+    rng = np.random.default_rng(seed)
+    files: list[Path] = []
+    max_age = int(cache.age.max())
+    bins = np.arange(0, max(max_age, 100) + 6, 5)
+
+    i = int(rng.integers(n))
+    fig = Figure(figsize=(3.2, 3.6))
+    ax = fig.subplots()
+    _face(ax, cache.images[i])
+    ax.set_title(
+        f"age {cache.age[i]}, {GENDERS[cache.gender[i]]}, {RACES[cache.race[i]]}\n"
+        f"{cache.size}x{cache.size} {cache.color}",
+        fontsize=10,
+    )
+    files.append(_save(fig, out / "sample.png"))
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.hist(cache.age, bins=bins, color="tab:gray", edgecolor="white")
+    ax.axvline(
+        np.median(cache.age), color="black", ls="--", label=f"median {np.median(cache.age):.0f}"
+    )
+    ax.set(xlabel="age (years)", ylabel="images", title=f"Age distribution (n = {n:,})")
+    ax.legend()
+    files.append(_save(fig, out / "age_distribution.png"))
+
+    gender_counts = np.bincount(cache.gender, minlength=2)
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.subplots()
+    bars = ax.bar(GENDERS, gender_counts, color=_GENDER_COLORS)
+    ax.bar_label(bars, labels=[f"{c:,}" for c in gender_counts])
+    ax.set(ylabel="images", title="Gender counts")
+    files.append(_save(fig, out / "gender_counts.png"))
+
+    race_counts = np.bincount(cache.race, minlength=len(RACES))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    bars = ax.bar(RACES, race_counts, color="tab:green")
+    ax.bar_label(bars, labels=[f"{c:,}" for c in race_counts])
+    ax.set(ylabel="images", title="Race counts (UTKFace labels)")
+    files.append(_save(fig, out / "race_counts.png"))
+
+    picks = rng.choice(n, size=min(25, n), replace=False)
+    fig = Figure(figsize=(9, 10))
+    axes = fig.subplots(5, 5).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, j in zip(axes, picks):
+        ax.axis("on")
+        _face(ax, cache.images[j])
+        ax.set_title(_label(int(cache.age[j]), int(cache.gender[j])), fontsize=9)
+    fig.suptitle("Random faces with their labels")
+    files.append(_save(fig, out / "grid.png"))
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for g, name in enumerate(GENDERS):
+        ages = cache.age[cache.gender == g]
+        median = np.median(ages) if len(ages) else 0
+        label = f"{name} (n = {len(ages):,}, median {median:.0f})"
+        ax.hist(ages, bins=bins, histtype="step", lw=2, color=_GENDER_COLORS[g], label=label)
+    ax.set(xlabel="age (years)", ylabel="images", title="Age distribution by gender")
+    ax.legend()
+    files.append(_save(fig, out / "age_by_gender.png"))
+
+    files.append(_write_summary(cache, out, gender_counts, race_counts))
+    return files
+
+
+def _table(header: list[str], rows: list[list[object]]) -> list[str]:
+    lines = ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _write_summary(cache, out: Path, gender_counts, race_counts) -> Path:
+    n = len(cache)
+    s = cache.summary
+    bands = age_band(cache.age)
+    lines = [
+        "# UTKFace exploration",
+        "",
+        f"Cache: `{cache.root}` ({n:,} images, {cache.size}x{cache.size} {cache.color}).",
+    ]
+    if s:
+        lines += [
+            "",
+            f"Files found {s['files_found']:,}; unparsable names {s['unparsable']:,}; unreadable "
+            f"{s['unreadable']:,}; byte-identical groups {s['duplicate_groups']:,}, of which "
+            f"{s['conflicting_groups']:,} disagree on age or gender and were dropped.",
+        ]
+    lines += ["", f"Age: mean {cache.age.mean():.1f}, median {np.median(cache.age):.0f}, "
+              f"range {cache.age.min()}-{cache.age.max()}."]  # fmt: skip
+    lines += _table(
+        ["split", *GENDERS, "total"],
+        [[sp, *(int(((cache.split == sp) & (cache.gender == g)).sum()) for g in range(2)),
+          int((cache.split == sp).sum())] for sp in SPLITS],
+    )  # fmt: skip
+    lines += _table(
+        ["age band", "images", "share"],
+        [[band_name(b), int((bands == b).sum()), f"{(bands == b).mean():.1%}"]
+         for b in range(len(AGE_BANDS))],
+    )  # fmt: skip
+    lines += _table(
+        ["race", "images", "share"],
+        [[r, int(c), f"{c / n:.1%}"] for r, c in zip(RACES, race_counts)],
+    )
+    lines += _table(
+        ["gender", "images", "share"],
+        [[g, int(c), f"{c / n:.1%}"] for g, c in zip(GENDERS, gender_counts)],
+    )
+    lines += [
+        "",
+        "![sample](sample.png) ![grid](grid.png)",
+        "",
+        "![age](age_distribution.png) ![age by gender](age_by_gender.png)",
+        "",
+        "![gender](gender_counts.png) ![race](race_counts.png)",
+        "",
+    ]
+    path = out / "summary.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,50 @@
+import subprocess
+import sys
+
+import pytest
+
+from agegender.cli import main
+
+
+def test_prepare_and_explore(synthetic_dir, tmp_path, capsys):
+    assert main(["prepare", str(synthetic_dir), "--out", str(tmp_path / "c"), "--size", "32",
+                 "--quiet"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "kept images" in out and "120" in out
+    assert main(["explore", str(tmp_path / "c"), "--out", str(tmp_path / "e")]) == 0
+    assert (tmp_path / "e" / "grid.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["prepare", "/no/such/folder", "--out", "{tmp}/c"], "no such file or directory"),
+        (["prepare", "{tmp}/empty", "--out", "{tmp}/c"], "no .jpg/.jpeg/.png files"),
+        (["explore", "{tmp}/empty", "--out", "{tmp}/e"], "not a prepared cache"),
+        (["explore", "/no/such/cache", "--out", "{tmp}/e"], "no such cache directory"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_script_exit_codes(tmp_path):
+    """The installed command, as users run it: exit 2 and one line, no traceback."""
+    run = [sys.executable, "-m", "agegender"]
+    bad = subprocess.run([*run, "prepare", str(tmp_path / "nope"), "--out", str(tmp_path / "c")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    unknown = subprocess.run([*run, "prepare", "--bogus"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    helptext = subprocess.run([*run, "prepare", "--help"], capture_output=True, text=True).stdout
+    assert "(default: 128)" in helptext and "(default: gray)" in helptext
+
+
+def test_demo(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--n", "40"]) == 0
+    assert "kept images" in capsys.readouterr().out
+    assert (tmp_path / "explore" / "age_distribution.png").exists()

@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from agegender.errors import AgeGenderError
+from agegender.errors import AgeGenderError, ConfigError
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -42,6 +42,38 @@ def _cmd_explore(args: argparse.Namespace) -> int:
     print(f"wrote {len(files)} files to {args.out}:")
     for f in files:
         print(f"  {f.name}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from agegender.config import load_config
+    from agegender.train import train
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError("--resume takes the run's own config.toml; give no recipe")
+        train(None, resume=args.resume, quiet=args.quiet)
+        return 0
+    if not args.config:
+        raise ConfigError("give a recipe (e.g. configs/default.toml) or --resume RUN_DIR")
+    overrides = list(args.overrides)
+    config = args.config
+    if "=" in config:  # only overrides, no recipe: start from the defaults
+        overrides.insert(0, config)
+        config = None
+    train(load_config(config, overrides), quiet=args.quiet)
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from agegender.models import create_model, summary
+
+    model = create_model(
+        args.model, in_chans=1 if args.color == "gray" else 3, img_size=args.size,
+        age_head=args.age_head,
+    )  # fmt: skip
+    print(f"Model: {args.model}")
+    print(summary(model, (1 if args.color == "gray" else 3, args.size, args.size)))
     return 0
 
 
@@ -104,6 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cache", metavar="CACHE_DIR", help="a cache written by `agegender prepare`")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the plots")
     p.add_argument("--seed", type=int, default=0, help="which samples to show")
+
+    p = add(
+        "train",
+        _cmd_train,
+        "Train a multi-task age/gender network from a TOML recipe, overridden by key=value "
+        "(e.g. train.epochs=5 data.cache=cache/utk128). Writes a run folder with config.toml, "
+        "history.csv, best/last checkpoints, curves.png and metrics.json.",
+    )
+    p.add_argument("config", nargs="?", metavar="CONFIG.toml", help="recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last epoch")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+
+    p = add("summary", _cmd_summary, "Print a Keras-like table of a model's layers.")
+    p.add_argument("model", metavar="MODEL", help="a registered model name")
+    p.add_argument("--size", type=int, default=128, help="input side in pixels")
+    p.add_argument("--color", choices=("gray", "rgb"), default="gray", help="input colour")
+    p.add_argument("--age-head", default=None, help="age head (resnet-mt: regression|dldl|coral)")
 
     p = add(
         "demo",

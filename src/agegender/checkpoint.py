@@ -1,0 +1,108 @@
+"""Checkpoints that rebuild their model alone: safetensors weights plus a JSON sidecar.
+
+``best.safetensors`` holds the weights; ``best.json`` beside it holds the model's name and
+constructor arguments, its data contract (input size, colour, mean/std), the epoch and the
+metrics. The same JSON is also stored in the safetensors header, so the weights file alone is
+enough. No pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from agegender.errors import AgeGenderError
+from agegender.models import create_model
+
+FORMAT = "agegender-checkpoint"
+VERSION = 1
+
+
+def atomic_replace(tmp: Path, path: Path) -> None:
+    """Move a fully written ``tmp`` over ``path``: a killed write never leaves half a file."""
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: nn.Module, extra: dict[str, Any] | None = None,
+    half: bool = False,
+) -> Path:  # fmt: skip
+    """Write ``model`` to ``path`` (.safetensors) and its sidecar (.json), atomically.
+
+    ``half`` stores float weights as fp16 (half the size; for bundling a final model).
+    """
+    path = Path(path)
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model.config,
+        "data_config": model.data_config,
+        **(extra or {}),
+    }
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu").contiguous()
+        if half and v.is_floating_point():
+            v = v.half()
+        state[k] = v
+    text = json.dumps(meta, indent=1, default=str)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"agegender": text})
+    atomic_replace(tmp, path)
+    sidecar = path.with_suffix(".json")
+    tmp = sidecar.with_name(sidecar.name + ".tmp")
+    tmp.write_text(text + "\n")
+    atomic_replace(tmp, sidecar)
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar metadata of a checkpoint (from ``.json``, else from the weights' header)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AgeGenderError(f"no such checkpoint: {path}")
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        meta = json.loads(sidecar.read_text())
+    else:
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("agegender", "{}"))
+        except Exception as e:
+            raise AgeGenderError(f"{path} is not a safetensors checkpoint: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise AgeGenderError(f"{path} is not an agegender checkpoint (no model description)")
+    return meta
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from a checkpoint alone; returns ``(model in eval mode, metadata)``."""
+    meta = read_meta(path)
+    cfg = dict(meta["model"])
+    model = create_model(cfg.pop("name"), **cfg)
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise AgeGenderError(f"cannot read weights from {path}: {e}") from None
+    reference = model.state_dict()
+    state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise AgeGenderError(
+            f"{path} does not match model {meta['model']['name']}: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model.to(device).eval(), meta

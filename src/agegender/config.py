@@ -1,0 +1,224 @@
+"""Training recipes: frozen dataclasses, loaded from TOML and overridden by ``key=value``.
+
+Every key has a default and a comment. An unknown key, or a value of the wrong type, is an
+error that lists the valid keys.
+
+>>> cfg = load_config(None, ["train.epochs=3", "model.name=seed-cnn"])
+>>> cfg.train.epochs, cfg.model.name
+(3, 'seed-cnn')
+>>> load_config(None, ["train.epoch=3"])
+Traceback (most recent call last):
+agegender.errors.ConfigError: unknown key 'train.epoch' (did you mean train.epochs?); ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from agegender.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    cache: str = ""  # a cache written by `agegender prepare` (or where data.root is prepared to)
+    root: str = ""  # image folder(s), comma-separated, prepared on the fly into data.cache
+    size: int = 128  # image side in pixels (when preparing from data.root)
+    color: str = "gray"  # gray | rgb (when preparing from data.root)
+    split_seed: int = 42  # seed of the train/val/test split (when preparing from data.root)
+    limit: int = 0  # use at most N training images (0 = all)
+    train_splits: str = "train"  # splits to train on: "train", or "train,val" for a final model
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet-mt"  # a registered model (agegender.models.list_models())
+    age_head: str = ""  # regression | dldl | coral; "" = the model's default
+    bn: bool = False  # batch norm after each conv (seed-cnn family only)
+    dropout: float = -1.0  # dropout rate; < 0 = the model's default
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    w_age: float = 1.0  # weight of the age loss
+    w_gender: float = 1.0  # weight of the gender loss (equal weights: the study's best)
+    uncertainty: bool = False  # learn the task weights (Kendall et al. 2018) instead
+    sigma: float = 2.0  # std (years) of the Gaussian label distribution of the dldl head
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    rotate: float = 15.0  # max rotation, degrees
+    flip: bool = True  # random horizontal flip
+    brightness: float = 0.2  # max brightness change, fraction of the range
+    contrast: float = 0.2  # max contrast change, fraction
+    scale: float = 0.1  # max zoom in/out, fraction
+    shift: float = 0.05  # max translation, fraction of the side
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40  # passes over the training set
+    batch_size: int = 64  # images per step
+    lr: float = 2e-3  # (peak) learning rate
+    optimizer: str = "adamw"  # sgd | rmsprop | adam | adamw
+    momentum: float = 0.9  # for sgd and rmsprop
+    weight_decay: float = 0.05  # decoupled for adamw, L2 for the others
+    scheduler: str = "onecycle"  # none | plateau | onecycle | cosine
+    plateau_factor: float = 0.5  # plateau: multiply the lr by this ...
+    plateau_patience: int = 3  # ... after this many epochs without val-loss improvement
+    warmup: float = 0.15  # onecycle: fraction of steps spent warming up
+    early_stopping: int = 0  # stop after N epochs without val-loss improvement (0 = off)
+    augment: bool = True  # batch augmentation on the device (see [aug])
+    tta: bool = True  # evaluate with horizontal-flip test-time augmentation
+    seed: int = 0  # seed of initialisation, shuffling and augmentation
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: str = "auto"  # auto | bf16 | off: bf16 autocast (auto: on where it is fast)
+    channels_last: bool = True  # NHWC memory layout (faster convs on GPUs and AMX CPUs)
+    compile: bool = False  # torch.compile the model
+    threads: int = 0  # torch CPU threads (0 = all cores)
+    grad_clip: float = 0.0  # clip the gradient norm (0 = off)
+    eval_batch_size: int = 256  # images per step when evaluating
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = ""  # run folder; "" = runs/train/<name>, numbered if it exists
+    name: str = "exp"  # run name used for the default folder
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES = {
+    "data.color": ("gray", "rgb"),
+    "model.age_head": ("", "regression", "dldl", "coral"),
+    "train.optimizer": ("sgd", "rmsprop", "adam", "adamw"),
+    "train.scheduler": ("none", "plateau", "onecycle", "cosine"),
+    "train.amp": ("auto", "bf16", "off"),
+}
+
+
+def valid_keys(cfg: Config | None = None) -> list[str]:
+    """Every ``section.key`` a recipe or an override may set."""
+    cfg = cfg or Config()
+    return [f"{s.name}.{f.name}" for s in fields(cfg) for f in fields(getattr(cfg, s.name))]
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    choices = CHOICES.get(key)
+    if choices and value not in choices:
+        shown = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{key} must be one of {shown}, got {value!r}")
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    """TOML syntax for a value (``3``, ``1e-3``, ``true``, ``"x"``); a bare word is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _unknown(key: str, section: str | None) -> ConfigError:
+    keys = valid_keys()
+    near = difflib.get_close_matches(key, keys, n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    if section:
+        listed = [k for k in keys if k.startswith(section + ".")]
+        where = f"valid keys in [{section}]"
+    else:
+        listed, where = keys, "valid keys"
+    return ConfigError(f"unknown key {key!r}{hint}; {where}: {', '.join(listed)}")
+
+
+def apply(cfg: Config, updates: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with ``{"section.key": value}`` applied and type-checked."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in updates.items():
+        section, _, name = key.partition(".")
+        if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)):
+            raise _unknown(key, None)
+        sub = getattr(cfg, section)
+        if name not in {f.name for f in fields(sub)}:
+            raise _unknown(key, section)
+        sections.setdefault(section, {})[name] = _coerce(key, value, getattr(sub, name))
+    return dataclasses.replace(
+        cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in sections.items()}
+    )
+
+
+def _flatten(table: dict[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, values in table.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: {section!r} must be a [section]; got a value")
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- the TOML recipe at ``path`` <- ``key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"no such recipe: {path}")
+        try:
+            table = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        cfg = apply(cfg, _flatten(table, str(path)))
+    updates = {}
+    for item in overrides or []:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        updates[key.strip()] = _parse_value(text.strip())
+    return apply(cfg, updates)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (what a run folder's ``config.toml`` holds)."""
+    lines = []
+    for s in fields(cfg):
+        lines.append(f"[{s.name}]")
+        for f in fields(getattr(cfg, s.name)):
+            v = getattr(getattr(cfg, s.name), f.name)
+            if isinstance(v, bool):
+                text = "true" if v else "false"
+            elif isinstance(v, str):
+                text = '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(v)
+            lines.append(f"{f.name} = {text}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,133 @@
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from agegender import train as train_mod
+from agegender.checkpoint import load_checkpoint
+from agegender.cli import main
+from agegender.config import load_config
+from agegender.errors import ConfigError
+from agegender.synthetic import make_dataset
+from agegender.train import train
+
+SMOKE = Path(__file__).parents[1] / "configs" / "smoke.toml"
+ARTEFACTS = {
+    "config.toml", "history.csv", "best.safetensors", "best.json", "last.safetensors",
+    "last.json", "last.state.pt", "curves.png", "metrics.json",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def real_cache64(utkface_dir, tmp_path_factory):
+    from agegender.data import prepare
+
+    out = tmp_path_factory.mktemp("utk64")
+    prepare([utkface_dir], out, size=64, quiet=True)
+    return out
+
+
+def _smoke(cache, out, *extra):
+    overrides = [f"data.cache={cache}", f"run.out={out}", "train.threads=2", *extra]
+    return load_config(SMOKE, overrides)
+
+
+@pytest.mark.slow
+def test_smoke_run_on_real_images_writes_every_artefact(real_cache64, tmp_path):
+    out = train(_smoke(real_cache64, tmp_path / "run"), quiet=True)
+    assert {p.name for p in out.iterdir()} >= ARTEFACTS
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert len(rows) == 1
+    assert set(rows[0]) >= {"train_loss", "val_loss", "val_acc", "val_mae", "lr", "seconds"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["test_acc"] <= 1 and metrics["test_mae"] > 0
+    assert metrics["train_img_per_s"] > 0
+    # the checkpoint rebuilds its model alone, with its preprocessing
+    model, meta = load_checkpoint(out / "best.safetensors")
+    assert meta["model"]["name"] == "resnet-mt-small"
+    assert meta["data_config"]["input_size"] == [1, 64, 64]
+    out2 = model(torch.zeros(2, 1, 64, 64))
+    assert out2["age"].shape == (2,)
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_resume_continues_a_killed_run_exactly(real_cache64, tmp_path, monkeypatch):
+    cfg = _smoke(real_cache64, tmp_path / "full", "train.epochs=2", "data.limit=256",
+                 "train.amp=off", "train.tta=false")  # fmt: skip
+    full = train(cfg, quiet=True)
+
+    killed = tmp_path / "killed"
+    calls = {"n": 0}
+    real_validate = train_mod.validate
+
+    def validate_then_die(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # during epoch 2, after epoch 1 was saved
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "validate", validate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg.__class__(**{**cfg.__dict__, "run": cfg.run.__class__(out=str(killed))}),
+              quiet=True)  # fmt: skip
+    monkeypatch.setattr(train_mod, "validate", real_validate)
+    assert len(list(csv.DictReader((killed / "history.csv").open()))) == 1
+    assert main(["train", "--resume", str(killed), "--quiet"]) == 0
+    rows = list(csv.DictReader((killed / "history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    a, b = load_file(str(full / "last.safetensors")), load_file(str(killed / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from an unbroken run"
+
+
+def test_overfits_32_synthetic_faces(tmp_path):
+    """The study's network must drive the training loss down on a tiny set it can memorise."""
+    make_dataset(tmp_path / "faces", n=48, size=64, seed=3)
+    cfg = load_config(
+        Path(__file__).parents[1] / "configs" / "seed.toml",
+        [f"data.root={tmp_path / 'faces'}", "data.size=64", f"run.out={tmp_path / 'run'}",
+         "data.limit=32", "train.epochs=25", "train.batch_size=8", "train.threads=2"],
+    )  # fmt: skip
+    out = train(cfg, quiet=True)
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    first, last = float(rows[0]["train_loss"]), float(rows[-1]["train_loss"])
+    assert last < 0.3 * first, (first, last)
+    assert float(rows[-1]["train_mae"]) < 0.4 * float(rows[0]["train_mae"])
+
+
+def test_train_errors(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"set data\.cache"):
+        train(load_config(None, [f"run.out={tmp_path}"]), quiet=True)
+    assert main(["train", str(SMOKE), "train.epoch=1"]) == 2
+    assert "did you mean train.epochs" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert main(["train", str(SMOKE), f"data.cache={tmp_path}"]) == 2
+    assert "not a prepared cache" in capsys.readouterr().err
+
+
+def test_summary_prints_keras_total(capsys):
+    assert main(["summary", "seed-cnn"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-3] == "Total params: 5,107,458"
+
+
+def test_color_mismatch_is_explained(synthetic_cache, tmp_path):
+    cfg = load_config(SMOKE, [f"data.cache={synthetic_cache}", "data.color=rgb",
+                              f"run.out={tmp_path}"])  # fmt: skip
+    with pytest.raises(ConfigError, match="holds gray images"):
+        train(cfg, quiet=True)
+
+
+def test_rgb_run_from_folder(tmp_path):
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    make_dataset(tmp_path / "faces", n=40, size=64, seed=5)
+    cfg = load_config(SMOKE, [f"data.root={tmp_path / 'faces'}", "data.color=rgb",
+                              f"run.out={tmp_path / 'run'}", "train.threads=2"])  # fmt: skip
+    out = train(cfg, quiet=True)
+    _, meta = load_checkpoint(out / "best.safetensors")
+    assert meta["data_config"]["color"] == "rgb" and (out / "cache" / "images.npy").exists()

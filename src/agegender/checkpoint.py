@@ -106,3 +106,25 @@ def load_checkpoint(
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return model.to(device).eval(), meta
+
+
+BUNDLED = Path(__file__).parent / "weights" / "default.safetensors"
+
+
+def resolve_checkpoint(spec: str | os.PathLike) -> Path:
+    """``default`` (the bundled model), a run folder (its ``best.safetensors``) or a file."""
+    if str(spec) == "default":
+        if not BUNDLED.is_file():
+            raise AgeGenderError(
+                "no bundled model in this installation; pass a run folder or a checkpoint"
+            )
+        return BUNDLED
+    path = Path(spec)
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise AgeGenderError(f"{spec} is a folder without best.safetensors or last.safetensors")
+    if not path.is_file():
+        raise AgeGenderError(f"no such model: {spec} (give default, a run folder or a checkpoint)")
+    return path

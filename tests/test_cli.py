@@ -7,8 +7,12 @@ from agegender.cli import main
 
 
 def test_prepare_and_explore(synthetic_dir, tmp_path, capsys):
-    assert main(["prepare", str(synthetic_dir), "--out", str(tmp_path / "c"), "--size", "32",
-                 "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["prepare", str(synthetic_dir), "--out", str(tmp_path / "c"), "--size", "32", "--quiet"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "kept images" in out and "120" in out
     assert main(["explore", str(tmp_path / "c"), "--out", str(tmp_path / "e")]) == 0
@@ -35,8 +39,11 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
 def test_console_script_exit_codes(tmp_path):
     """The installed command, as users run it: exit 2 and one line, no traceback."""
     run = [sys.executable, "-m", "agegender"]
-    bad = subprocess.run([*run, "prepare", str(tmp_path / "nope"), "--out", str(tmp_path / "c")],
-                         capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        [*run, "prepare", str(tmp_path / "nope"), "--out", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     unknown = subprocess.run([*run, "prepare", "--bogus"], capture_output=True, text=True)
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr

@@ -18,15 +18,27 @@ def test_recipes_load_and_round_trip(recipe, tmp_path):
 def test_study_recipe_is_the_study():
     cfg = load_config(Path(__file__).parents[1] / "configs/seed.toml")
     assert (cfg.model.name, cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size) == (
-        "seed-cnn", "adam", 1e-3, 32
-    )  # fmt: skip
+        "seed-cnn",
+        "adam",
+        1e-3,
+        32,
+    )
     assert (cfg.train.epochs, cfg.train.augment, cfg.train.scheduler) == (30, False, "none")
     assert (cfg.loss.w_age, cfg.loss.w_gender) == (1.0, 1.0)
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["train.lr=5e-4", "train.epochs=3", "train.augment=false",
-                             "model.name=seed-cnn", 'run.out="x y"', "loss.w_age=2"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "train.lr=5e-4",
+            "train.epochs=3",
+            "train.augment=false",
+            "model.name=seed-cnn",
+            'run.out="x y"',
+            "loss.w_age=2",
+        ],
+    )
     assert cfg.train.lr == 5e-4 and cfg.train.epochs == 3 and cfg.train.augment is False
     assert cfg.model.name == "seed-cnn" and cfg.run.out == "x y" and cfg.loss.w_age == 2.0
 
@@ -70,9 +82,23 @@ def test_bad_recipe_files(tmp_path):
 def test_fixed_key_names():
     """Scripts use these names: they must not move."""
     required = {
-        "data.cache", "data.root", "data.size", "data.color", "data.limit", "model.name",
-        "model.age_head", "train.epochs", "train.batch_size", "train.lr", "train.optimizer",
-        "train.scheduler", "train.early_stopping", "train.weight_decay", "train.augment",
-        "train.seed", "run.out", "train.device",
-    }  # fmt: skip
+        "data.cache",
+        "data.root",
+        "data.size",
+        "data.color",
+        "data.limit",
+        "model.name",
+        "model.age_head",
+        "train.epochs",
+        "train.batch_size",
+        "train.lr",
+        "train.optimizer",
+        "train.scheduler",
+        "train.early_stopping",
+        "train.weight_decay",
+        "train.augment",
+        "train.seed",
+        "run.out",
+        "train.device",
+    }
     assert required <= set(valid_keys(Config()))

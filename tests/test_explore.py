@@ -8,9 +8,14 @@ def test_explore_writes_every_plot(synthetic_cache, tmp_path):
     files = explore(synthetic_cache, tmp_path / "e")
     names = {f.name for f in files}
     assert names == {
-        "sample.png", "age_distribution.png", "gender_counts.png", "race_counts.png",
-        "grid.png", "age_by_gender.png", "summary.md",
-    }  # fmt: skip
+        "sample.png",
+        "age_distribution.png",
+        "gender_counts.png",
+        "race_counts.png",
+        "grid.png",
+        "age_by_gender.png",
+        "summary.md",
+    }
     for f in files:
         assert f.stat().st_size > 500
         if f.suffix == ".png":

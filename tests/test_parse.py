@@ -43,5 +43,14 @@ def test_parse_bad_names_say_why(name, reason):
 
 def test_age_bands():
     assert [age_band(a) for a in (1, 9, 10, 19, 20, 39, 40, 59, 60, 116)] == [
-        0, 0, 1, 1, 2, 2, 3, 3, 4, 4
-    ]  # fmt: skip
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+        4,
+    ]

@@ -17,9 +17,16 @@ from agegender.train import train
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.toml"
 ARTEFACTS = {
-    "config.toml", "history.csv", "best.safetensors", "best.json", "last.safetensors",
-    "last.json", "last.state.pt", "curves.png", "metrics.json",
-}  # fmt: skip
+    "config.toml",
+    "history.csv",
+    "best.safetensors",
+    "best.json",
+    "last.safetensors",
+    "last.json",
+    "last.state.pt",
+    "curves.png",
+    "metrics.json",
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +64,14 @@ def test_smoke_run_on_real_images_writes_every_artefact(real_cache64, tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_a_killed_run_exactly(real_cache64, tmp_path, monkeypatch):
-    cfg = _smoke(real_cache64, tmp_path / "full", "train.epochs=2", "data.limit=256",
-                 "train.amp=off", "train.tta=false")  # fmt: skip
+    cfg = _smoke(
+        real_cache64,
+        tmp_path / "full",
+        "train.epochs=2",
+        "data.limit=256",
+        "train.amp=off",
+        "train.tta=false",
+    )
     full = train(cfg, quiet=True)
 
     killed = tmp_path / "killed"
@@ -73,8 +86,9 @@ def test_resume_continues_a_killed_run_exactly(real_cache64, tmp_path, monkeypat
 
     monkeypatch.setattr(train_mod, "validate", validate_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg.__class__(**{**cfg.__dict__, "run": cfg.run.__class__(out=str(killed))}),
-              quiet=True)  # fmt: skip
+        train(
+            cfg.__class__(**{**cfg.__dict__, "run": cfg.run.__class__(out=str(killed))}), quiet=True
+        )
     monkeypatch.setattr(train_mod, "validate", real_validate)
     assert len(list(csv.DictReader((killed / "history.csv").open()))) == 1
     assert main(["train", "--resume", str(killed), "--quiet"]) == 0
@@ -89,9 +103,16 @@ def test_overfits_32_synthetic_faces(tmp_path):
     make_dataset(tmp_path / "faces", n=48, size=64, seed=3)
     cfg = load_config(
         Path(__file__).parents[1] / "configs" / "seed.toml",
-        [f"data.root={tmp_path / 'faces'}", "data.size=64", f"run.out={tmp_path / 'run'}",
-         "data.limit=32", "train.epochs=25", "train.batch_size=8", "train.threads=2"],
-    )  # fmt: skip
+        [
+            f"data.root={tmp_path / 'faces'}",
+            "data.size=64",
+            f"run.out={tmp_path / 'run'}",
+            "data.limit=32",
+            "train.epochs=25",
+            "train.batch_size=8",
+            "train.threads=2",
+        ],
+    )
     out = train(cfg, quiet=True)
     rows = list(csv.DictReader((out / "history.csv").open()))
     first, last = float(rows[0]["train_loss"]), float(rows[-1]["train_loss"])
@@ -117,8 +138,9 @@ def test_summary_prints_keras_total(capsys):
 
 
 def test_color_mismatch_is_explained(synthetic_cache, tmp_path):
-    cfg = load_config(SMOKE, [f"data.cache={synthetic_cache}", "data.color=rgb",
-                              f"run.out={tmp_path}"])  # fmt: skip
+    cfg = load_config(
+        SMOKE, [f"data.cache={synthetic_cache}", "data.color=rgb", f"run.out={tmp_path}"]
+    )
     with pytest.raises(ConfigError, match="holds gray images"):
         train(cfg, quiet=True)
 
@@ -126,8 +148,15 @@ def test_color_mismatch_is_explained(synthetic_cache, tmp_path):
 def test_rgb_run_from_folder(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
     make_dataset(tmp_path / "faces", n=40, size=64, seed=5)
-    cfg = load_config(SMOKE, [f"data.root={tmp_path / 'faces'}", "data.color=rgb",
-                              f"run.out={tmp_path / 'run'}", "train.threads=2"])  # fmt: skip
+    cfg = load_config(
+        SMOKE,
+        [
+            f"data.root={tmp_path / 'faces'}",
+            "data.color=rgb",
+            f"run.out={tmp_path / 'run'}",
+            "train.threads=2",
+        ],
+    )
     out = train(cfg, quiet=True)
     _, meta = load_checkpoint(out / "best.safetensors")
     assert meta["data_config"]["color"] == "rgb" and (out / "cache" / "images.npy").exists()

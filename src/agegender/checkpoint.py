@@ -31,9 +31,11 @@ def atomic_replace(tmp: Path, path: Path) -> None:
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: nn.Module, extra: dict[str, Any] | None = None,
+    path: str | os.PathLike,
+    model: nn.Module,
+    extra: dict[str, Any] | None = None,
     half: bool = False,
-) -> Path:  # fmt: skip
+) -> Path:
     """Write ``model`` to ``path`` (.safetensors) and its sidecar (.json), atomically.
 
     ``half`` stores float weights as fp16 (half the size; for bundling a final model).

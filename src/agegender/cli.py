@@ -69,11 +69,35 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     from agegender.models import create_model, summary
 
     model = create_model(
-        args.model, in_chans=1 if args.color == "gray" else 3, img_size=args.size,
+        args.model,
+        in_chans=1 if args.color == "gray" else 3,
+        img_size=args.size,
         age_head=args.age_head,
-    )  # fmt: skip
+    )
     print(f"Model: {args.model}")
     print(summary(model, (1 if args.color == "gray" else 3, args.size, args.size)))
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from agegender.sweep import run_sweep
+
+    out = args.out or str(Path("runs") / "sweep" / Path(args.sweep).stem)
+    run_sweep(
+        args.sweep,
+        args.data,
+        out,
+        root=args.root,
+        limit=args.limit,
+        epochs=args.epochs,
+        parallel=args.parallel,
+        extra=args.set,
+        only=args.only,
+        quiet=args.quiet,
+    )
+    print((Path(out) / "results.md").read_text())
     return 0
 
 
@@ -93,6 +117,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(format_summary(summary))
         files = explore(out / "cache", out / "explore")
     print(f"Exploration plots: {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from agegender.evaluate import evaluate, format_summary
+
+    metrics = evaluate(
+        args.model,
+        args.data,
+        split=args.split,
+        tta=args.tta,
+        out_dir=args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        timing=not args.no_timing,
+        timing_reps=args.timing_reps,
+        amp=args.amp,
+        quiet=args.quiet,
+    )
+    print(format_summary(metrics, args.out))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from agegender.evaluate import show
+
+    path = show(
+        args.model,
+        args.data,
+        args.out,
+        n=args.n,
+        split=args.split,
+        seed=args.seed,
+        tta=args.tta,
+        device=args.device,
+    )
+    print(f"wrote {path}")
     return 0
 
 
@@ -156,6 +217,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--age-head", default=None, help="age head (resnet-mt: regression|dldl|coral)")
 
     p = add(
+        "sweep",
+        _cmd_sweep,
+        "Train a grid of runs (a base recipe plus overrides, see sweeps/), evaluate each on the "
+        "same test split and write results.md and results.csv.",
+    )
+    p.add_argument("sweep", metavar="SWEEP.toml", help="sweep file (see sweeps/)")
+    p.add_argument("--data", required=True, metavar="CACHE_DIR", help="prepared cache")
+    p.add_argument("--root", default="", help="image folder(s) for runs that re-prepare ({root})")
+    p.add_argument("--out", default=None, help="sweep folder (default: runs/sweep/<name>)")
+    p.add_argument("--limit", type=int, default=None, help="reduce: at most N training images")
+    p.add_argument("--epochs", type=int, default=None, help="reduce: epochs per run")
+    p.add_argument("--parallel", type=int, default=1, help="runs trained at once")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="key=value",
+        help="overrides for every run (e.g. data.size=64)",
+    )
+    p.add_argument("--only", nargs="*", default=None, metavar="NAME", help="only these runs")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    model_help = "a run folder, a checkpoint (.safetensors) or `default` (the bundled model)"
+    data_help = (
+        "a prepared cache or a plain UTKFace-style image folder (used whole, prepared at the "
+        "model's size); None: the cache the run folder MODEL trained on"
+    )
+    split_help = "split of a cache to use (all = every image; ignored for an image folder)"
+    tta_help = "flip test-time augmentation; None: as the checkpoint's recipe"
+
+    p = add(
+        "evaluate",
+        _cmd_evaluate,
+        "Evaluate a model on a test split: gender accuracy and confusion, age MAE by band and "
+        "decade, a per-race fairness table, calibration, age-interval coverage and speed. Writes "
+        "metrics.json, report.md, predictions.csv and PNG plots to --out.",
+    )
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--data", metavar="CACHE_OR_FOLDER", default=None, help=data_help)
+    p.add_argument(
+        "--split", choices=("train", "val", "test", "all"), default="test", help=split_help
+    )
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help=tta_help)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "off"),
+        default="auto",
+        help="bf16 autocast (auto: where it is fast, as in training)",
+    )
+    p.add_argument("--no-timing", action="store_true", help="skip the inference-speed timing")
+    p.add_argument(
+        "--timing-reps", type=int, default=50, help="single-image calls timed (median reported)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the report")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add(
+        "show",
+        _cmd_show,
+        "Predict and show: a grid of random faces titled 'true 34 F / pred 31 F', green when "
+        "the gender is right and the age within 5 years, red otherwise.",
+    )
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--data", metavar="CACHE_OR_FOLDER", default=None, help=data_help)
+    p.add_argument(
+        "--split", choices=("train", "val", "test", "all"), default="test", help=split_help
+    )
+    p.add_argument("--n", type=int, default=25, help="number of faces (5 per row)")
+    p.add_argument("--seed", type=int, default=0, help="which faces to show")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help=tta_help)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--out", required=True, metavar="PNG", help="where to write the grid")
+
+    p = add(
         "demo",
         _cmd_demo,
         "Run the pipeline end to end on a small synthetic data set (no download needed).",
@@ -167,7 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling `overrides` at the first option: `train R --quiet a=1` leaves a=1
+    if (
+        extra
+        and getattr(args, "overrides", None) is not None
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except AgeGenderError as e:

@@ -321,9 +321,17 @@ def _write_manifest(path: Path, rows: list[_Row]) -> None:
         w.writerow(MANIFEST_COLUMNS)
         for r in rows:
             w.writerow(
-                [r.path, "" if r.age is None else r.age, "" if r.gender is None else r.gender,
-                 "" if r.race is None else r.race, r.content_hash, r.split, r.status, r.index]
-            )  # fmt: skip
+                [
+                    r.path,
+                    "" if r.age is None else r.age,
+                    "" if r.gender is None else r.gender,
+                    "" if r.race is None else r.race,
+                    r.content_hash,
+                    r.split,
+                    r.status,
+                    r.index,
+                ]
+            )
     os.replace(tmp, path)
 
 
@@ -338,10 +346,18 @@ def _rows_from_manifest(cache_dir: Path) -> list[_Row]:
         return int(s) if s else None
 
     return [
-        _Row(r["path"], opt(r["age"]), opt(r["gender"]), opt(r["race"]), r["content_hash"],
-             r["split"], r["status"], int(r["index"]))
+        _Row(
+            r["path"],
+            opt(r["age"]),
+            opt(r["gender"]),
+            opt(r["race"]),
+            r["content_hash"],
+            r["split"],
+            r["status"],
+            int(r["index"]),
+        )
         for r in read_manifest(cache_dir)
-    ]  # fmt: skip
+    ]
 
 
 def _summarise(rows: list[_Row], extra: dict[str, Any]) -> dict[str, Any]:
@@ -419,9 +435,7 @@ def prepare(
     images_path = out_dir / "images.npy"
     workers = workers or min(os.cpu_count() or 1, 8)
 
-    key = {
-        "version": CACHE_VERSION, "files": _fingerprint(paths), "size": size, "color": color
-    }  # fmt: skip
+    key = {"version": CACHE_VERSION, "files": _fingerprint(paths), "size": size, "color": color}
     meta_path = out_dir / "cache.json"
     reused = False
     if meta_path.exists() and images_path.exists() and (out_dir / "manifest.csv").exists():

@@ -137,18 +137,29 @@ def _write_summary(cache, out: Path, gender_counts, race_counts) -> Path:
             f"{s['unreadable']:,}; byte-identical groups {s['duplicate_groups']:,}, of which "
             f"{s['conflicting_groups']:,} disagree on age or gender and were dropped.",
         ]
-    lines += ["", f"Age: mean {cache.age.mean():.1f}, median {np.median(cache.age):.0f}, "
-              f"range {cache.age.min()}-{cache.age.max()}."]  # fmt: skip
+    lines += [
+        "",
+        f"Age: mean {cache.age.mean():.1f}, median {np.median(cache.age):.0f}, "
+        f"range {cache.age.min()}-{cache.age.max()}.",
+    ]
     lines += _table(
         ["split", *GENDERS, "total"],
-        [[sp, *(int(((cache.split == sp) & (cache.gender == g)).sum()) for g in range(2)),
-          int((cache.split == sp).sum())] for sp in SPLITS],
-    )  # fmt: skip
+        [
+            [
+                sp,
+                *(int(((cache.split == sp) & (cache.gender == g)).sum()) for g in range(2)),
+                int((cache.split == sp).sum()),
+            ]
+            for sp in SPLITS
+        ],
+    )
     lines += _table(
         ["age band", "images", "share"],
-        [[band_name(b), int((bands == b).sum()), f"{(bands == b).mean():.1%}"]
-         for b in range(len(AGE_BANDS))],
-    )  # fmt: skip
+        [
+            [band_name(b), int((bands == b).sum()), f"{(bands == b).mean():.1%}"]
+            for b in range(len(AGE_BANDS))
+        ],
+    )
     lines += _table(
         ["race", "images", "share"],
         [[r, int(c), f"{c / n:.1%}"] for r, c in zip(RACES, race_counts)],

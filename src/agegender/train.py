@@ -34,9 +34,17 @@ from agegender.losses import UncertaintyWeights, multitask_loss
 from agegender.models import count_parameters, create_model, normalize
 
 HISTORY_COLUMNS = (
-    "epoch", "train_loss", "train_acc", "train_mae", "val_loss", "val_acc", "val_mae",
-    "lr", "seconds", "img_per_s",
-)  # fmt: skip
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "train_mae",
+    "val_loss",
+    "val_acc",
+    "val_mae",
+    "lr",
+    "seconds",
+    "img_per_s",
+)
 
 
 # --------------------------------------------------------------------------- setup
@@ -69,9 +77,10 @@ def use_amp(device: torch.device, amp: str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")() in (
-            "AVX512", "AMX", "AVX512_BF16"
-        ))  # fmt: skip
+        return bool(
+            getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+            in ("AVX512", "AMX", "AVX512_BF16")
+        )
     return False
 
 
@@ -112,8 +121,14 @@ def load_data(cfg: Config, device: torch.device, out: Path, quiet: bool = False)
     d = cfg.data
     if d.root:
         cache_dir = Path(d.cache) if d.cache else out / "cache"
-        prepare([r.strip() for r in d.root.split(",")], cache_dir, size=d.size, color=d.color,
-                seed=d.split_seed, quiet=quiet)  # fmt: skip
+        prepare(
+            [r.strip() for r in d.root.split(",")],
+            cache_dir,
+            size=d.size,
+            color=d.color,
+            seed=d.split_seed,
+            quiet=quiet,
+        )
     elif d.cache:
         cache_dir = Path(d.cache)
         if not is_cache(cache_dir):
@@ -156,8 +171,13 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
         return x
     parts = []
     for s in range(0, len(x), 1024):
-        y = F.interpolate(x[s : s + 1024].float(), size=(size, size), mode="bilinear",
-                          antialias=True, align_corners=False)  # fmt: skip
+        y = F.interpolate(
+            x[s : s + 1024].float(),
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
         parts.append(y.round_().clamp_(0, 255).to(torch.uint8))
     return torch.cat(parts).contiguous(memory_format=torch.channels_last)
 
@@ -211,9 +231,13 @@ def build_scheduler(cfg: Config, opt: torch.optim.Optimizer, steps_per_epoch: in
     total = max(t.epochs * steps_per_epoch, 1)
     if t.scheduler == "onecycle":
         s = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=t.lr, total_steps=total, pct_start=t.warmup, div_factor=25,
+            opt,
+            max_lr=t.lr,
+            total_steps=total,
+            pct_start=t.warmup,
+            div_factor=25,
             final_div_factor=1e3,
-        )  # fmt: skip
+        )
         return s, True
     if t.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -272,14 +296,31 @@ def _loss(cfg: Config, head: str, out, age, gender, weights: UncertaintyWeights 
     out = {k: v.float() for k, v in out.items()}
     if weights is not None:
         return weights(out, age, gender, head=head, sigma=cfg.loss.sigma)
-    return multitask_loss(out, age, gender, head=head, w_age=cfg.loss.w_age,
-                          w_gender=cfg.loss.w_gender, sigma=cfg.loss.sigma)  # fmt: skip
+    return multitask_loss(
+        out,
+        age,
+        gender,
+        head=head,
+        w_age=cfg.loss.w_age,
+        w_gender=cfg.loss.w_gender,
+        sigma=cfg.loss.sigma,
+    )
 
 
 def train_one_epoch(
-    cfg: Config, model: nn.Module, data: Data, opt, sched, per_step: bool, weights,
-    device: torch.device, amp: bool, gen: torch.Generator, epoch: int, quiet: bool = False,
-) -> dict[str, float]:  # fmt: skip
+    cfg: Config,
+    model: nn.Module,
+    data: Data,
+    opt,
+    sched,
+    per_step: bool,
+    weights,
+    device: torch.device,
+    amp: bool,
+    gen: torch.Generator,
+    epoch: int,
+    quiet: bool = False,
+) -> dict[str, float]:
     """One pass over the shuffled training set; returns mean loss, gender accuracy, age MAE."""
     from tqdm import tqdm
 
@@ -292,8 +333,14 @@ def train_one_epoch(
     # Sums stay on the device: a .item() per step would stall the GPU queue
     sums = torch.zeros(3, device=device)
     seen = 0
-    bar = tqdm(range(steps), desc=f"epoch {epoch}/{t.epochs}", unit="step", leave=False,
-               file=sys.stderr, disable=quiet)  # fmt: skip
+    bar = tqdm(
+        range(steps),
+        desc=f"epoch {epoch}/{t.epochs}",
+        unit="step",
+        leave=False,
+        file=sys.stderr,
+        disable=quiet,
+    )
     for step in bar:
         idx = perm[step * t.batch_size : (step + 1) * t.batch_size]
         x = normalize(x_all[idx], model.data_config)
@@ -315,8 +362,9 @@ def train_one_epoch(
         with torch.no_grad():
             b = len(idx)
             correct = ((out["gender"].float() > 0) == (gender > 0.5)).float().sum()
-            sums += torch.stack([losses["loss"].detach() * b, correct,
-                                 (out["age"].float() - age).abs().sum()])  # fmt: skip
+            sums += torch.stack(
+                [losses["loss"].detach() * b, correct, (out["age"].float() - age).abs().sum()]
+            )
             seen += b
         if step % 25 == 0:
             bar.set_postfix(loss=f"{losses['loss'].item():.3f}")
@@ -326,9 +374,15 @@ def train_one_epoch(
 
 @torch.no_grad()
 def validate(
-    cfg: Config, model: nn.Module, data: Data, split: str, device: torch.device, amp: bool,
-    weights=None, tta: bool = False,
-) -> dict[str, float]:  # fmt: skip
+    cfg: Config,
+    model: nn.Module,
+    data: Data,
+    split: str,
+    device: torch.device,
+    amp: bool,
+    weights=None,
+    tta: bool = False,
+) -> dict[str, float]:
     """Mean loss, gender accuracy and age MAE on ``split`` (no augmentation)."""
     model.eval()
     head = model.config.get("age_head", "regression")
@@ -344,8 +398,13 @@ def validate(
         losses = _loss(cfg, head, out, age, gender, weights)
         p_female = pred["p_female"] if tta else torch.sigmoid(out["gender"].float())
         pred_age = pred["age"] if tta else out["age"].float()
-        sums += torch.stack([losses["loss"] * len(x), ((p_female > 0.5) == (gender > 0.5)).sum(),
-                             (pred_age - age).abs().sum()])  # fmt: skip
+        sums += torch.stack(
+            [
+                losses["loss"] * len(x),
+                ((p_female > 0.5) == (gender > 0.5)).sum(),
+                (pred_age - age).abs().sum(),
+            ]
+        )
     loss, acc, mae = (sums / len(x_all)).tolist()
     return {"loss": loss, "acc": acc, "mae": mae}
 
@@ -360,8 +419,9 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(14, 4))
     axes = fig.subplots(1, 3)
-    for ax, key, title in zip(axes, ("acc", "loss", "mae"),
-                              ("Gender accuracy", "Overall loss", "Age MAE (years)")):  # fmt: skip
+    for ax, key, title in zip(
+        axes, ("acc", "loss", "mae"), ("Gender accuracy", "Overall loss", "Age MAE (years)")
+    ):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", ms=3, label="train")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", ms=3, label="validation")
         ax.set(title=title, xlabel="epoch")
@@ -451,14 +511,17 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
     train_model = torch.compile(model) if t.compile else model
 
     n_params = count_parameters(model)
-    log(f"{cfg.model.name} ({n_params:,} params) on {len(data.x['train']):,} images "
+    log(
+        f"{cfg.model.name} ({n_params:,} params) on {len(data.x['train']):,} images "
         f"[{cfg.data.size}px {cfg.data.color}], device {device}"
-        f"{' bf16' if amp else ''}, {torch.get_num_threads()} threads -> {out}")  # fmt: skip
+        f"{' bf16' if amp else ''}, {torch.get_num_threads()} threads -> {out}"
+    )
     train_time, train_images = sum(h["seconds"] for h in history), 0
     for epoch in range(start, t.epochs + 1):
         t0 = time.perf_counter()
-        tr = train_one_epoch(cfg, train_model, data, opt, sched, per_step, weights, device, amp,
-                             gen, epoch, quiet)  # fmt: skip
+        tr = train_one_epoch(
+            cfg, train_model, data, opt, sched, per_step, weights, device, amp, gen, epoch, quiet
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -468,10 +531,18 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
             sched.step(va["loss"])
         train_time += seconds
         train_images += tr["images"]
-        row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
-               "train_mae": tr["mae"], "val_loss": va["loss"], "val_acc": va["acc"],
-               "val_mae": va["mae"], "lr": lr, "seconds": round(seconds, 2),
-               "img_per_s": round(tr["images"] / seconds, 1)}  # fmt: skip
+        row = {
+            "epoch": epoch,
+            "train_loss": tr["loss"],
+            "train_acc": tr["acc"],
+            "train_mae": tr["mae"],
+            "val_loss": va["loss"],
+            "val_acc": va["acc"],
+            "val_mae": va["mae"],
+            "lr": lr,
+            "seconds": round(seconds, 2),
+            "img_per_s": round(tr["images"] / seconds, 1),
+        }
         history.append(row)
         improved = va["loss"] < best_loss
         if improved:
@@ -480,17 +551,25 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
         save_checkpoint(out / "last.safetensors", model, meta)
         if improved:
             save_checkpoint(out / "best.safetensors", model, meta)
-        _save_state(out / "last.state.pt", optimizer=opt.state_dict(),
-                    scheduler=sched.state_dict() if sched is not None else {},
-                    weights=weights.state_dict() if weights is not None else {},
-                    generator=gen.get_state(), torch_rng=torch.get_rng_state(), epoch=epoch,
-                    best_loss=best_loss, best_epoch=best_epoch)  # fmt: skip
+        _save_state(
+            out / "last.state.pt",
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict() if sched is not None else {},
+            weights=weights.state_dict() if weights is not None else {},
+            generator=gen.get_state(),
+            torch_rng=torch.get_rng_state(),
+            epoch=epoch,
+            best_loss=best_loss,
+            best_epoch=best_epoch,
+        )
         _write_history(out / "history.csv", history)
         plot_curves(history, out / "curves.png")
-        log(f"epoch {epoch:3d}/{t.epochs}  loss {tr['loss']:.3f}/{va['loss']:.3f}  "
+        log(
+            f"epoch {epoch:3d}/{t.epochs}  loss {tr['loss']:.3f}/{va['loss']:.3f}  "
             f"acc {tr['acc']:.3f}/{va['acc']:.3f}  mae {tr['mae']:.2f}/{va['mae']:.2f}  "
             f"lr {lr:.2e}  {seconds:.0f}s {row['img_per_s']:.0f} img/s"
-            f"{'  *' if improved else ''}")  # fmt: skip
+            f"{'  *' if improved else ''}"
+        )
         if t.early_stopping and epoch - best_epoch >= t.early_stopping:
             log(f"early stopping: no val-loss improvement for {t.early_stopping} epochs")
             break
@@ -498,7 +577,8 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
     # Final numbers: the best checkpoint on val and test, with the recipe's TTA
     best, _ = load_checkpoint(out / "best.safetensors", device)
     results: dict[str, Any] = {}
-    for split in ("val", "test"):
+    # train too (no augmentation, eval mode): the train-val gap is the study's overfitting table
+    for split in ("train", "val", "test"):
         if len(data.x[split]):
             results[split] = validate(cfg, best, data, split, device, amp, None, tta=t.tta)
     img_s = train_images / train_time if train_images and train_time else 0.0
@@ -508,6 +588,8 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
         "tta": t.tta,
         **{f"{s}_{k}": v for s, r in results.items() for k, v in r.items() if k != "loss"},
         "train_seconds": round(train_time, 1),
+        "seconds_per_epoch": round(train_time / max(len(history), 1), 2),
+        "peak_memory_mb": _peak_memory_mb(device),
         "train_img_per_s": round(img_s, 1),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
@@ -523,15 +605,31 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
     save_checkpoint(
         out / "best.safetensors", best, {k: meta[k] for k in ("epoch", "metrics", "config")}
     )
-    scores = "  ".join(f"{s} acc {r['acc']:.4f} mae {r['mae']:.3f}" for s, r in results.items())
+    scores = "  ".join(
+        f"{s} acc {r['acc']:.4f} mae {r['mae']:.3f}" for s, r in results.items() if s != "train"
+    )
     tta = "flip TTA" if t.tta else "no TTA"
     log(f"best epoch {best_epoch}: {scores}  ({tta}); training {img_s:.0f} img/s -> {out}")
     return out
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory on CUDA; the process's peak resident memory elsewhere."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+    except ImportError:  # Windows
+        return float("nan")
 
 
 def _read_history(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()}
-                for r in csv.DictReader(f)]  # fmt: skip
+        return [
+            {k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()}
+            for r in csv.DictReader(f)
+        ]

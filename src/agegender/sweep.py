@@ -1,0 +1,257 @@
+"""Grids of training runs: a base recipe plus a list of overrides, evaluated on one test split.
+
+A sweep file (see ``sweeps/``)::
+
+    title = "Optimizer"
+    base = "../configs/seed.toml"          # relative to the sweep file
+    overrides = ["train.epochs=30"]         # applied to every run (optional)
+    columns = ["test_acc", "test_mae"]     # metrics to tabulate (optional)
+
+    [[run]]
+    name = "sgd"
+    overrides = ["train.optimizer=sgd"]
+    study = { acc = 82.3, mae = 7.8 }       # the study's claim, shown beside ours (optional)
+
+Override values may use ``{data}`` (the ``--data`` cache) and ``{root}`` (the ``--root`` image
+folders). Each run trains into ``OUT/<name>`` with ``python -m agegender train``, so runs can go
+``--parallel`` in separate processes; the test metrics come from each run's ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agegender.config import load_config, tomllib
+from agegender.errors import ConfigError
+
+DEFAULT_COLUMNS = (
+    "test_acc",
+    "test_mae",
+    "train_acc",
+    "val_acc",
+    "train_mae",
+    "val_mae",
+    "seconds_per_epoch",
+    "epochs_run",
+)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    name: str
+    overrides: tuple[str, ...]
+    study: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    title: str
+    base: Path
+    overrides: tuple[str, ...]
+    runs: tuple[SweepRun, ...]
+    columns: tuple[str, ...] = DEFAULT_COLUMNS
+    description: str = ""
+
+
+def load_sweep(path: str | os.PathLike) -> Sweep:
+    """Read and check a sweep file: every run's recipe must resolve (bad keys fail here, early)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"no such sweep file: {path}")
+    try:
+        table = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    known = {"title", "base", "overrides", "run", "columns", "description"}
+    if set(table) - known:
+        raise ConfigError(
+            f"{path}: unknown keys {sorted(set(table) - known)}; valid: {sorted(known)}"
+        )
+    if "base" not in table or not table.get("run"):
+        raise ConfigError(f"{path}: a sweep needs base = RECIPE and at least one [[run]]")
+    runs = []
+    for r in table["run"]:
+        if set(r) - {"name", "overrides", "study", "note"} or "name" not in r:
+            raise ConfigError(f"{path}: each [[run]] takes name, overrides, study, note; got {r}")
+        runs.append(
+            SweepRun(
+                r["name"],
+                tuple(r.get("overrides", [])),
+                dict(r.get("study", {})),
+                r.get("note", ""),
+            )
+        )
+    if len({r.name for r in runs}) != len(runs):
+        raise ConfigError(f"{path}: run names must be unique")
+    sweep = Sweep(
+        title=table.get("title", p.stem),
+        base=(p.parent / table["base"]).resolve(),
+        overrides=tuple(table.get("overrides", [])),
+        runs=tuple(runs),
+        columns=tuple(table.get("columns", DEFAULT_COLUMNS)),
+        description=table.get("description", ""),
+    )
+    for run in sweep.runs:  # fail before hours of training, not in the middle
+        load_config(sweep.base, _overrides(sweep, run, "/data", "/root", Path("/out"), {}))
+    return sweep
+
+
+def _overrides(
+    sweep: Sweep, run: SweepRun, data: str, root: str, out: Path, extra: dict[str, Any]
+) -> list[str]:
+    items = [*sweep.overrides, *run.overrides]
+    if not any(o.startswith("data.root=") for o in items):
+        items.insert(0, f"data.cache={data}")
+    items = [o.replace("{data}", data).replace("{root}", root) for o in items]
+    items += [f"{k}={v}" for k, v in extra.items()]
+    items.append(f'run.out="{out / run.name}"')
+    return items
+
+
+def run_sweep(
+    path: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    root: str = "",
+    limit: int | None = None,
+    epochs: int | None = None,
+    parallel: int = 1,
+    extra: list[str] | None = None,
+    only: list[str] | None = None,
+    quiet: bool = False,
+) -> Path:
+    """Train every run of the sweep (``parallel`` at a time), then write ``results.csv`` and
+    ``results.md`` in ``out``; returns the Markdown table's path. Finished runs (with a
+    ``metrics.json``) are not trained again, so an interrupted sweep resumes."""
+    sweep = load_sweep(path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    forced: dict[str, Any] = {}
+    if limit:
+        forced["data.limit"] = limit
+    if epochs:
+        forced["train.epochs"] = epochs
+    threads = max(1, (os.cpu_count() or 1) // max(parallel, 1))
+    forced["train.threads"] = threads
+    for item in extra or []:
+        key, _, value = item.partition("=")
+        forced[key] = value
+    runs = [r for r in sweep.runs if not only or r.name in only]
+    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+
+    def one(run: SweepRun) -> tuple[SweepRun, float, str]:
+        folder = out / run.name
+        if (folder / "metrics.json").is_file():
+            return run, 0.0, ""
+        argv = [
+            sys.executable,
+            "-m",
+            "agegender",
+            "train",
+            str(sweep.base),
+            "--quiet",
+            *_overrides(sweep, run, str(data), root, out, forced),
+        ]
+        t0 = time.perf_counter()
+        folder.mkdir(parents=True, exist_ok=True)
+        with (out / f"{run.name}.log").open("w") as logf:
+            proc = subprocess.run(argv, stdout=logf, stderr=subprocess.STDOUT)
+        err = "" if proc.returncode == 0 else f"exit {proc.returncode}, see {run.name}.log"
+        return run, time.perf_counter() - t0, err
+
+    log(f"{sweep.title}: {len(runs)} runs, {parallel} at a time -> {out}")
+    failures = []
+    with ThreadPoolExecutor(max(parallel, 1)) as pool:
+        for run, seconds, err in pool.map(one, runs):
+            status = f"FAILED ({err})" if err else (f"{seconds:.0f}s" if seconds else "cached")
+            log(f"  {run.name:24s} {status}")
+            if err:
+                failures.append(run.name)
+    table = write_results(sweep, runs, out, forced)
+    log(f"results: {table}")
+    if failures:
+        raise ConfigError(f"{len(failures)} run(s) failed: {', '.join(failures)} (logs in {out})")
+    return table
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if key.endswith("_acc"):
+        return f"{100 * value:.1f}"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def write_results(
+    sweep: Sweep, runs: list[SweepRun] | tuple[SweepRun, ...], out: Path, forced: dict[str, Any]
+) -> Path:
+    """Collect each run's ``metrics.json`` into ``results.csv`` and a Markdown table."""
+    rows = []
+    for run in runs:
+        f = out / run.name / "metrics.json"
+        m = json.loads(f.read_text()) if f.is_file() else {}
+        rows.append(
+            {
+                "run": run.name,
+                "overrides": " ".join(run.overrides),
+                **{f"study_{k}": v for k, v in run.study.items()},
+                **{c: m.get(c) for c in sweep.columns},
+                "device": m.get("device", ""),
+            }
+        )
+    study_keys = sorted({k for r in rows for k in r if k.startswith("study_")})
+    header = ["run", "overrides", *study_keys, *sweep.columns, "device"]
+    with (out / "results.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, header)
+        w.writeheader()
+        w.writerows(rows)
+    names = {
+        "test_acc": "gender acc %",
+        "test_mae": "age MAE",
+        "train_acc": "train acc %",
+        "val_acc": "val acc %",
+        "train_mae": "train MAE",
+        "val_mae": "val MAE",
+        "seconds_per_epoch": "s/epoch",
+        "epochs_run": "epochs",
+        "peak_memory_mb": "peak MB",
+        "train_img_per_s": "img/s",
+        "study_acc": "study acc %",
+        "study_mae": "study MAE",
+    }
+    cols = ["run", "overrides", *study_keys, *sweep.columns]
+    reduced = ", ".join(f"{k}={v}" for k, v in forced.items())
+    lines = [f"### {sweep.title}", ""]
+    if sweep.description:
+        lines += [sweep.description, ""]
+    lines += [
+        f"Base recipe `{sweep.base.name}`; forced for every run: `{reduced}`; "
+        f"device: {rows[0]['device'] if rows else '-'}. Accuracy and MAE on the test split.",
+        "",
+        "| " + " | ".join(names.get(c, c) for c in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for r in rows:
+        cells = [r["run"], f"`{r['overrides']}`" if r["overrides"] else "(base)"]
+        cells += [
+            _fmt(c, r.get(c))
+            if not c.startswith("study_")
+            else ("-" if r.get(c) is None else str(r[c]))
+            for c in cols[2:]
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    path = out / "results.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

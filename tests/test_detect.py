@@ -1,0 +1,375 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from agegender.detect import (
+    MODEL_SHA256,
+    UTKFACE_TEMPLATE_200,
+    YUNET_MODEL,
+    FacialArea,
+    ModelFileError,
+    NoFaceError,
+    YuNetDetector,
+    align_face,
+    alignment_matrix,
+    crop_faces,
+    get_detector,
+    list_detectors,
+    load_rgb,
+)
+from agegender.errors import AgeGenderError, ConfigError
+
+cv2.setNumThreads(1)  # the tests run beside other work; one thread is plenty for these sizes
+
+
+@pytest.fixture(scope="module")
+def detector() -> YuNetDetector:
+    return YuNetDetector()
+
+
+def utk_images(utkface_dir: Path, n: int, step: int = 997) -> list[np.ndarray]:
+    """``n`` different real aligned 200x200 crops, spread over the folder."""
+    files = sorted(utkface_dir.glob("*.jpg"))
+    return [load_rgb(files[(i * step) % len(files)]) for i in range(n)]
+
+
+def bomb_png(path: Path, side: int = 20_000) -> None:
+    """A PNG whose header claims side x side pixels (as in test_prepare)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def rotate_into(img: np.ndarray, angle: float, canvas: tuple[int, int], at: tuple[int, int]):
+    """``img`` turned ``angle`` degrees anticlockwise, centred at ``at`` on a grey canvas (w, h)."""
+    h, w = img.shape[:2]
+    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
+    m[:, 2] += (at[0] - (w - 1) / 2, at[1] - (h - 1) / 2)
+    out = cv2.warpAffine(img, m, canvas, borderMode=cv2.BORDER_CONSTANT, borderValue=(128,) * 3)
+    return out, m
+
+
+def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Low-frequency colour noise: resampling it any way gives nearly the same pixels."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+# --------------------------------------------------------------------------- the model file
+
+
+def test_vendored_model_matches_its_checksum():
+    assert hashlib.sha256(YUNET_MODEL.read_bytes()).hexdigest() == MODEL_SHA256
+    assert (YUNET_MODEL.parent / "YUNET_LICENSE.txt").read_text().count(MODEL_SHA256) == 1
+
+
+def test_tampered_or_missing_model_is_refused(tmp_path):
+    data = bytearray(YUNET_MODEL.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "yunet.onnx"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="altered or corrupt.*expected " + MODEL_SHA256):
+        YuNetDetector(model_path=bad)
+    with pytest.raises(ModelFileError, match="missing"):
+        YuNetDetector(model_path=tmp_path / "nowhere.onnx")
+    assert issubclass(ModelFileError, AgeGenderError)
+    good = tmp_path / "copy.onnx"
+    good.write_bytes(YUNET_MODEL.read_bytes())
+    assert YuNetDetector(model_path=good).detect_faces(np.zeros((64, 64, 3), np.uint8)) == []
+
+
+def test_registry():
+    assert list_detectors() == ["yunet"]
+    d = get_detector("yunet", score_threshold=0.8, refine=0)
+    assert isinstance(d, YuNetDetector) and d.score_threshold == 0.8 and d.refine == 0
+    with pytest.raises(ConfigError, match="unknown detector 'mtcnn'; known detectors: yunet"):
+        get_detector("mtcnn")
+    with pytest.raises(ConfigError, match="takes no argument nope"):
+        get_detector("yunet", nope=1)
+    with pytest.raises(ConfigError, match="score_threshold"):
+        get_detector("yunet", score_threshold=2)
+    assert issubclass(NoFaceError, AgeGenderError)
+
+
+# --------------------------------------------------------------------------- real faces
+
+
+def test_one_face_on_aligned_crops(detector, utkface_dir):
+    template = np.asarray(UTKFACE_TEMPLATE_200)
+    for img in utk_images(utkface_dir, 5):
+        faces = detector.detect_faces(img)
+        assert len(faces) == 1
+        face = faces[0]
+        assert 0.6 <= face.score <= 1.0
+        assert face.right_eye[0] < face.left_eye[0]  # the person's right eye is on the left
+        pts = np.asarray(face.landmarks)
+        assert np.abs(pts[:2] - template[:2]).max() < 20  # eyes near where UTKFace puts them
+        assert pts[:2, 1].max() < pts[2, 1] < pts[3:, 1].min()  # eyes above nose above mouth
+        x0, y0, x1, y1 = face.box
+        assert x0 < face.right_eye[0] < x1 and y0 < face.right_eye[1] < y1
+        assert 100 < face.width < 230 and 100 < face.height < 230
+
+
+def test_collage_of_six_faces(detector, utkface_dir):
+    faces_in = utk_images(utkface_dir, 6, step=1531)
+    canvas = np.full((886, 1280, 3), 200, np.uint8)
+    cells = []
+    for k, (img, side) in enumerate(zip(faces_in, (180, 250, 200, 230, 190, 240))):
+        col, row = k % 3, k // 3
+        x, y = col * 426 + (426 - side) // 2, row * 443 + (443 - side) // 2
+        canvas[y : y + side, x : x + side] = cv2.resize(img, (side, side))
+        cells.append((col, row))
+    faces = detector.detect_faces(canvas)
+    assert len(faces) == 6
+    assert [f.score for f in faces] == sorted((f.score for f in faces), reverse=True)
+    found = {
+        (int((f.box[0] + f.box[2]) / 2 // 426), int((f.box[1] + f.box[3]) / 2 // 443))
+        for f in faces
+    }
+    assert found == set(cells)  # one face per cell, each where it was pasted
+    crops = crop_faces(canvas, faces, size=128)
+    assert len(crops) == 6 and all(c.shape == (128, 128, 3) and c.dtype == np.uint8 for c in crops)
+
+
+def test_rotated_faces_are_found_and_levelled(detector, utkface_dir):
+    found, correlations = 0, []
+    for k, img in enumerate(utk_images(utkface_dir, 4, step=2003)):
+        base = detector.detect_faces(img)[0]
+        angle = 30.0 if k % 2 == 0 else -30.0
+        canvas, _ = rotate_into(img, angle, (600, 400), (330, 210))
+        faces = detector.detect_faces(canvas)
+        if not faces:  # YuNet misses about 1 face in 150 turned by 30 degrees
+            continue
+        found += 1
+        assert len(faces) == 1
+        # anticlockwise on screen is a negative roll (y points down)
+        assert abs(faces[0].roll - (base.roll - angle)) < 5.0
+        m = alignment_matrix(faces[0])
+        eyes = np.asarray(faces[0].landmarks[:2]) @ m[:, :2].T + m[:, 2]
+        assert abs(eyes[1, 1] - eyes[0, 1]) < 3.0  # the eye line is level in the crop
+        aligned = align_face(canvas, faces[0])
+        again = detector.detect_faces(aligned)
+        assert len(again) == 1 and abs(again[0].roll) < 5.0
+        # the crop looks like the original re-aligned (what the upright image gives)
+        upright = align_face(img, base).ravel().astype(float)
+        correlations.append(np.corrcoef(aligned.ravel().astype(float), upright)[0, 1])
+    assert found >= 3
+    assert np.median(correlations) > 0.85
+
+
+def test_small_and_frame_filling_faces(detector, utkface_dir):
+    img = utk_images(utkface_dir, 1, step=1)[0]
+    tiny = cv2.resize(img, (48, 48), interpolation=cv2.INTER_AREA)
+    faces = detector.detect_faces(tiny)
+    assert len(faces) == 1 and faces[0].width < 60  # found after upscaling, mapped back
+    huge = cv2.resize(img, (1400, 1400), interpolation=cv2.INTER_LINEAR)
+    faces = detector.detect_faces(huge)
+    assert len(faces) == 1 and faces[0].width > 700
+    assert align_face(huge, faces[0]).shape == (200, 200, 3)
+
+
+def test_one_instance_shared_by_threads(detector, utkface_dir):
+    images = utk_images(utkface_dir, 4, step=313)
+    expected = [detector.detect_faces(im) for im in images]
+    results: dict[int, list[FacialArea]] = {}
+
+    def work(i: int) -> None:
+        results[i] = detector.detect_faces(images[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(len(images))] == expected
+
+
+# --------------------------------------------------------------------------- synthetic inputs
+
+
+@pytest.mark.parametrize(
+    "img",
+    [
+        np.zeros((480, 640, 3), np.uint8),
+        np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8),
+        np.zeros((1, 1, 3), np.uint8),
+        np.zeros((5, 5), np.uint8),  # gray; OpenCV 4.x invents an inf face on 5x5 inputs
+        np.zeros((1, 3000, 3), np.uint8),
+        np.full((3000, 4000, 3), (30, 140, 200), np.uint8),
+    ],
+    ids=["blank", "noise", "1x1", "5x5-gray", "1x3000", "4000x3000"],
+)
+def test_no_face_no_crash(detector, img):
+    assert detector.detect_faces(img) == []
+
+
+def test_bad_arrays_are_refused(detector):
+    with pytest.raises(ValueError, match="uint8"):
+        detector.detect_faces(np.zeros((10, 10, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        detector.detect_faces(np.zeros((10, 10, 4), np.uint8))
+    with pytest.raises(ValueError, match="empty"):
+        detector.detect_faces(np.zeros((0, 10, 3), np.uint8))
+    with pytest.raises(TypeError, match="numpy array"):
+        detector.detect_faces([[0]])  # type: ignore[arg-type]
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def test_load_rgb_modes(tmp_path):
+    rgba = Image.new("RGBA", (4, 3), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))  # transparent: composited over white
+    out = load_rgb(_png(rgba))
+    assert out.shape == (3, 4, 3) and out.dtype == np.uint8
+    assert out[0, 0].tolist() == [255, 255, 255] and out[1, 1].tolist() == [255, 0, 0]
+
+    gray = load_rgb(Image.new("L", (5, 2), 77))
+    assert gray.shape == (2, 5, 3) and (gray == 77).all()
+
+    pal = Image.new("P", (3, 3), 1)
+    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    assert load_rgb(_png(pal))[1, 1].tolist() == [10, 20, 30]
+
+    deep = Image.fromarray(np.array([[0, 1000], [2000, 4000]], np.uint16))
+    assert deep.mode == "I;16"
+    path = tmp_path / "deep.png"
+    deep.save(path)
+    assert load_rgb(path)[:, :, 0].tolist() == [[0, 63], [127, 255]]  # scaled by the maximum
+
+    cmyk = load_rgb(Image.new("CMYK", (2, 2), (0, 255, 255, 0)))
+    assert cmyk[0, 0].tolist() == [255, 0, 0]
+
+    la = Image.new("LA", (2, 2), (0, 0))
+    assert load_rgb(la)[0, 0].tolist() == [255, 255, 255]
+
+    arr = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    assert load_rgb(arr) is arr  # already what detection wants: not copied
+    assert load_rgb(arr[:, :, 0]).shape == (2, 2, 3)
+    assert load_rgb(arr[:, :, :1]).shape == (2, 2, 3)
+    four = np.zeros((2, 2, 4), np.uint8)
+    assert (load_rgb(four) == 255).all()  # fully transparent -> white
+    with open(path, "rb") as f:
+        assert load_rgb(f).shape == (2, 2, 3)
+
+
+@pytest.mark.parametrize("orientation,expected_shape", [(6, (40, 20, 3)), (3, (20, 40, 3))])
+def test_load_rgb_applies_exif_orientation(orientation, expected_shape):
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)  # left half red
+    stored[:, 20:] = (0, 0, 255)  # right half blue
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    out = load_rgb(buf.getvalue())
+    assert out.shape == expected_shape
+    if orientation == 6:  # shown turned 90 degrees clockwise: the left half ends up on top
+        assert out[2, 10, 0] > 200 and out[-3, 10, 2] > 200
+    else:  # turned 180 degrees: the left half ends up on the right
+        assert out[10, -3, 0] > 200 and out[10, 2, 2] > 200
+
+
+def test_load_rgb_refuses_bad_data(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb_png(bomb)
+    with pytest.raises(ValueError, match=r"^decompression bomb: .*(20000x20000|400000000)"):
+        load_rgb(bomb)
+    with pytest.raises(ValueError, match=r"^decompression bomb"):
+        load_rgb(bomb.read_bytes())
+    with pytest.raises(ValueError, match=r"^decompression bomb"):
+        load_rgb(Image.new("L", (100, 100)), max_pixels=5_000)
+    with pytest.raises(ValueError, match=r"^not an image \(unknown format\)$"):
+        load_rgb(b"this is not an image at all" * 10)
+    with pytest.raises(ValueError, match=r"^no such file$"):
+        load_rgb(tmp_path / "missing.jpg")
+    buf = io.BytesIO()
+    Image.fromarray(smooth_image(64, 64)).save(buf, "JPEG")
+    with pytest.raises(ValueError, match=r"^corrupt image: "):
+        load_rgb(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ValueError, match="uint8"):
+        load_rgb(np.zeros((2, 2, 3), np.float64))
+
+
+# --------------------------------------------------------------------------- alignment geometry
+
+
+def _template_face(points: np.ndarray) -> FacialArea:
+    return FacialArea((0.0, 0.0, 1.0, 1.0), 1.0, tuple(map(tuple, points.tolist())))
+
+
+def _least_squares_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Closed-form least-squares fit of dst ~ [[a, -b], [b, a]] src + t."""
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(src, dst):
+        rows += [[x, -y, 1, 0], [y, x, 0, 1]]
+        rhs += [u, v]
+    a, b, tx, ty = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)[0]
+    return np.array([[a, -b, tx], [b, a, ty]])
+
+
+def test_template_landmarks_give_the_identity():
+    img = np.random.default_rng(1).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    face = _template_face(np.asarray(UTKFACE_TEMPLATE_200))
+    np.testing.assert_allclose(alignment_matrix(face), np.eye(2, 3), atol=1e-6)
+    out = align_face(img, face)
+    assert out.shape == (200, 200, 3) and np.abs(out.astype(int) - img).max() <= 1
+    # at another size the template scales with the crop
+    small = alignment_matrix(face, size=100)
+    np.testing.assert_allclose(small[:, :2], 0.5 * np.eye(2), atol=1e-6)
+
+
+@pytest.mark.parametrize("angle", [-35.0, -10.0, 5.0, 30.0, 90.0])
+def test_alignment_recovers_rotation_and_scale(angle):
+    t = np.asarray(UTKFACE_TEMPLATE_200)
+    theta = math.radians(angle)
+    rot = 1.7 * np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    pts = t @ rot.T + (400.0, 250.0)
+    m = alignment_matrix(_template_face(pts))
+    assert math.degrees(math.atan2(m[1, 0], m[0, 0])) == pytest.approx(-angle, abs=1e-4)
+    assert math.sqrt(np.linalg.det(m[:, :2])) == pytest.approx(1 / 1.7, rel=1e-5)
+    np.testing.assert_allclose(pts @ m[:, :2].T + m[:, 2], t, atol=1e-4)
+
+
+def test_alignment_is_least_squares_over_all_five_points():
+    t = np.asarray(UTKFACE_TEMPLATE_200)
+    noisy = t * 1.3 + (20.0, -5.0)
+    noisy[3] += (9.0, -4.0)  # a smile moves a mouth corner: it must pull, not be dropped
+    m = alignment_matrix(_template_face(noisy))
+    np.testing.assert_allclose(m, _least_squares_similarity(noisy, t), atol=1e-4)
+
+
+def test_degenerate_landmarks_are_refused():
+    with pytest.raises(ValueError, match="degenerate"):
+        align_face(np.zeros((10, 10, 3), np.uint8), _template_face(np.zeros((5, 2))))
+
+
+def test_shrinking_a_large_face_samples_the_right_place():
+    # A face 8x larger than the crop goes through the area-filtered path; on a smooth image it
+    # must give what a plain warp gives (same geometry), only without the aliasing.
+    img = smooth_image(1800, 2400)
+    face = _template_face(np.asarray(UTKFACE_TEMPLATE_200) * 8 + (300.0, 150.0))
+    m = alignment_matrix(face)
+    plain = cv2.warpAffine(img, m, (200, 200), flags=cv2.INTER_LINEAR)
+    out = align_face(img, face)
+    assert np.abs(out.astype(int) - plain).mean() < 1.5

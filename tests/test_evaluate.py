@@ -1,0 +1,276 @@
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from agegender.checkpoint import save_checkpoint
+from agegender.cli import main
+from agegender.config import load_config, to_toml
+from agegender.data import open_cache, prepare
+from agegender.errors import AgeGenderError, DataError
+from agegender.evaluate import compute_metrics, evaluate, show
+from agegender.models import create_model
+
+PLOTS = ("confusion.png", "age_scatter.png", "mae_by_band.png", "reliability.png")
+KEYS = {
+    "n",
+    "gender_accuracy",
+    "gender_accuracy_by_gender",
+    "confusion",
+    "age_mae",
+    "age_abs_error_std",
+    "age_mae_by_band",
+    "age_mae_by_decade",
+    "by_race",
+    "calibration",
+    "age_interval",
+    "model",
+    "checkpoint",
+    "data",
+    "split",
+    "tta",
+    "device",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tests share the machine with other work; one thread is plenty for these tiny models
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache64(synthetic_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache64")
+    prepare([synthetic_dir], out, size=64, quiet=True, workers=1)
+    return out
+
+
+def _checkpoint(path, config=None, in_chans=1):
+    torch.manual_seed(0)
+    model = create_model("resnet-mt-small", img_size=64, age_head="dldl", in_chans=in_chans)
+    return save_checkpoint(path, model, {"epoch": 0, "metrics": {}, "config": config or {}})
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("model") / "model.safetensors")
+
+
+def _read_predictions(out):
+    with (out / "predictions.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_compute_metrics_by_hand():
+    m = compute_metrics(
+        age_true=[3, 15, 30, 50, 95],
+        gender_true=[1, 0, 0, 0, 1],
+        race=[0, 1, 1, 4, 0],
+        age_pred=[5, 15, 26, 60, 85],
+        p_female=[0.9, 0.9, 0.1, 0.1, 0.6],
+        age_std=[1.0, 1.0, 2.0, 5.0, 10.0],
+    )
+    assert m["n"] == 5
+    assert m["gender_accuracy"] == pytest.approx(0.8)  # only the second face is wrong
+    assert m["gender_accuracy_by_gender"] == {"male": pytest.approx(2 / 3), "female": 1.0}
+    assert m["confusion"] == [[2, 1], [0, 2]]
+    errors = np.array([2, 0, 4, 10, 10])
+    assert m["age_mae"] == pytest.approx(5.2)
+    assert m["age_abs_error_std"] == pytest.approx(np.sqrt(((errors - 5.2) ** 2).mean()))
+    assert {k: v["mae"] for k, v in m["age_mae_by_band"].items()} == {
+        "0-9": 2.0,
+        "10-19": 0.0,
+        "20-39": 4.0,
+        "40-59": 10.0,
+        "60+": 10.0,
+    }
+    decades = m["age_mae_by_decade"]
+    assert list(decades)[-1] == "90+" and len(decades) == 10
+    assert decades["90+"] == {"n": 1, "mae": 10.0} and decades["60-69"] == {"n": 0, "mae": None}
+    assert m["by_race"]["Black"] == {"n": 2, "gender_accuracy": 0.5, "age_mae": 2.0}
+    assert m["by_race"]["Asian"] == {"n": 0, "gender_accuracy": None, "age_mae": None}
+    # confidence 0.9 four times (3 right: gap 0.15), 0.6 once (right: gap 0.4)
+    assert m["calibration"]["ece"] == pytest.approx(4 / 5 * 0.15 + 1 / 5 * 0.4)
+    bins = m["calibration"]["bins"]
+    assert len(bins) == 10 and bins[0]["lo"] == 0.5 and bins[-1]["hi"] == 1.0
+    assert sum(b["n"] for b in bins) == 5
+    # half widths 1.645, 1.645, 3.29, 8.225, 16.45 vs errors 2, 0, 4, 10, 10
+    assert m["age_interval"]["coverage"] == pytest.approx(2 / 5)
+    assert m["age_interval"]["mean_width"] == pytest.approx(2 * 1.645 * 3.8)
+    json.dumps(m, allow_nan=False)  # empty groups are null, not NaN
+
+
+def test_compute_metrics_calibrated_and_without_std():
+    # 10 faces at confidence 0.8 with 8 right: perfectly calibrated
+    m = compute_metrics([30] * 10, [0] * 8 + [1] * 2, [0] * 10, [30] * 10, [0.2] * 10)
+    assert m["calibration"]["ece"] == pytest.approx(0.0)
+    assert m["age_interval"] is None and m["age_mae"] == 0.0
+    with pytest.raises(ValueError, match="length"):
+        compute_metrics([1, 2], [0], [0], [1], [0.5])
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_evaluate_checkpoint_on_cache(ckpt, cache64, tmp_path):
+    out = tmp_path / "eval"
+    m = evaluate(ckpt, cache64, out_dir=out, device="cpu", batch_size=16, timing=False, quiet=True)
+    n_test = len(open_cache(cache64).indices("test"))
+    assert m["n"] == n_test > 0
+    assert set(m) >= KEYS and "timing" not in m
+    assert m["split"] == "test" and m["tta"] is False and m["age_interval"] is not None
+    assert json.loads((out / "metrics.json").read_text()) == m
+    report = (out / "report.md").read_text()
+    expected = (
+        "gender accuracy",
+        "Confusion matrix",
+        "Fairness by race",
+        "60+",
+        "90+",
+        "calibration",
+        "Age uncertainty",
+        "(reliability.png)",
+        "(confusion.png)",
+    )
+    for text in expected:
+        assert text in report, text
+    assert all((out / p).stat().st_size > 0 for p in PLOTS)
+    rows = _read_predictions(out)
+    assert len(rows) == n_test and "age_std" in rows[0]
+    mae = np.mean([abs(float(r["age_pred"]) - int(r["age_true"])) for r in rows])
+    assert mae == pytest.approx(m["age_mae"], abs=1e-3)
+
+
+def test_evaluate_run_folder_uses_its_cache_and_recipe(synthetic_cache, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    _checkpoint(run / "best.safetensors", config={"train": {"tta": True}})
+    cfg = load_config(None, [f"data.cache={synthetic_cache}", "data.size=64"])
+    (run / "config.toml").write_text(to_toml(cfg))
+    # the cache holds 32 px images: they are resized to the model's 64 px, as training does
+    m = evaluate(run, out_dir=tmp_path / "eval", device="cpu", batch_size=8, timing_reps=2)
+    assert m["n"] == len(open_cache(synthetic_cache).indices("test"))
+    assert m["tta"] is True and m["checkpoint"].endswith("best.safetensors")
+    t = m["timing"]
+    assert t["batch_size"] == 8 and t["batch1_calls"] == 2 and t["threads"] == 1
+    assert t["batch1_ms_per_image"] > 0 and t["batch_ms_per_image"] > 0 and t["device"]
+    assert "## Speed" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_evaluate_plain_folder_uses_every_image(ckpt, synthetic_dir, tmp_path):
+    out = tmp_path / "eval"
+    m = evaluate(ckpt, synthetic_dir, out_dir=out, device="cpu", timing=False, quiet=True)
+    assert m["n"] == 120 and m["split"] == "all"
+    assert len(_read_predictions(out)) == 120
+    assert all((out / p).is_file() for p in PLOTS)
+
+
+def test_show_writes_png(ckpt, cache64, tmp_path):
+    path = show(ckpt, cache64, tmp_path / "sub" / "grid.png", n=7, device="cpu")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------- errors and CLI
+
+
+def test_errors(ckpt, cache64, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AgeGenderError, match="no such model"):
+        evaluate(tmp_path / "nope.safetensors", cache64, out_dir=tmp_path / "e")
+    with pytest.raises(AgeGenderError, match=r"without best\.safetensors"):
+        evaluate(tmp_path / "empty", cache64, out_dir=tmp_path / "e")
+    with pytest.raises(DataError, match="no such data"):
+        evaluate(ckpt, tmp_path / "missing", out_dir=tmp_path / "e")
+    with pytest.raises(DataError, match=r"no \.jpg"):
+        evaluate(ckpt, tmp_path / "empty", out_dir=tmp_path / "e")
+    with pytest.raises(DataError, match="give --data"):
+        evaluate(ckpt, out_dir=tmp_path / "e")
+    rgb = _checkpoint(tmp_path / "rgb.safetensors", in_chans=3)
+    with pytest.raises(DataError, match="expects rgb images"):
+        show(rgb, cache64, tmp_path / "g.png", device="cpu")
+    assert not (tmp_path / "e").exists()
+
+
+def test_cli_evaluate_and_show(ckpt, cache64, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = [
+        "evaluate",
+        str(ckpt),
+        "--data",
+        str(cache64),
+        "--out",
+        str(out),
+        "--no-timing",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "16",
+        "--no-tta",
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "gender accuracy" in printed and str(out / "report.md") in printed
+    assert (
+        main(
+            [
+                "show",
+                str(ckpt),
+                "--data",
+                str(cache64),
+                "--out",
+                str(tmp_path / "g.png"),
+                "--n",
+                "5",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "g.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "message"),
+    [
+        ("{tmp}/no/model", "{cache}", "no such model"),
+        ("{ckpt}", "{tmp}/no/data", "no such data"),
+        ("{ckpt}", "{tmp}/empty", "no .jpg/.jpeg/.png files"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(ckpt, cache64, tmp_path, capsys, model, data, message):
+    (tmp_path / "empty").mkdir()
+    fill = {"tmp": tmp_path, "ckpt": ckpt, "cache": cache64}
+    argv = [
+        "evaluate",
+        model.format(**fill),
+        "--data",
+        data.format(**fill),
+        "--out",
+        str(tmp_path / "e"),
+        "--no-timing",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_copied_checkpoint_without_sidecar_still_loads(ckpt, cache64, tmp_path):
+    # the weights file alone carries its description (safetensors header)
+    lone = tmp_path / "lone.safetensors"
+    shutil.copy(ckpt, lone)
+    m = evaluate(
+        lone, cache64, split="val", out_dir=tmp_path / "e", device="cpu", timing=False, quiet=True
+    )
+    assert m["split"] == "val" and m["n"] == len(open_cache(cache64).indices("val"))

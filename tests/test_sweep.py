@@ -1,0 +1,71 @@
+import csv
+from pathlib import Path
+
+import pytest
+
+from agegender.cli import main
+from agegender.data import prepare
+from agegender.errors import ConfigError
+from agegender.sweep import load_sweep, run_sweep
+
+SWEEPS = sorted((Path(__file__).parents[1] / "sweeps").glob("*.toml"))
+
+
+@pytest.fixture(scope="module")
+def cache96(synthetic_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache96")
+    prepare([synthetic_dir], out, size=96, quiet=True, workers=1)
+    return out
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
+def test_sweep_files_resolve(sweep):
+    s = load_sweep(sweep)
+    assert s.runs and s.base.is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
+def test_every_sweep_runs_reduced(sweep, cache96, synthetic_dir, tmp_path):
+    table = run_sweep(
+        sweep,
+        cache96,
+        tmp_path,
+        root=str(synthetic_dir),
+        limit=48,
+        epochs=1,
+        parallel=2,
+        extra=["data.size=96", "train.batch_size=16"],
+        quiet=True,
+    )
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["run"] for r in rows] == [r.name for r in load_sweep(sweep).runs]
+    for r in rows:
+        assert 0 <= float(r["test_acc"]) <= 1 and float(r["test_mae"]) > 0, r
+    text = table.read_text()
+    assert text.count("\n| ") == len(rows) + 1  # header + one line per run
+    # a finished sweep is not trained again
+    again = run_sweep(
+        sweep,
+        cache96,
+        tmp_path,
+        limit=48,
+        epochs=1,
+        quiet=True,
+        root=str(synthetic_dir),
+        extra=["data.size=96"],
+    )
+    assert again.read_text() == text
+
+
+def test_bad_sweeps(tmp_path):
+    (tmp_path / "s.toml").write_text('base = "nope.toml"\n[[run]]\nname = "a"\n')
+    with pytest.raises(ConfigError, match="no such recipe"):
+        load_sweep(tmp_path / "s.toml")
+    base = Path(__file__).parents[1] / "configs" / "seed.toml"
+    (tmp_path / "t.toml").write_text(
+        f'base = "{base}"\n[[run]]\nname = "a"\noverrides = ["train.lr=fast"]\n'
+    )
+    with pytest.raises(ConfigError, match=r"train\.lr must be float"):
+        load_sweep(tmp_path / "t.toml")
+    assert main(["sweep", str(tmp_path / "missing.toml"), "--data", str(tmp_path)]) == 2

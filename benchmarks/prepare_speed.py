@@ -38,12 +38,24 @@ def main() -> None:
                 subprocess.run(["sync"], check=True)
                 Path("/proc/sys/vm/drop_caches").write_text("3\n")
             t = time.perf_counter()
-            s = prepare([args.data_dir], tmp, size=args.size, color=args.color,
-                        workers=args.workers, quiet=True)  # fmt: skip
+            s = prepare(
+                [args.data_dir],
+                tmp,
+                size=args.size,
+                color=args.color,
+                workers=args.workers,
+                quiet=True,
+            )
             cold.append(time.perf_counter() - t)
             t = time.perf_counter()
-            prepare([args.data_dir], tmp, size=args.size, color=args.color,
-                    workers=args.workers, quiet=True)  # fmt: skip
+            prepare(
+                [args.data_dir],
+                tmp,
+                size=args.size,
+                color=args.color,
+                workers=args.workers,
+                quiet=True,
+            )
             warm.append(time.perf_counter() - t)
     result = {
         "files": s["files_found"],

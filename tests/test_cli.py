@@ -52,6 +52,6 @@ def test_console_script_exit_codes(tmp_path):
 
 
 def test_demo(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--n", "40"]) == 0
+    assert main(["demo", "--synthetic", "--out", str(tmp_path), "--n", "40"]) == 0
     assert "kept images" in capsys.readouterr().out
     assert (tmp_path / "explore" / "age_distribution.png").exists()

@@ -2,6 +2,7 @@
 
 from agegender.data import Cache, open_cache, parse_name, prepare
 from agegender.errors import AgeGenderError, ConfigError, DataError
+from agegender.predict import Face, Predictor
 
 __version__ = "0.1.0"
 
@@ -10,6 +11,8 @@ __all__ = [
     "Cache",
     "ConfigError",
     "DataError",
+    "Face",
+    "Predictor",
     "__version__",
     "open_cache",
     "parse_name",

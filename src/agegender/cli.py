@@ -101,7 +101,53 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from agegender.predict import predict_files
+
+    return predict_files(
+        args.paths,
+        model=args.model,
+        aligned=args.aligned,
+        output=args.output,
+        annotate_dir=args.annotate,
+        tta=args.tta,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        device=args.device,
+        quiet=args.quiet,
+    )
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from agegender.export import export_onnx
+
+    path = export_onnx(args.model, args.onnx, opset=args.opset)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from agegender.checkpoint import BUNDLED
+
+    out = Path(args.out)
+    if args.synthetic or not BUNDLED.is_file():
+        return _synthetic_demo(out, args.n)
+    from agegender.predict import ASTRONAUT, Predictor, annotate
+
+    predictor = Predictor.load("default")
+    faces = predictor.predict(ASTRONAUT)
+    out.mkdir(parents=True, exist_ok=True)
+    annotate(ASTRONAUT, faces).save(out / "astronaut.jpg", quality=92)
+    print(f"{ASTRONAUT.name} (NASA portrait of Eileen Collins, public domain):")
+    for f in faces:
+        print(f"  {f.label():16s} p_female {f.p_female:.2f}  box {[round(v) for v in f.box]}")
+    print(f"annotated image: {out / 'astronaut.jpg'}")
+    return 0
+
+
+def _synthetic_demo(out, n: int) -> int:
     import tempfile
     from pathlib import Path
 
@@ -109,10 +155,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from agegender.explore import explore
     from agegender.synthetic import make_dataset
 
-    out = Path(args.out)
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"Generating {args.n} synthetic faces (UTKFace-style names) ...")
-        make_dataset(Path(tmp) / "faces", n=args.n, size=96, seed=0)
+        print(f"Generating {n} synthetic faces (UTKFace-style names) ...")
+        make_dataset(Path(tmp) / "faces", n=n, size=96, seed=0)
         summary = prepare([Path(tmp) / "faces"], out / "cache", size=64, quiet=True)
         print(format_summary(summary))
         files = explore(out / "cache", out / "explore")
@@ -293,11 +338,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="PNG", help="where to write the grid")
 
     p = add(
+        "predict",
+        _cmd_predict,
+        "Estimate age and gender of every face in photos (files or folders): detect, align "
+        "to UTKFace's geometry, predict. Exit 0 when every image was read, 1 when some failed.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (recursive)")
+    p.add_argument("--model", default="default", help="default, a run folder or a checkpoint")
+    p.add_argument("--aligned", action="store_true", help="images are aligned face crops")
+    p.add_argument("--output", metavar="FILE.jsonl", help="one JSON object per image")
+    p.add_argument("--annotate", metavar="DIR", help="write images with boxes and labels")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mirror test-time augmentation (default: as the model was trained)",
+    )
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="runtime")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("export", _cmd_export, "Export a model to ONNX (uint8 faces in, dynamic batch).")
+    p.add_argument("--model", default="default", help="default, a run folder or a checkpoint")
+    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write it")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+
+    p = add(
         "demo",
         _cmd_demo,
-        "Run the pipeline end to end on a small synthetic data set (no download needed).",
+        "Run the bundled model on a bundled public-domain photo and write the annotated image "
+        "(with --synthetic, or without a bundled model: prepare and explore synthetic faces).",
     )
     p.add_argument("--out", default="demo-output", help="where to write the results")
+    p.add_argument("--synthetic", action="store_true", help="the synthetic data demo")
     p.add_argument("--n", type=int, default=200, help="number of synthetic faces")
     return parser
 

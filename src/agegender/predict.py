@@ -1,0 +1,413 @@
+"""Age and gender for every face in ordinary photos: detect, align, predict.
+
+>>> from agegender import Predictor
+>>> predictor = Predictor.load()                       # the bundled model, no download
+>>> faces = predictor.predict(ASTRONAUT)               # a path, bytes, PIL image or RGB array
+>>> len(faces), faces[0].gender
+(1, 'female')
+
+Every face is a :class:`Face`. The command line (``agegender predict``), the web service and
+this API all go through :meth:`Predictor.predict_batch`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from agegender.checkpoint import load_checkpoint, resolve_checkpoint
+from agegender.data import IMAGE_SUFFIXES, load_face
+from agegender.errors import AgeGenderError, DataError
+
+ASTRONAUT = Path(__file__).parent / "assets" / "astronaut.jpg"
+Z90 = 1.6448536269514722  # two-sided 90 % interval of a normal distribution
+
+ImageInput = str | os.PathLike | bytes | IO[bytes] | Image.Image | np.ndarray
+
+
+@dataclass(frozen=True)
+class Face:
+    """One face found in an image.
+
+    Attributes:
+        box: ``(x0, y0, x1, y1)`` in pixels of the (EXIF-upright) image.
+        score: detector confidence in [0, 1] (1.0 for ``aligned`` input).
+        age: estimated (apparent) age in years.
+        age_interval: ``(low, high)`` 90 % interval, for heads that give a spread (dldl).
+        gender: ``"male"`` or ``"female"``.
+        p_female: probability that the face is female, in [0, 1].
+    """
+
+    box: tuple[float, float, float, float]
+    score: float
+    age: float
+    age_interval: tuple[float, float] | None
+    gender: str
+    p_female: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["box"] = [round(v, 1) for v in self.box]
+        d["score"] = round(self.score, 4)
+        d["age"] = round(self.age, 2)
+        if self.age_interval is not None:
+            d["age_interval"] = [round(v, 1) for v in self.age_interval]
+        else:
+            del d["age_interval"]
+        d["p_female"] = round(self.p_female, 4)
+        return d
+
+    def label(self) -> str:
+        """``"F 34 (29-40)"``: what the annotated images and the web page show."""
+        text = f"{'F' if self.gender == 'female' else 'M'} {self.age:.0f}"
+        if self.age_interval is not None:
+            text += f" ({self.age_interval[0]:.0f}-{self.age_interval[1]:.0f})"
+        return text
+
+
+class _TorchBackend:
+    def __init__(self, model: torch.nn.Module, device: torch.device, amp: bool) -> None:
+        self.model, self.device, self.amp = model, device, amp
+
+    def __call__(self, faces: np.ndarray, tta: bool) -> dict[str, np.ndarray]:
+        from agegender.inference import predict_arrays
+
+        return predict_arrays(
+            self.model, faces, self.device, batch_size=len(faces) or 1, tta=tta, amp=self.amp
+        )
+
+
+class _OnnxBackend:
+    """ONNX Runtime on the exported graph (uint8 NCHW in, age/p_female/age_std out)."""
+
+    def __init__(self, path: Path, threads: int | None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise AgeGenderError(
+                "--backend onnx needs onnxruntime: pip install onnxruntime"
+            ) from None
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, faces: np.ndarray, tta: bool) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(faces.transpose(0, 3, 1, 2))  # (B, H, W, C) -> (B, C, H, W)
+        outs = [dict(zip(self.outputs, self.session.run(None, {"image": x})))]
+        if tta:
+            outs.append(
+                dict(zip(self.outputs, self.session.run(None, {"image": x[..., ::-1].copy()})))
+            )
+        age = np.mean([o["age"] for o in outs], 0)
+        result = {"age": age, "p_female": np.mean([o["p_female"] for o in outs], 0)}
+        if "age_std" in self.outputs:
+            second = np.mean([o["age_std"] ** 2 + o["age"] ** 2 for o in outs], 0)
+            result["age_std"] = np.sqrt(np.clip(second - age**2, 0, None))
+        return result
+
+
+class Predictor:
+    """A loaded model (plus a face detector) that estimates age and gender.
+
+    Load once and reuse: loading builds the network and the detector. Use
+    :meth:`load` rather than the constructor.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        meta: dict[str, Any],
+        backend: Any,
+        detector: Any,
+        tta: bool,
+        checkpoint: Path,
+    ) -> None:
+        self.model = model
+        self.meta = meta
+        self.backend = backend
+        self.detector = detector
+        self.tta = tta
+        self.checkpoint = checkpoint
+        cfg = meta["data_config"]
+        self.size = int(cfg["input_size"][1])
+        self.color = cfg["color"]
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike = "default",
+        device: str = "cpu",
+        tta: bool | None = None,
+        backend: str = "torch",
+        onnx_path: str | os.PathLike | None = None,
+        threads: int | None = None,
+        detector: str | None = "yunet",
+    ) -> Predictor:
+        """Load ``model`` (``default`` = the bundled one, a run folder or a checkpoint).
+
+        ``tta``: mirror test-time augmentation; ``None`` follows the model's recipe.
+        ``backend``: ``torch`` or ``onnx`` (exported on first use next to a checkpoint file,
+        or read from ``onnx_path``). ``detector=None`` accepts aligned faces only.
+        """
+        from agegender.train import resolve_device, use_amp
+
+        path = resolve_checkpoint(model)
+        net, meta = load_checkpoint(path, "cpu")
+        net = net.float()
+        if tta is None:
+            tta = bool(meta.get("config", {}).get("train", {}).get("tta", False))
+        if threads:
+            torch.set_num_threads(threads)
+        if backend == "torch":
+            dev = resolve_device(device)
+            # bf16 would shift ages by ~0.1 year on CPU for little gain at batch 1: keep fp32
+            runner: Any = _TorchBackend(
+                net.to(dev), dev, amp=dev.type == "cuda" and use_amp(dev, "auto")
+            )
+        elif backend == "onnx":
+            from agegender.export import export_onnx
+
+            onnx_file = Path(onnx_path) if onnx_path else path.with_suffix(".onnx")
+            if not onnx_file.is_file() or onnx_file.stat().st_mtime < path.stat().st_mtime:
+                export_onnx(path, onnx_file)
+            runner = _OnnxBackend(onnx_file, threads)
+        else:
+            raise AgeGenderError(f"unknown backend {backend!r}; valid: torch, onnx")
+        det = None
+        if detector is not None:
+            from agegender.detect import get_detector
+
+            det = get_detector(detector)
+        return cls(net, meta, runner, det, tta, path)
+
+    # ------------------------------------------------------------------ faces
+
+    def _model_input(self, face_rgb: np.ndarray) -> np.ndarray:
+        """An RGB face crop -> the model's ``(size, size, C)`` uint8, as training decoded it."""
+        return load_face(Image.fromarray(face_rgb), self.size, self.color)
+
+    def _faces(self, crops: np.ndarray, boxes: list, scores: list) -> list[Face]:
+        if len(crops) == 0:
+            return []
+        out = self.backend(crops, self.tta)
+        faces = []
+        for i, (box, score) in enumerate(zip(boxes, scores)):
+            age = float(out["age"][i])
+            interval = None
+            if "age_std" in out:
+                half = Z90 * float(out["age_std"][i])
+                interval = (max(age - half, 0.0), age + half)
+            p = float(out["p_female"][i])
+            faces.append(
+                Face(
+                    tuple(float(v) for v in box),
+                    float(score),
+                    age,
+                    interval,
+                    "female" if p >= 0.5 else "male",
+                    p,
+                )
+            )
+        return faces
+
+    def locate(self, image: ImageInput, aligned: bool = False) -> tuple[np.ndarray, list, list]:
+        """Decode ``image`` and find its faces: ``(model inputs (N, S, S, C), boxes, scores)``.
+
+        Raises ``ValueError`` (one line) for data that is not a usable image.
+        """
+        from agegender.detect import align_face, load_rgb
+
+        rgb = load_rgb(image)
+        if aligned:
+            h, w = rgb.shape[:2]
+            return self._model_input(rgb)[None], [(0.0, 0.0, float(w), float(h))], [1.0]
+        if self.detector is None:
+            raise AgeGenderError("this predictor has no face detector: pass aligned=True")
+        found = self.detector.detect_faces(rgb)
+        # UTKFace's geometry at 200 px, then the same resize and colour path as training
+        crops = [self._model_input(align_face(rgb, f, 200)) for f in found]
+        channels = 1 if self.color == "gray" else 3
+        arr = np.stack(crops) if crops else np.zeros((0, self.size, self.size, channels), np.uint8)
+        return arr, [f.box for f in found], [f.score for f in found]
+
+    def predict(self, image: ImageInput, aligned: bool = False) -> list[Face]:
+        """Every face in ``image`` with its age and gender, best detection first.
+
+        ``aligned=True`` takes the whole image as one face already cropped like UTKFace's
+        aligned crops and skips detection. An image without a face gives ``[]``.
+        """
+        crops, boxes, scores = self.locate(image, aligned)
+        return self._faces(crops, boxes, scores)
+
+    def predict_batch(
+        self, images: Sequence[ImageInput], aligned: bool = False, workers: int = 2
+    ) -> list[list[Face] | Exception]:
+        """:meth:`predict` over many images: decoding and detection run in ``workers``
+        threads, the network sees all their faces in batches. A bad image yields its
+        ``ValueError``/``AgeGenderError`` in its place instead of stopping the batch."""
+
+        def locate(img):
+            try:
+                return self.locate(img, aligned)
+            except (ValueError, AgeGenderError, OSError) as e:
+                return e
+
+        with ThreadPoolExecutor(max(workers, 1)) as pool:
+            located = list(pool.map(locate, images))
+        ok = [r for r in located if not isinstance(r, Exception)]
+        crops = np.concatenate([r[0] for r in ok]) if ok else np.zeros((0,))
+        faces = self._faces(crops, [b for r in ok for b in r[1]], [s for r in ok for s in r[2]])
+        results: list[list[Face] | Exception] = []
+        k = 0
+        for r in located:
+            if isinstance(r, Exception):
+                results.append(r)
+            else:
+                results.append(faces[k : k + len(r[1])])
+                k += len(r[1])
+        return results
+
+
+# ---------------------------------------------------------------------- files and the CLI
+
+
+def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given (any extension) and images under folders (recursive, sorted)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(
+                q
+                for q in p.rglob("*")
+                if q.is_file()
+                and q.suffix.lower() in (*IMAGE_SUFFIXES, ".webp", ".bmp", ".tif", ".tiff")
+            )
+        elif p.exists():
+            found.append(p)
+        else:
+            raise DataError(f"no such file or directory: {p}")
+    if not found:
+        raise DataError(f"no images under {', '.join(map(str, paths))}")
+    return found
+
+
+def annotate(image: ImageInput, faces: list[Face]) -> Image.Image:
+    """The image (EXIF-upright) with each face's box and label drawn."""
+    from PIL import ImageDraw, ImageFont
+
+    from agegender.detect import load_rgb
+
+    img = Image.fromarray(load_rgb(image))
+    draw = ImageDraw.Draw(img)
+    side = max(img.size)
+    width = max(2, side // 300)
+    try:
+        font = ImageFont.load_default(size=max(12, side // 45))
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    for f in faces:
+        color = (230, 60, 120) if f.gender == "female" else (40, 120, 230)
+        draw.rectangle(f.box, outline=color, width=width)
+        text = f.label()
+        x0, y0 = f.box[0], f.box[1]
+        tb = draw.textbbox((x0, y0), text, font=font)
+        th = tb[3] - tb[1] + 2 * width
+        top = y0 - th if y0 - th >= 0 else f.box[3]
+        draw.rectangle((x0, top, x0 + tb[2] - tb[0] + 2 * width, top + th), fill=color)
+        draw.text((x0 + width, top + width - (tb[1] - y0)), text, fill="white", font=font)
+    return img
+
+
+def predict_files(
+    paths: list[str | os.PathLike],
+    model: str = "default",
+    aligned: bool = False,
+    output: str | os.PathLike | None = None,
+    annotate_dir: str | os.PathLike | None = None,
+    tta: bool | None = None,
+    backend: str = "torch",
+    batch_size: int = 64,
+    device: str = "cpu",
+    quiet: bool = False,
+) -> int:
+    """The ``agegender predict`` command; returns the exit code (0 all read, 1 some failed)."""
+    from tqdm import tqdm
+
+    files = find_images(paths)
+    predictor = Predictor.load(
+        model, device=device, tta=tta, backend=backend, detector=None if aligned else "yunet"
+    )
+    out_f = None
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        out_f = open(output, "w")  # noqa: SIM115 - written batch by batch
+    if annotate_dir:
+        Path(annotate_dir).mkdir(parents=True, exist_ok=True)
+    failed = 0
+    bar = tqdm(
+        total=len(files),
+        unit="img",
+        desc="predicting",
+        file=sys.stderr,
+        disable=quiet or len(files) < 2,
+        leave=False,
+    )
+    try:
+        for s in range(0, len(files), batch_size):
+            chunk = files[s : s + batch_size]
+            for path, res in zip(chunk, predictor.predict_batch(chunk, aligned)):
+                error = None
+                faces: list[Face] = []
+                if isinstance(res, Exception):
+                    error = str(res).splitlines()[0] if str(res) else type(res).__name__
+                    failed += 1
+                else:
+                    faces = res
+                if out_f:
+                    rec = {"path": str(path), "faces": [f.to_dict() for f in faces], "error": error}
+                    out_f.write(json.dumps(rec) + "\n")
+                else:
+                    _print_table(path, faces, error)
+                if annotate_dir and error is None:
+                    annotate(path, faces).save(
+                        Path(annotate_dir) / (path.stem + ".jpg"), quality=90
+                    )
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        if out_f:
+            out_f.close()
+    if failed:
+        print(
+            f"agegender predict: {failed} of {len(files)} images could not be read", file=sys.stderr
+        )
+    return 1 if failed else 0
+
+
+def _print_table(path: Path, faces: list[Face], error: str | None) -> None:
+    if error:
+        print(f"{path}: error: {error}")
+        return
+    if not faces:
+        print(f"{path}: no face found")
+        return
+    print(f"{path}: {len(faces)} face{'s' if len(faces) > 1 else ''}")
+    for i, f in enumerate(faces, 1):
+        box = ", ".join(f"{v:.0f}" for v in f.box)
+        interval = f" ({f.age_interval[0]:.0f}-{f.age_interval[1]:.0f})" if f.age_interval else ""
+        print(
+            f"  {i}. {f.gender:6s} p_female {f.p_female:.2f}  age {f.age:4.1f}{interval}"
+            f"  box [{box}]  score {f.score:.2f}"
+        )

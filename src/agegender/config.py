@@ -181,18 +181,22 @@ def _flatten(table: dict[str, Any], source: str) -> dict[str, Any]:
     return flat
 
 
+def read_toml(path: str | os.PathLike, what: str = "recipe") -> dict[str, Any]:
+    """A TOML file as a dict; a missing file or bad syntax is a :class:`ConfigError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"no such {what}: {path}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
     """Defaults <- the TOML recipe at ``path`` <- ``key=value`` overrides."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"no such recipe: {path}")
-        try:
-            table = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
-        cfg = apply(cfg, _flatten(table, str(path)))
+        cfg = apply(cfg, _flatten(read_toml(path), str(path)))
     updates = {}
     for item in overrides or []:
         key, eq, text = item.partition("=")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agegender.config import load_config, tomllib
+from agegender.config import load_config, read_toml
 from agegender.errors import ConfigError
 
 DEFAULT_COLUMNS = (
@@ -66,12 +66,7 @@ class Sweep:
 def load_sweep(path: str | os.PathLike) -> Sweep:
     """Read and check a sweep file: every run's recipe must resolve (bad keys fail here, early)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"no such sweep file: {path}")
-    try:
-        table = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    table = read_toml(p, "sweep file")
     known = {"title", "base", "overrides", "run", "columns", "description"}
     if set(table) - known:
         raise ConfigError(

@@ -24,14 +24,14 @@ $AG evaluate default --data $CACHE --split test --amp off --out reports/default 
 $AG show default --data $CACHE --split test --out reports/default/grid.png
 cp runs/default-cpu/curves.png runs/default-cpu/history.csv reports/default/
 
-# 4. The study's tables, REDUCED for a CPU: 1,500 training images, 3 epochs, 96 px
+# 4. The study's tables, REDUCED for a CPU: 1,000 training images, 2 epochs, 96 px
 #    (seed-cnn-5conv needs >= 94 px); every run is tested on the full test split.
 if [ -z "${SKIP_SWEEPS:-}" ]; then
   for s in optimizer learning_rate batch_size architecture regularization loss_weights; do
-    $AG sweep sweeps/$s.toml --data $CACHE --limit 1500 --epochs 3 --set data.size=96 \
+    $AG sweep sweeps/$s.toml --data $CACHE --limit 1000 --epochs 2 --set data.size=96 \
       --parallel 2 --out runs/sweep-cpu/$s --quiet
   done
-  $AG sweep sweeps/ours.toml --data $CACHE --root "$DATA" --limit 1500 --epochs 3 \
+  $AG sweep sweeps/ours.toml --data $CACHE --root "$DATA" --limit 1000 --epochs 2 \
     --parallel 2 --out runs/sweep-cpu/ours --quiet
   mkdir -p reports/sweeps-cpu
   for s in runs/sweep-cpu/*/; do cp "$s/results.md" "reports/sweeps-cpu/$(basename "$s").md"; done

@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--sweeps", default="runs/sweep-cpu")
     p.add_argument("--default", default="reports/default")
     p.add_argument("--out", default="reports/README.md")
-    p.add_argument("--reduced", default="1,500 training images, 3 epochs, 96 px (ours: 128 px)")
+    p.add_argument("--reduced", default="1,000 training images, 2 epochs, 96 px (ours: 128 px)")
     args = p.parse_args()
     lines = [HEADER]
     if (Path(args.default) / "metrics.json").is_file():

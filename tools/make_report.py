@@ -78,6 +78,95 @@ def default_section(folder: Path) -> list[str]:
     return lines
 
 
+def model_card(folder: Path, run: Path) -> str:
+    """MODEL_CARD.md from the evaluation of the bundled model and its training run."""
+    m = json.loads((folder / "metrics.json").read_text())
+    train = json.loads((run / "metrics.json").read_text())
+    by_g = m["gender_accuracy_by_gender"]
+    t = m.get("timing", {})
+    bands = "\n".join(
+        f"| {k} | {v['n']:,} | {v['mae']:.2f} |" for k, v in m["age_mae_by_band"].items()
+    )
+    decades = "\n".join(
+        f"| {k} | {v['n']:,} | {v['mae']:.2f} |"
+        for k, v in m["age_mae_by_decade"].items()
+        if v["n"]
+    )
+    races = "\n".join(
+        f"| {k} | {v['n']:,} | {v['gender_accuracy']:.1%} | {v['age_mae']:.2f} |"
+        for k, v in m["by_race"].items()
+    )
+    minutes = train["train_seconds"] / 60
+    return f"""# Model card: agegender `default`
+
+The model that `Predictor.load()`, `agegender predict` and `agegender demo` use without any
+download: `src/agegender/weights/default.safetensors` (fp16 weights, {train["params"]:,}
+parameters) with its JSON sidecar.
+
+## Model
+`resnet-mt`: a small ResNet (3x3 stride-2 stem, 4 stages of 2 BasicBlocks, 32-256 channels,
+batch norm, global average pooling), a gender logit head and a DLDL age head (softmax over ages
+0-116; the age is the expectation, its spread gives a 90 % interval). Input: one 128x128 gray
+face aligned like UTKFace's "aligned & cropped" images; `agegender predict` finds faces with
+YuNet and aligns them to that geometry (5-landmark similarity transform).
+
+## Data
+UTKFace aligned & cropped (21,340 files), prepared by `agegender prepare`: 3 unparsable names
+and the 202 groups of byte-identical files whose names disagree on age or gender dropped,
+copies counted once, 20,783 images, split 70/10/20 by content hash (seed 42) stratified by
+gender and age band. Trained on train+val ({train["train_images"]:,} images); the
+{m["n"]:,} test images were never trained on.
+
+## Training
+`agegender train configs/default.toml data.cache=cache/utk128 data.train_splits=train,val`:
+AdamW (lr 2e-3, weight decay 0.05), one-cycle schedule, 40 epochs, batch 64, batch augmentation
+(rotation, flip, zoom, shift, brightness, contrast), loss = 10 x gender BCE + DLDL age loss.
+Hardware: this project's 2-core CPU (AVX-512/AMX, bf16 autocast, 2 threads), {minutes:.0f}
+minutes of training ({train["train_img_per_s"]:.0f} images/s; no GPU was lent for this run).
+
+## Test metrics
+`agegender evaluate default --data cache/utk128 --split test --amp off` (fp32 on CPU, with
+flip test-time augmentation, as `agegender predict` runs it):
+
+| gender accuracy | male | female | age MAE | abs error std | gender ECE | 90 % interval coverage |
+|---|---|---|---|---|---|---|
+| {m["gender_accuracy"]:.1%} | {by_g["male"]:.1%} | {by_g["female"]:.1%} | {m["age_mae"]:.2f} | {m["age_abs_error_std"]:.2f} | {m["calibration"]["ece"]:.3f} | {_cover(m)} |
+
+Confusion matrix (rows: true male, female; columns: predicted): `{m["confusion"]}`.
+
+| age band | n | MAE |
+|---|---|---|
+{bands}
+
+| decade | n | MAE |
+|---|---|---|
+{decades}
+
+| race (UTKFace label) | n | gender accuracy | age MAE |
+|---|---|---|---|
+{races}
+
+Speed ({t.get("device", "?")}, {t.get("threads", "?")} threads): {t.get("batch1_ms_per_image", float("nan")):.1f} ms per
+face at batch 1, {t.get("batch_ms_per_image", float("nan")):.2f} ms per face at batch
+{t.get("batch_size", "?")} (model only, preprocessed faces).
+
+## Limits
+- **Licence.** UTKFace is for non-commercial research only; these weights are derived from it.
+  Do not use them commercially.
+- **Apparent, not real, age.** UTKFace's ages are partly estimated by annotators; the model
+  learns what a face looks like, not a birth date. Errors grow with age (see the bands).
+- **Binary gender labels.** UTKFace labels gender as male/female from appearance; the model
+  cannot represent anything else and should not be used to infer anyone's gender identity.
+- **Biases.** UTKFace is mostly White (about 42 %) and young adults; accuracy differs by race
+  and age group (tables above). Children's gender is hard for the model (and for people).
+- **Input.** It expects a face aligned like UTKFace's crops; `agegender predict` aligns
+  detected faces, but profile views, heavy occlusion and very small faces degrade it.
+- **Not for decisions about people** (access, pricing, law enforcement, age verification).
+
+Regenerate every number here with `bash reports/reproduce.sh`.
+"""
+
+
 def _cover(m: dict) -> str:
     interval = m.get("age_interval")
     if not interval:
@@ -90,6 +179,8 @@ def main() -> None:
     p.add_argument("--sweeps", default="runs/sweep-cpu")
     p.add_argument("--default", default="reports/default")
     p.add_argument("--out", default="reports/README.md")
+    p.add_argument("--run", default="runs/default-cpu", help="the bundled model's training run")
+    p.add_argument("--model-card", default="MODEL_CARD.md")
     p.add_argument("--reduced", default="1,000 training images, 2 epochs, 96 px (ours: 128 px)")
     args = p.parse_args()
     lines = [HEADER]
@@ -114,6 +205,11 @@ def main() -> None:
         lines += [table[0], "", text, "", *table[1:], ""]
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out}")
+    if (Path(args.default) / "metrics.json").is_file() and (
+        Path(args.run) / "metrics.json"
+    ).is_file():
+        Path(args.model_card).write_text(model_card(Path(args.default), Path(args.run)))
+        print(f"wrote {args.model_card}")
 
 
 if __name__ == "__main__":

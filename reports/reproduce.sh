@@ -36,4 +36,4 @@ if [ -z "${SKIP_SWEEPS:-}" ]; then
   mkdir -p reports/sweeps-cpu
   for s in runs/sweep-cpu/*/; do cp "$s/results.md" "reports/sweeps-cpu/$(basename "$s").md"; done
 fi
-python tools/make_report.py
+.venv/bin/python tools/make_report.py

@@ -58,6 +58,11 @@ def export_onnx(
         with warnings.catch_warnings():
             # the tracer warns about normalize()'s shape check and constants: both are fine
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # the legacy exporter is chosen on purpose (dynamic_axes, no onnxscript needed);
+            # its DeprecationWarning, attributed to this module, must not become an error
+            warnings.filterwarnings(
+                "ignore", "You are using the legacy TorchScript", DeprecationWarning
+            )
             torch.onnx.export(
                 wrapper,
                 (example,),

@@ -232,7 +232,9 @@ class Predictor:
         rgb = load_rgb(image)
         if aligned:
             h, w = rgb.shape[:2]
-            return self._model_input(rgb)[None], [(0.0, 0.0, float(w), float(h))], [1.0]
+            # a copy: load_face's array is read-only, which torch.as_tensor warns about
+            face = self._model_input(rgb)[None].copy()
+            return face, [(0.0, 0.0, float(w), float(h))], [1.0]
         if self.detector is None:
             raise AgeGenderError("this predictor has no face detector: pass aligned=True")
         found = self.detector.detect_faces(rgb)

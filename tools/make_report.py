@@ -30,7 +30,7 @@ SECTIONS = [
 HEADER = """# Results: the study's tables, regenerated
 
 Everything here comes from `bash reports/reproduce.sh` (UTKFace from `../shared`, prepared with
-`agegender prepare`, 128 px gray, split 70/10/20 by content hash, seed 42; 4,157 test images that
+`agegender prepare --seed 1`, 128 px gray, split 70/10/20 by content hash; 4,157 test images that
 no run ever trains on). The study's numbers are quoted from its paper beside ours.
 
 **Why our numbers differ from the study's.** The study's loader scans the three Kaggle folders,
@@ -113,7 +113,7 @@ YuNet and aligns them to that geometry (5-landmark similarity transform).
 ## Data
 UTKFace aligned & cropped (21,340 files), prepared by `agegender prepare`: 3 unparsable names
 and the 202 groups of byte-identical files whose names disagree on age or gender dropped,
-copies counted once, 20,783 images, split 70/10/20 by content hash (seed 42) stratified by
+copies counted once, 20,783 images, split 70/10/20 by content hash (`--seed 1`) stratified by
 gender and age band. Trained on train+val ({train["train_images"]:,} images); the
 {m["n"]:,} test images were never trained on.
 

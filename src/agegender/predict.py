@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from agegender.checkpoint import load_checkpoint, resolve_checkpoint
+from agegender.checkpoint import BUNDLED, load_checkpoint, resolve_checkpoint
 from agegender.data import IMAGE_SUFFIXES, load_face
 from agegender.errors import AgeGenderError, DataError
 
@@ -180,6 +180,9 @@ class Predictor:
             from agegender.export import export_onnx
 
             onnx_file = Path(onnx_path) if onnx_path else path.with_suffix(".onnx")
+            if onnx_path is None and path == BUNDLED:  # the package folder may be read-only
+                cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                onnx_file = cache / "agegender" / f"default-{path.stat().st_size}.onnx"
             if not onnx_file.is_file() or onnx_file.stat().st_mtime < path.stat().st_mtime:
                 export_onnx(path, onnx_file)
             runner = _OnnxBackend(onnx_file, threads)
@@ -358,6 +361,7 @@ def predict_files(
     if annotate_dir:
         Path(annotate_dir).mkdir(parents=True, exist_ok=True)
     failed = 0
+    written: set[str] = set()
     bar = tqdm(
         total=len(files),
         unit="img",
@@ -383,9 +387,13 @@ def predict_files(
                 else:
                     _print_table(path, faces, error)
                 if annotate_dir and error is None:
-                    annotate(path, faces).save(
-                        Path(annotate_dir) / (path.stem + ".jpg"), quality=90
-                    )
+                    # a/x.jpg and b/x.png must not overwrite each other
+                    name, k = path.stem, 1
+                    while name in written:
+                        k += 1
+                        name = f"{path.stem}-{k}"
+                    written.add(name)
+                    annotate(path, faces).save(Path(annotate_dir) / f"{name}.jpg", quality=90)
             bar.update(len(chunk))
     finally:
         bar.close()

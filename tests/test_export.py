@@ -1,0 +1,217 @@
+"""`agegender export` and the ONNX backend: a dynamic batch and parity with PyTorch.
+
+ONNX export takes tens of seconds on a busy machine, so each model is exported once per module:
+the dldl model through the command line, the regression model by ``Predictor.load(...,
+backend="onnx")`` on first use (which is also what the first-use test checks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from agegender.checkpoint import load_checkpoint, save_checkpoint
+from agegender.cli import main
+from agegender.data import load_face
+from agegender.export import ExportWrapper
+from agegender.models import create_model
+from agegender.predict import Predictor
+from agegender.synthetic import draw_face
+
+AGE_TOL = 0.05  # years
+PROB_TOL = 1e-3
+
+HEADS = {"dldl": ("age", "p_female", "age_std"), "regression": ("age", "p_female")}
+
+
+def _checkpoint(path: Path, age_head: str, in_chans: int, tta: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(1)
+    model = create_model("resnet-mt-small", img_size=64, age_head=age_head, in_chans=in_chans)
+    extra = {"epoch": 0, "metrics": {}, "config": {"train": {"tta": tta}}}
+    return save_checkpoint(path, model, extra)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, dict]:
+    """Per head: checkpoint, ONNX file, torch and onnx Predictors (aligned faces only).
+
+    ``dldl`` (gray, tta in its recipe) is exported by ``agegender export``; ``regression`` (RGB)
+    by the ONNX backend on first use, next to its checkpoint.
+    """
+    root = tmp_path_factory.mktemp("export")
+    out: dict[str, dict] = {}
+
+    ckpt = _checkpoint(root / "dldl" / "model.safetensors", "dldl", 1, tta=True)
+    onnx_file = root / "cli" / "dldl.onnx"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["export", "--model", str(ckpt), "--onnx", str(onnx_file)])
+    mtime = onnx_file.stat().st_mtime_ns if onnx_file.exists() else None
+    out["dldl"] = {
+        "ckpt": ckpt,
+        "onnx": onnx_file,
+        "rc": rc,
+        "stdout": stdout.getvalue(),
+        "torch": Predictor.load(ckpt, detector=None),
+        # an up-to-date ONNX file given by onnx_path is reused, not exported again
+        "onnx_predictor": Predictor.load(
+            ckpt, backend="onnx", onnx_path=onnx_file, detector=None, threads=2
+        ),
+        "reexported": mtime is None or onnx_file.stat().st_mtime_ns != mtime,
+    }
+
+    ckpt = _checkpoint(root / "regression" / "model.safetensors", "regression", 3, tta=False)
+    beside = ckpt.with_suffix(".onnx")
+    existed = beside.exists()
+    out["regression"] = {
+        "ckpt": ckpt,
+        "onnx": beside,
+        "existed_before": existed,
+        "torch": Predictor.load(ckpt, detector=None),
+        "onnx_predictor": Predictor.load(ckpt, backend="onnx", detector=None, threads=2),
+    }
+    return out
+
+
+def random_faces(n: int, chans: int, seed: int = 0) -> np.ndarray:
+    """Uniform noise: ``(n, 64, 64, chans)`` uint8, the model's input layout."""
+    return np.random.default_rng(seed).integers(0, 256, (n, 64, 64, chans), dtype=np.uint8)
+
+
+def face_crops(request: pytest.FixtureRequest, source: str, color: str) -> np.ndarray:
+    """A few faces at the model's size and colour: random noise or real UTKFace crops."""
+    chans = 1 if color == "gray" else 3
+    if source == "random":
+        return random_faces(16, chans, seed=3)
+    if source == "synthetic":
+        imgs = [draw_face(20 + 9 * k, k % 2, k % 5, 200, seed=k) for k in range(6)]
+        return np.stack([load_face(img, 64, color) for img in imgs])
+    utk = request.getfixturevalue("utkface_dir")
+    files = sorted(utk.glob("*.jpg"))
+    return np.stack([load_face(files[k * 2003 % len(files)], 64, color) for k in range(6)])
+
+
+def ort_session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys) -> None:
+    """Ages (and spreads) within AGE_TOL years, probabilities within PROB_TOL."""
+    for key in keys:
+        x, y = np.asarray(a[key], np.float64), np.asarray(b[key], np.float64)
+        assert x.shape == y.shape, key
+        tol = PROB_TOL if key == "p_female" else AGE_TOL
+        assert np.abs(x - y).max() < tol, (key, np.abs(x - y).max())
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_export_command(exported):
+    e = exported["dldl"]
+    assert e["rc"] == 0 and e["onnx"].is_file()
+    assert f"wrote {e['onnx']}" in e["stdout"]
+    assert not list(e["onnx"].parent.glob("*.tmp")), "temporary file left behind"
+    proto = onnx.load(str(e["onnx"]))
+    onnx.checker.check_model(proto)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["agegender_data_config"])["color"] == "gray"
+    assert json.loads(meta["agegender_model"])["age_head"] == "dldl"
+    assert meta["input"].startswith("uint8 (batch, 1, 64, 64)")
+
+
+def test_export_errors_exit_2(tmp_path, capsys):
+    assert main(["export", "--model", str(tmp_path / "nope.safetensors"), "--onnx", "x.onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "no such model" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("head", ["dldl", "regression"])
+def test_dynamic_batch(exported, head):
+    e = exported[head]
+    session = ort_session(e["onnx"])
+    (inp,) = session.get_inputs()
+    chans = 1 if head == "dldl" else 3
+    assert inp.name == "image" and inp.type == "tensor(uint8)"
+    assert inp.shape[1:] == [chans, 64, 64] and not isinstance(inp.shape[0], int)
+    assert [o.name for o in session.get_outputs()] == list(HEADS[head])
+    x = random_faces(5, chans).transpose(0, 3, 1, 2).copy()
+    five = session.run(None, {"image": x})
+    assert all(o.shape == (5,) for o in five)
+    ones = [session.run(None, {"image": x[i : i + 1]}) for i in range(5)]
+    assert all(o.shape == (1,) for r in ones for o in r)
+    for k, name in enumerate(HEADS[head]):  # the batch size is not baked into the graph
+        alone = np.concatenate([r[k] for r in ones])
+        assert np.abs(alone - five[k]).max() < (PROB_TOL if name == "p_female" else AGE_TOL)
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("source", ["random", "synthetic", "real"])
+@pytest.mark.parametrize("head", ["dldl", "regression"])
+def test_onnx_matches_pytorch(exported, request, head, source):
+    e = exported[head]
+    net, meta = load_checkpoint(e["ckpt"])
+    faces = face_crops(request, source, meta["data_config"]["color"])
+    wrapper = ExportWrapper(net.float()).eval()
+    x = np.ascontiguousarray(faces.transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        ref = dict(zip(HEADS[head], (t.numpy() for t in wrapper(torch.from_numpy(x)))))
+    got = dict(zip(HEADS[head], ort_session(e["onnx"]).run(None, {"image": x})))
+    assert_close(got, ref, HEADS[head])
+    # and the backends of the Predictor, with and without the mirror
+    for tta in (False, True):
+        assert_close(
+            e["onnx_predictor"].backend(faces, tta), e["torch"].backend(faces, tta), HEADS[head]
+        )
+
+
+def test_onnx_backend_exports_beside_the_checkpoint_on_first_use(exported):
+    e = exported["regression"]
+    assert not e["existed_before"] and e["onnx"].is_file()
+    assert e["onnx"].stat().st_mtime >= e["ckpt"].stat().st_mtime
+    # the dldl predictor reused the file the command wrote instead of exporting again
+    assert not exported["dldl"]["reexported"]
+    assert not exported["dldl"]["ckpt"].with_suffix(".onnx").exists()
+
+
+@pytest.mark.parametrize("head", ["dldl", "regression"])
+@pytest.mark.parametrize("tta", [False, True])
+def test_onnx_predictor_gives_the_same_faces(exported, head, tta):
+    e = exported[head]
+    images = [np.asarray(draw_face(15 + 11 * k, k % 2, k % 5, 160, seed=k)) for k in range(5)]
+    images.append(random_faces(1, 3, seed=9)[0])
+    results = {}
+    for name in ("torch", "onnx_predictor"):
+        p = copy.copy(e[name])  # a shallow copy: the module's predictors keep their recipe tta
+        p.tta = tta
+        results[name] = [r[0] for r in p.predict_batch(images, aligned=True)]
+    for a, b in zip(results["torch"], results["onnx_predictor"]):
+        assert a.box == b.box and a.score == b.score
+        assert abs(a.age - b.age) < AGE_TOL and abs(a.p_female - b.p_female) < PROB_TOL
+        if head == "dldl":
+            assert a.age_interval is not None and b.age_interval is not None
+            assert np.abs(np.subtract(a.age_interval, b.age_interval)).max() < 2 * AGE_TOL
+        else:
+            assert a.age_interval is None and b.age_interval is None
+        if abs(a.p_female - 0.5) > PROB_TOL:
+            assert a.gender == b.gender
+
+
+def test_recipe_tta_is_followed(exported):
+    assert exported["dldl"]["torch"].tta is True and exported["dldl"]["onnx_predictor"].tta is True
+    assert exported["regression"]["onnx_predictor"].tta is False

@@ -1,0 +1,460 @@
+"""`agegender predict` and :class:`agegender.predict.Predictor`: the issue-5 contract.
+
+The models here are untrained (tiny, built in a fixture): the tests check the plumbing (JSONL
+shape, errors, exit codes, decoding, geometry), not the accuracy. The bundled model is only used
+when it exists.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from agegender.checkpoint import BUNDLED, save_checkpoint
+from agegender.cli import main
+from agegender.detect import load_rgb
+from agegender.errors import AgeGenderError
+from agegender.models import create_model
+from agegender.predict import ASTRONAUT, Face, Predictor
+from agegender.synthetic import draw_face
+
+cv2.setNumThreads(1)  # the tests run beside other work; one thread is plenty for these sizes
+
+FACE_KEYS_DLDL = {"box", "score", "age", "age_interval", "gender", "p_female"}
+FACE_KEYS_REGRESSION = FACE_KEYS_DLDL - {"age_interval"}
+RECORD_KEYS = {"path", "faces", "error"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def bomb_png(path: Path, side: int = 20_000) -> None:
+    """A PNG whose header claims side x side pixels (as in test_prepare)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def utk_files(utkface_dir: Path, n: int, step: int = 997) -> list[Path]:
+    """``n`` different real aligned 200x200 crops, spread over the folder (as in test_detect)."""
+    files = sorted(utkface_dir.glob("*.jpg"))
+    return [files[(i * step) % len(files)] for i in range(n)]
+
+
+def synthetic_face(seed: int = 0, size: int = 200) -> np.ndarray:
+    """A cartoon face (RGB uint8): decodable, but YuNet need not find it; use with aligned."""
+    return np.asarray(draw_face(30 + seed, seed % 2, seed % 5, size, seed=seed))
+
+
+def good_faces(request: pytest.FixtureRequest, n: int, real: bool) -> list[np.ndarray]:
+    """``n`` RGB faces: real UTKFace crops (skip if absent) or synthetic ones."""
+    if real:
+        utk = request.getfixturevalue("utkface_dir")
+        return [load_rgb(p) for p in utk_files(utk, n)]
+    return [synthetic_face(k) for k in range(n)]
+
+
+def write_bad_files(folder: Path, jpeg: bytes) -> dict[str, str]:
+    """Every kind of unreadable input; returns ``name -> start of the expected error``."""
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is a text file, not a JPEG\n")
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # header intact, data cut
+    bomb_png(folder / "bomb.png")
+    return {
+        "empty.jpg": "not an image",
+        "text.jpg": "not an image",
+        "truncated.jpg": "corrupt image",
+        "bomb.png": "decompression bomb",
+    }
+
+
+def jpeg_bytes(rgb: np.ndarray, **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_face_dict(face: dict, keys: set[str]) -> None:
+    """One face of the JSONL output: exact keys and types, consistent values."""
+    assert set(face) == keys
+    assert isinstance(face["box"], list) and len(face["box"]) == 4
+    assert all(isinstance(v, float | int) for v in face["box"])
+    x0, y0, x1, y1 = face["box"]
+    assert x0 < x1 and y0 < y1
+    assert isinstance(face["score"], float | int) and 0.0 <= face["score"] <= 1.0
+    assert isinstance(face["age"], float | int) and np.isfinite(face["age"])
+    assert face["gender"] in ("male", "female")
+    assert isinstance(face["p_female"], float | int) and 0.0 <= face["p_female"] <= 1.0
+    assert face["gender"] == ("female" if face["p_female"] >= 0.5 else "male")
+    if "age_interval" in keys:
+        low, high = face["age_interval"]
+        assert isinstance(low, float | int) and isinstance(high, float | int)
+        # the bounds are rounded to 0.1 year, the age to 0.01
+        assert 0.0 <= low <= face["age"] + 0.05 and face["age"] - 0.05 <= high
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _checkpoint(path: Path, age_head: str, in_chans: int, tta: bool) -> Path:
+    torch.manual_seed(0)
+    model = create_model("resnet-mt-small", img_size=64, age_head=age_head, in_chans=in_chans)
+    extra = {"epoch": 0, "metrics": {}, "config": {"train": {"tta": tta}}}
+    return save_checkpoint(path, model, extra)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Untrained checkpoints: ``dldl`` (gray, tta in its recipe) and ``regression`` (RGB)."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "dldl": _checkpoint(root / "dldl.safetensors", "dldl", 1, tta=True),
+        "regression": _checkpoint(root / "regression.safetensors", "regression", 3, tta=False),
+    }
+
+
+@pytest.fixture(scope="module")
+def predictor(models) -> Predictor:
+    """Loaded once per module: the dldl model with the YuNet detector."""
+    return Predictor.load(models["dldl"])
+
+
+# --------------------------------------------------------------------------- JSONL contract
+
+
+@pytest.mark.parametrize("head", ["dldl", "regression"])
+def test_jsonl_contract(models, predictor, head, tmp_path):
+    names = ["c.jpg", "a.png", "b.jpeg"]  # deliberately not sorted: output keeps input order
+    paths = []
+    for k, name in enumerate(names):
+        face = synthetic_face(k, size=(200, 160, 120)[k])
+        Image.fromarray(face).save(tmp_path / name, quality=90)
+        paths.append(tmp_path / name)
+    out = tmp_path / "out" / "pred.jsonl"
+    argv = ["predict", *map(str, paths), "--model", str(models[head]), "--aligned"]
+    assert main([*argv, "--output", str(out), "--quiet"]) == 0
+    records = read_jsonl(out)
+    assert [r["path"] for r in records] == [str(p) for p in paths]
+    keys = FACE_KEYS_DLDL if head == "dldl" else FACE_KEYS_REGRESSION
+    for rec, size in zip(records, (200, 160, 120)):
+        assert set(rec) == RECORD_KEYS
+        assert isinstance(rec["path"], str) and rec["error"] is None
+        assert len(rec["faces"]) == 1
+        check_face_dict(rec["faces"][0], keys)
+        assert rec["faces"][0]["box"] == [0.0, 0.0, size, size]  # the whole image, aligned
+        assert rec["faces"][0]["score"] == 1.0
+    if head == "dldl":  # the command and the API agree (the recipe's tta=True in both)
+        assert predictor.tta is True
+        for rec, path in zip(records, paths):
+            api = predictor.predict(path, aligned=True)[0].to_dict()
+            got = rec["faces"][0]
+            assert got["box"] == api["box"] and got["gender"] == api["gender"]
+            # batch composition may move the last rounded digit: one unit of it is allowed
+            for key, unit in (("age", 0.01), ("p_female", 1e-4), ("age_interval", 0.1)):
+                assert np.allclose(got[key], api[key], rtol=0, atol=1.01 * unit), key
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["aligned-synthetic", "detected-real"])
+def test_bad_inputs_do_not_stop_the_batch(models, request, real, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    faces = good_faces(request, 2, real)
+    Image.fromarray(faces[0]).save(folder / "face1.jpg", quality=90)
+    Image.fromarray(faces[1]).save(folder / "face2.png")
+    (folder / "notes.txt").write_text("not an image suffix: ignored\n")
+    expected = write_bad_files(folder, jpeg_bytes(faces[0]))
+    out, ann = tmp_path / "pred.jsonl", tmp_path / "annotated"
+    argv = ["predict", str(folder), "--model", str(models["dldl"]), "--output", str(out)]
+    argv += ["--annotate", str(ann), "--batch-size", "2", "--quiet"]  # bad files span batches
+    assert main(argv + ([] if real else ["--aligned"])) == 1
+
+    records = read_jsonl(out)
+    names = [Path(r["path"]).name for r in records]
+    assert names == sorted([*expected, "face1.jpg", "face2.png"])  # a folder is read sorted
+    for rec, name in zip(records, names):
+        assert set(rec) == RECORD_KEYS
+        if name in expected:
+            assert rec["faces"] == []
+            assert isinstance(rec["error"], str) and "\n" not in rec["error"]
+            assert rec["error"].startswith(expected[name]), (name, rec["error"])
+        else:
+            assert rec["error"] is None and len(rec["faces"]) == 1, rec
+            check_face_dict(rec["faces"][0], FACE_KEYS_DLDL)
+    err = capsys.readouterr().err
+    assert "4 of 6 images could not be read" in err and "Traceback" not in err
+    # one annotated JPEG per readable image, at the image's size
+    assert sorted(p.name for p in ann.iterdir()) == ["face1.jpg", "face2.jpg"]
+    with Image.open(ann / "face2.jpg") as im:
+        assert im.format == "JPEG" and im.size == (faces[1].shape[1], faces[1].shape[0])
+
+
+def test_table_output_and_exit_0(models, tmp_path, capsys):
+    Image.fromarray(synthetic_face(3)).save(tmp_path / "one.png")
+    assert main(["predict", str(tmp_path), "--model", str(models["dldl"]), "--aligned"]) == 0
+    out = capsys.readouterr().out
+    assert "one.png: 1 face" in out and "p_female" in out and "age" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["{tmp}/no/such.jpg"], "no such file or directory"),
+        (["{tmp}/empty"], "no images under"),
+        (["{tmp}/empty/notes.txt", "--model", "{tmp}/no-model.safetensors"], "no such model"),
+    ],
+    ids=["no-such-path", "no-images", "no-such-model"],
+)
+def test_user_errors_exit_2_with_one_line(models, tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("a folder without images\n")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", str(models["dldl"])]
+    assert main(["predict", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_unknown_option_exits_2(tmp_path):
+    """argparse's usage error, as users meet it through the installed command."""
+    run = subprocess.run(
+        [sys.executable, "-m", "agegender", "predict", str(tmp_path), "--bogus"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "unrecognized arguments: --bogus" in run.stderr
+
+
+# --------------------------------------------------------------------------- real faces
+
+
+def test_real_aligned_crops(models, utkface_dir, tmp_path):
+    files = utk_files(utkface_dir, 4)
+    model = ["--model", str(models["dldl"]), "--quiet"]
+    out_aligned, out_detect = tmp_path / "aligned.jsonl", tmp_path / "detect.jsonl"
+    assert (
+        main(["predict", *map(str, files), *model, "--aligned", "--output", str(out_aligned)]) == 0
+    )
+    assert main(["predict", *map(str, files), *model, "--output", str(out_detect)]) == 0
+    for rec in read_jsonl(out_aligned):
+        assert len(rec["faces"]) == 1
+        assert rec["faces"][0]["box"] == [0.0, 0.0, 200.0, 200.0]
+        assert rec["faces"][0]["score"] == 1.0
+    for rec in read_jsonl(out_detect):
+        assert len(rec["faces"]) == 1, rec["path"]  # the detector finds the one face
+        face = rec["faces"][0]
+        check_face_dict(face, FACE_KEYS_DLDL)
+        assert 0.6 <= face["score"] <= 1.0
+        x0, y0, x1, y1 = face["box"]
+        assert 50 < (x0 + x1) / 2 < 150 and 50 < (y0 + y1) / 2 < 150  # centred, as UTKFace is
+
+
+def group_photo(utkface_dir: Path) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """1280x886 grey canvas with six real faces of ~200 px, one per cell of a 3x2 grid."""
+    faces = [load_rgb(p) for p in utk_files(utkface_dir, 6, step=1531)]
+    canvas = np.full((886, 1280, 3), 200, np.uint8)
+    cells = []
+    for k, (img, side) in enumerate(zip(faces, (180, 250, 200, 230, 190, 240))):
+        col, row = k % 3, k // 3
+        x, y = col * 426 + (426 - side) // 2, row * 443 + (443 - side) // 2
+        canvas[y : y + side, x : x + side] = cv2.resize(img, (side, side))
+        cells.append((col, row))
+    return canvas, cells
+
+
+def test_group_photo_six_faces(predictor, utkface_dir):
+    canvas, cells = group_photo(utkface_dir)
+    faces = predictor.predict(jpeg_bytes(canvas))  # end to end from a JPEG file's bytes
+    assert len(faces) == 6
+    assert [f.score for f in faces] == sorted((f.score for f in faces), reverse=True)
+    found = {
+        (int((f.box[0] + f.box[2]) / 2 // 426), int((f.box[1] + f.box[3]) / 2 // 443))
+        for f in faces
+    }
+    assert found == set(cells)
+    assert all(f.age_interval is not None and np.isfinite(f.age) for f in faces)
+
+
+# --------------------------------------------------------------------------- input kinds
+
+
+def _as_input(kind: str, rgb: np.ndarray, tmp_path: Path):
+    """``rgb`` as the input ``kind``; returns ``(input, the RGB image it shows)``."""
+    gray = np.asarray(Image.fromarray(rgb).convert("L"))
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, "PNG")
+    if kind == "pil-rgba":
+        return Image.fromarray(rgb).convert("RGBA"), rgb
+    if kind == "pil-l":
+        return Image.fromarray(gray), np.repeat(gray[..., None], 3, 2)
+    if kind == "pil-p":
+        img = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE)
+        return img, np.asarray(img.convert("RGB"))
+    if kind == "pil-i16":
+        return Image.fromarray(gray.astype(np.uint16) * 257), np.repeat(gray[..., None], 3, 2)
+    if kind == "array-rgb":
+        return rgb.copy(), rgb
+    if kind == "array-gray":
+        return gray, np.repeat(gray[..., None], 3, 2)
+    if kind == "array-rgba":
+        return np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]), rgb
+    if kind == "bytes":
+        return png.getvalue(), rgb
+    if kind == "file-object":
+        return io.BytesIO(png.getvalue()), rgb
+    if kind in ("path", "str-path"):
+        path = tmp_path / "face.png"
+        path.write_bytes(png.getvalue())
+        return (path if kind == "path" else str(path)), rgb
+    raise AssertionError(kind)
+
+
+KINDS = [
+    "pil-rgba",
+    "pil-l",
+    "pil-p",
+    "pil-i16",
+    "array-rgb",
+    "array-gray",
+    "array-rgba",
+    "bytes",
+    "file-object",
+    "path",
+    "str-path",
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_input_kinds(predictor, request, kind, tmp_path):
+    real = _has_utkface(request)
+    rgb = good_faces(request, 1, real)[0].copy()
+    rgb[0, 0] = 255  # a white pixel, so that 16-bit input is scaled by exactly 257
+    src, shown = _as_input(kind, rgb, tmp_path)
+    decoded = load_rgb(io.BytesIO(src.getvalue()) if kind == "file-object" else src)
+    assert decoded.shape == (200, 200, 3) and decoded.dtype == np.uint8
+    # 16 bits -> 8 is a float scale, which may round a level down; everything else is exact
+    assert np.abs(decoded.astype(int) - shown).max() <= (1 if kind == "pil-i16" else 0)
+    faces = predictor.predict(src, aligned=True)
+    assert len(faces) == 1 and faces[0].box == (0.0, 0.0, 200.0, 200.0) and faces[0].score == 1.0
+    reference = predictor.predict(decoded, aligned=True)[0]
+    assert faces[0].age == pytest.approx(reference.age, abs=1e-4)
+    assert faces[0].p_female == pytest.approx(reference.p_female, abs=1e-5)
+    if real:  # the detector reads every kind too
+        if kind == "file-object":
+            src.seek(0)
+        assert len(predictor.predict(src)) == 1
+
+
+def _has_utkface(request: pytest.FixtureRequest) -> bool:
+    try:
+        request.getfixturevalue("utkface_dir")
+    except pytest.skip.Exception:
+        return False
+    return True
+
+
+def test_exif_orientation(predictor, request, tmp_path):
+    """A phone JPEG stored on its side (orientation 6): boxes refer to the upright image."""
+    real = _has_utkface(request)
+    face = good_faces(request, 1, real)[0]
+    upright = np.full((320, 200, 3), 128, np.uint8)  # portrait: the face on top
+    upright[:200] = face
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # turned 90 deg anticlockwise: 320 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    data = jpeg_bytes(stored, exif=exif.tobytes())
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.size == (320, 200)
+    aligned = predictor.predict(data, aligned=True)
+    assert aligned[0].box == (0.0, 0.0, 200.0, 320.0)  # the upright image's size
+    if real:
+        faces = predictor.predict(data)
+        assert len(faces) == 1
+        x0, y0, x1, y1 = faces[0].box
+        assert -10 <= x0 < x1 <= 210 and -10 <= y0 < y1 <= 330  # within the upright image
+        assert (y0 + y1) / 2 < 200 and 50 < (x0 + x1) / 2 < 150  # on the face, at the top
+
+
+# --------------------------------------------------------------------------- API details
+
+
+def test_predict_batch_yields_errors_in_place(predictor, tmp_path):
+    good = [synthetic_face(k) for k in range(3)]
+    bomb = tmp_path / "bomb.png"
+    bomb_png(bomb)
+    items = [good[0], b"not an image", jpeg_bytes(good[1]), bomb, tmp_path / "missing.jpg"]
+    items.append(good[2])
+    results = predictor.predict_batch(items, aligned=True, workers=2)
+    assert len(results) == len(items)
+    assert [isinstance(r, Exception) for r in results] == [False, True, False, True, True, False]
+    for r in results:
+        if isinstance(r, Exception):
+            assert isinstance(r, ValueError | AgeGenderError) and "\n" not in str(r)
+        else:
+            assert isinstance(r, list) and len(r) == 1 and isinstance(r[0], Face)
+    assert "decompression bomb" in str(results[3]) and "no such file" in str(results[4])
+    # batching changes nothing: each image alone gives the same faces
+    alone = predictor.predict(good[2], aligned=True)[0]
+    assert results[5][0].age == pytest.approx(alone.age, abs=1e-4)
+    assert results[5][0].p_female == pytest.approx(alone.p_female, abs=1e-5)
+    # an image without a face is [] in detection mode, not an error
+    blank = np.full((240, 320, 3), 128, np.uint8)
+    assert predictor.predict_batch([blank, b""])[0] == []
+
+
+def test_predictor_without_detector_needs_aligned(models):
+    p = Predictor.load(models["regression"], detector=None)
+    assert p.color == "rgb" and p.size == 64 and p.tta is False
+    face = p.predict(synthetic_face(1), aligned=True)[0]
+    # writable model input: torch.as_tensor warns (once per process) about read-only arrays
+    assert p.locate(synthetic_face(1), aligned=True)[0].flags.writeable
+    assert face.age_interval is None and "age_interval" not in face.to_dict()
+    with pytest.raises(AgeGenderError, match="aligned=True"):
+        p.predict(synthetic_face(1))
+
+
+def test_face_label():
+    box = (0.0, 0.0, 10.0, 10.0)
+    assert Face(box, 0.9, 34.3, (29.2, 40.4), "female", 0.8).label() == "F 34 (29-40)"
+    assert Face(box, 0.9, 20.2, None, "male", 0.1).label() == "M 20"
+
+
+# --------------------------------------------------------------------------- bundled model
+
+
+@pytest.mark.skipif(BUNDLED.exists(), reason="a bundled model is installed")
+def test_no_bundled_model_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(AgeGenderError, match="no bundled model"):
+        Predictor.load("default")
+    Image.fromarray(synthetic_face(0)).save(tmp_path / "a.png")
+    assert main(["predict", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert "no bundled model" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="no bundled model in this checkout")
+def test_bundled_model_on_the_astronaut():
+    faces = Predictor.load().predict(ASTRONAUT)
+    assert len(faces) == 1
+    assert faces[0].gender == "female" and 25 < faces[0].age < 60

@@ -146,9 +146,8 @@ def load_data(cfg: Config, device: torch.device, out: Path, quiet: bool = False)
     }
     if d.limit > 0 and len(idx["train"]) > d.limit:
         rng = np.random.default_rng(cfg.train.seed)
+        # only training is reduced: val and test stay whole, so reduced runs stay comparable
         idx["train"] = np.sort(rng.choice(idx["train"], d.limit, replace=False))
-        idx["val"] = idx["val"][: max(d.limit // 4, 1)]
-        idx["test"] = idx["test"][: max(d.limit // 4, 1)]
     if len(idx["train"]) == 0 or len(idx["val"]) == 0:
         raise DataError(f"{cache_dir}: the train or val split is empty")
     if d.color != cache.color:

@@ -27,35 +27,26 @@ def test_sweep_files_resolve(sweep):
 @pytest.mark.slow
 @pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
 def test_every_sweep_runs_reduced(sweep, cache96, synthetic_dir, tmp_path):
-    table = run_sweep(
-        sweep,
-        cache96,
-        tmp_path,
-        root=str(synthetic_dir),
-        limit=48,
-        epochs=1,
-        parallel=2,
-        extra=["data.size=96", "train.batch_size=16"],
-        quiet=True,
-    )
+    reduced = {
+        "root": str(synthetic_dir),
+        "limit": 48,
+        "epochs": 1,
+        "quiet": True,
+        "parallel": 2,
+        "extra": ["data.size=96", "train.batch_size=16"],
+    }
+    table = run_sweep(sweep, cache96, tmp_path, **reduced)
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [r["run"] for r in rows] == [r.name for r in load_sweep(sweep).runs]
     for r in rows:
         assert 0 <= float(r["test_acc"]) <= 1 and float(r["test_mae"]) > 0, r
     text = table.read_text()
     assert text.count("\n| ") == len(rows) + 1  # header + one line per run
-    # a finished sweep is not trained again
-    again = run_sweep(
-        sweep,
-        cache96,
-        tmp_path,
-        limit=48,
-        epochs=1,
-        quiet=True,
-        root=str(synthetic_dir),
-        extra=["data.size=96"],
-    )
+    # a finished sweep is not trained again: same table, no new logs
+    logs = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.log")}
+    again = run_sweep(sweep, cache96, tmp_path, **reduced)
     assert again.read_text() == text
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.log")} == logs
 
 
 def test_bad_sweeps(tmp_path):

@@ -20,7 +20,7 @@ fi
 .venv/bin/python tools/bundle_model.py runs/default-cpu --cache $CACHE
 
 # 3. Evaluation of the bundled model on the test split (fp32 on CPU, as `predict` runs it).
-$AG evaluate default --data $CACHE --split test --amp off --out reports/default --quiet
+$AG evaluate default --data $CACHE --split test --amp off --out reports/default --quiet  # add --no-timing on a busy machine
 $AG show default --data $CACHE --split test --out reports/default/grid.png
 cp runs/default-cpu/curves.png runs/default-cpu/history.csv reports/default/
 

@@ -146,9 +146,7 @@ Confusion matrix (rows: true male, female; columns: predicted): `{m["confusion"]
 |---|---|---|---|
 {races}
 
-Speed ({t.get("device", "?")}, {t.get("threads", "?")} threads): {t.get("batch1_ms_per_image", float("nan")):.1f} ms per
-face at batch 1, {t.get("batch_ms_per_image", float("nan")):.2f} ms per face at batch
-{t.get("batch_size", "?")} (model only, preprocessed faces).
+{_speed(t)}
 
 ## Limits
 - **Licence.** UTKFace is for non-commercial research only; these weights are derived from it.
@@ -165,6 +163,19 @@ face at batch 1, {t.get("batch_ms_per_image", float("nan")):.2f} ms per face at 
 
 Regenerate every number here with `bash reports/reproduce.sh`.
 """
+
+
+def _speed(t: dict) -> str:
+    if not t:
+        return (
+            "Speed: not measured in this evaluation (the machine was busy); measure it on an idle "
+            "machine with `python benchmarks/predict_speed.py --model default`."
+        )
+    return (
+        f"Speed ({t['device']}, {t['threads']} threads): {t['batch1_ms_per_image']:.1f} ms per "
+        f"face at batch 1, {t['batch_ms_per_image']:.2f} ms per face at batch {t['batch_size']} "
+        "(model only, preprocessed faces)."
+    )
 
 
 def _cover(m: dict) -> str:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,15 @@ def synthetic_cache(synthetic_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cache")
     prepare([synthetic_dir], out, size=32, quiet=True, workers=1)
     return out
+
+
+def bomb_png(path: Path, side: int = 20_000) -> None:
+    """A PNG whose header claims side x side pixels: refused before any pixel is decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))

@@ -3,14 +3,13 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import struct
 import threading
-import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import bomb_png
 from PIL import Image
 
 from agegender.detect import (
@@ -42,18 +41,6 @@ def utk_images(utkface_dir: Path, n: int, step: int = 997) -> list[np.ndarray]:
     """``n`` different real aligned 200x200 crops, spread over the folder."""
     files = sorted(utkface_dir.glob("*.jpg"))
     return [load_rgb(files[(i * step) % len(files)]) for i in range(n)]
-
-
-def bomb_png(path: Path, side: int = 20_000) -> None:
-    """A PNG whose header claims side x side pixels (as in test_prepare)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
 
 
 def rotate_into(img: np.ndarray, angle: float, canvas: tuple[int, int], at: tuple[int, int]):

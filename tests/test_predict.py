@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import bomb_png
 from PIL import Image
 
 from agegender.checkpoint import BUNDLED, save_checkpoint
@@ -37,18 +36,6 @@ RECORD_KEYS = {"path", "faces", "error"}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def bomb_png(path: Path, side: int = 20_000) -> None:
-    """A PNG whose header claims side x side pixels (as in test_prepare)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
 
 
 def utk_files(utkface_dir: Path, n: int, step: int = 997) -> list[Path]:

@@ -1,11 +1,10 @@
 import json
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bomb_png
 from PIL import Image
 
 from agegender.data import (
@@ -20,18 +19,6 @@ from agegender.data import (
 )
 from agegender.errors import DataError
 from agegender.synthetic import draw_face
-
-
-def bomb_png(path: Path, side: int = 20_000) -> None:
-    """A PNG whose header claims side x side pixels: refused before any pixel is decoded."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
 
 
 def test_split_is_stratified_and_proportional():

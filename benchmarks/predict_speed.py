@@ -46,6 +46,7 @@ from PIL import Image
 from agegender.data import parse_name
 from agegender.detect import load_rgb
 from agegender.errors import AgeGenderError
+from agegender.evaluate import device_name
 from agegender.predict import Predictor
 
 GROUP_SIDES = (180, 250, 200, 230, 190, 240)  # as tests/test_predict.py's group photo
@@ -54,17 +55,6 @@ WARMUP = 10
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def cpu_name() -> str:
-    """The CPU's marketing name (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def version(dist: str) -> str | None:
@@ -329,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     age_diff = max(abs(a.age - b.age) for a, b in zip(faces["torch"], faces["onnx"]))
     summary = {
-        "device": f"cpu: {cpu_name()} ({os.cpu_count()} logical CPUs)",
+        "device": f"cpu: {device_name(torch.device('cpu'))} ({os.cpu_count()} logical CPUs)",
         "threads": args.threads,
         # other work on the machine skews the numbers (PyTorch's thread barriers suffer most)
         "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},

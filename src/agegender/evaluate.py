@@ -282,7 +282,8 @@ def _default_tta(meta: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------- timing
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name, the CPU's marketing name (Linux), or the device string."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
@@ -328,7 +329,7 @@ def time_inference(
     run(batch)
     many = [run(batch) / batch_size for _ in range(batches)]
     return {
-        "device": _device_name(device),
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "tta": tta,
         "amp": amp,
@@ -639,7 +640,7 @@ def evaluate(
         split=d.split,
         tta=tta,
         amp=bf16,
-        device=_device_name(dev),
+        device=device_name(dev),
     )
     if timing:
         m["timing"] = time_inference(d.model, d.images, dev, batch_size, tta, bf16, timing_reps)

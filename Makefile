@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint format clean
+.PHONY: install browser demo test lint format clean
 
 install: $(STAMP)
 
@@ -19,8 +19,20 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/agegender demo --out demo-output
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
+
+# The web page's test drives Debian's chromium through chromedriver: installed here when missing
+# (as root with apt), otherwise that one test is skipped with its reason.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } || \
+	      echo "could not install chromium: the browser test will be skipped"; \
+	  else echo "no chromium/chromedriver (apt needs root): the browser test will be skipped"; fi; \
+	fi
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks tools

@@ -165,6 +165,23 @@ def _synthetic_demo(out, n: int) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from agegender.serve import serve
+
+    serve(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        workers=args.workers,
+        queue=args.queue,
+        max_upload_mb=args.max_upload_mb,
+        device=args.device,
+        backend=args.backend,
+        tta=args.tta,
+    )
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from agegender.evaluate import evaluate, format_summary
 
@@ -373,6 +390,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-output", help="where to write the results")
     p.add_argument("--synthetic", action="store_true", help="the synthetic data demo")
     p.add_argument("--n", type=int, default=200, help="number of synthetic faces")
+
+    p = add(
+        "serve",
+        _cmd_serve,
+        "Serve the model over HTTP: a web page at / (upload, drop or webcam), "
+        "POST /api/predict and /api/predict/batch, GET /health and /docs.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0 for every one)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--model", default="default", help="default, a run folder or a checkpoint")
+    p.add_argument("--workers", type=int, default=1, help="inference threads")
+    p.add_argument("--queue", type=int, default=16, help="waiting requests before 503")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted file")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="runtime")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help=tta_help)
     return parser
 
 

@@ -1,0 +1,313 @@
+"""HTTP service and browser page: ``agegender serve``.
+
+:func:`create_app` builds a FastAPI app around one :class:`~agegender.predict.Predictor`, loaded
+once at start-up and shared by every request (the same object the CLI and the Python API use):
+
+- ``POST /api/predict``: multipart field ``image`` (JPEG, PNG or WebP), optional form field
+  ``aligned=true``; answers ``{"faces": [...], "width": W, "height": H, "ms": float}`` with the
+  same face objects as ``agegender predict --output``.
+- ``POST /api/predict/batch``: several ``images`` fields; one result per image, and a bad image
+  gets its ``error`` and ``status`` without failing the others.
+- ``GET /health``, ``GET /docs`` (OpenAPI) and ``GET /``: a single self-contained page (no build
+  step, no CDN) to pick, drop or photograph an image and see the faces labelled.
+
+Decoding, detection and the network run in a small thread pool so the event loop stays free,
+behind a bounded queue that answers 503 at once when full instead of piling requests up. Bad input
+gets a JSON ``{"detail": "..."}`` with its status and never a traceback: 413 over the upload limit,
+415 not an accepted image format, 422 truncated/corrupt data, too many pixels or a decompression
+bomb. No face is not an error: ``faces`` is ``[]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from agegender.data import MAX_PIXELS
+from agegender.predict import Predictor
+
+MAX_UPLOAD_MB = 10.0
+MAX_BATCH = 16  # images per /api/predict/batch request
+#: PIL format names the service decodes; MPO is the multi-picture JPEG that phones write
+FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+PAGE = Path(__file__).parent / "assets" / "index.html"
+
+log = logging.getLogger("agegender.serve")
+
+
+class ImageError(Exception):
+    """An upload the service refuses: ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def decode_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The bytes of an uploaded file -> an upright RGB ``(H, W, 3)`` uint8 array.
+
+    Raises :class:`ImageError` with 415 for anything but JPEG/PNG/WebP and 422 for truncated or
+    corrupt data, more than ``max_pixels`` pixels, or a decompression bomb. Only the header is
+    read before the pixel count is checked, so an oversized image costs nothing to refuse.
+    """
+    from agegender.data import open_image
+    from agegender.detect import load_rgb
+
+    if not data:
+        raise ImageError(422, "empty file")
+    try:
+        # PIL's own bomb check (about 179 M pixels) still applies; ours is the lower limit
+        img = open_image(io.BytesIO(data), max_pixels=2**62)
+    except ValueError as e:
+        raise ImageError(415 if str(e).startswith("not an image") else 422, str(e)) from None
+    if img.format not in FORMATS:
+        raise ImageError(415, f"unsupported image format {img.format}: send JPEG, PNG or WebP")
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError(422, f"too many pixels: {w}x{h} exceeds the limit of {max_pixels:,}")
+    try:
+        return load_rgb(img, max_pixels)
+    except ValueError as e:
+        raise ImageError(422, str(e)) from None
+
+
+class _Gate:
+    """Admission control: at most ``capacity`` requests inside (running or waiting for a
+    thread). Only touched from the event loop thread, so a plain counter is enough."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.inside = capacity, 0
+
+    def enter(self) -> None:
+        if self.inside >= self.capacity:
+            raise HTTPException(503, "server busy, retry shortly", headers={"Retry-After": "1"})
+        self.inside += 1
+
+    def leave(self) -> None:
+        self.inside -= 1
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies over a size limit with 413 while they stream in,
+    before they are parsed or spooled to disk (uvicorn itself has no limit)."""
+
+    def __init__(self, app: Any, limit: Callable[[str], int | None], message: str) -> None:
+        self.app, self.limit, self.message = app, limit, message
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        limit = self.limit(scope["path"]) if scope["type"] == "http" else None
+        if limit is None:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _send_json(send, 413, self.message)
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # raised inside the route's body parsing: FastAPI answers it as a 413
+                    raise HTTPException(413, self.message)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"upload too large: the limit is {limit / 1e6:g} MB per image"
+
+
+async def _send_json(send: Callable, status: int, detail: str) -> None:
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(
+    model: str | os.PathLike = "default",
+    *,
+    predictor: Predictor | None = None,
+    workers: int = 1,
+    queue: int = 16,
+    max_upload_mb: float = MAX_UPLOAD_MB,
+    max_pixels: int = MAX_PIXELS,
+    max_batch: int = MAX_BATCH,
+    device: str = "cpu",
+    backend: str = "torch",
+    tta: bool | None = None,
+) -> Any:
+    """The FastAPI application (serve it with ``uvicorn``; ``agegender serve`` does).
+
+    Args:
+        model: ``default`` (bundled), a run folder or a checkpoint; ignored with ``predictor``.
+        predictor: an already loaded :class:`Predictor` to share (tests, embedding).
+        workers: inference threads. On a small CPU one thread running torch on every core beats
+            several competing ones; use more with the ONNX backend or a GPU.
+        queue: requests that may wait for a thread; beyond ``workers + queue`` in flight the
+            service answers 503 with ``Retry-After``.
+        max_upload_mb: largest accepted file; a batch request may carry ``max_batch`` of them.
+        max_pixels: largest accepted image (width x height), checked before decoding.
+    """
+    from agegender import __version__
+
+    if workers < 1 or queue < 0 or max_upload_mb <= 0 or max_batch < 1:
+        raise ValueError("workers >= 1, queue >= 0, max_upload_mb > 0 and max_batch >= 1")
+    if predictor is None:
+        predictor = Predictor.load(model, device=device, backend=backend, tta=tta)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="agegender")
+    gate = _Gate(workers + queue)
+    max_bytes = int(max_upload_mb * 1e6)
+    model_name = predictor.meta.get("model", {}).get("name", "?")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="agegender",
+        version=__version__,
+        description="Age and gender of every face in a photo (UTKFace-trained multi-task CNN).",
+        lifespan=lifespan,
+    )
+    app.state.predictor = predictor
+
+    def body_limit(path: str) -> int | None:
+        # multipart framing adds a few hundred bytes per part; 64 kB of slack is plenty
+        if path == "/api/predict":
+            return max_bytes + 65536
+        if path == "/api/predict/batch":
+            return max_batch * max_bytes + 65536
+        return None
+
+    app.add_middleware(_BodyLimit, limit=body_limit, message=_too_large(max_bytes))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+    def run_one(data: bytes, aligned: bool) -> dict[str, Any]:
+        start = time.perf_counter()
+        rgb = decode_upload(data, max_pixels)
+        faces = predictor.predict(rgb, aligned=aligned)
+        return {
+            "faces": [f.to_dict() for f in faces],
+            "width": int(rgb.shape[1]),
+            "height": int(rgb.shape[0]),
+            "ms": round((time.perf_counter() - start) * 1e3, 2),
+        }
+
+    async def in_pool(fn: Callable[[], Any]) -> Any:
+        gate.enter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn)
+        finally:
+            gate.leave()
+
+    async def read(upload: UploadFile) -> bytes:
+        data = await upload.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(413, _too_large(max_bytes))
+        return data
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness and what is loaded."""
+        backend_name = type(predictor.backend).__name__.strip("_").removesuffix("Backend")
+        return {
+            "status": "ok",
+            "model": model_name,
+            "checkpoint": predictor.checkpoint.name,
+            "version": __version__,
+            "device": str(getattr(predictor.backend, "device", "cpu")),
+            "backend": backend_name.lower(),
+            "input": {"size": predictor.size, "color": predictor.color},
+            "tta": predictor.tta,
+            "workers": workers,
+            "queue": queue,
+            "in_flight": gate.inside,
+            "max_upload_mb": max_upload_mb,
+        }
+
+    @app.post("/api/predict")
+    async def predict(
+        image: Annotated[UploadFile, File(description="JPEG, PNG or WebP")],
+        aligned: Annotated[bool, Form(description="a UTKFace-style face crop: no detection")] = (
+            False
+        ),
+    ) -> dict[str, Any]:
+        """Every face in one image: box, age (with a 90 % interval), gender, p_female."""
+        data = await read(image)
+        try:
+            return await in_pool(lambda: run_one(data, aligned))
+        except ImageError as e:
+            raise HTTPException(e.status, e.detail) from None
+
+    @app.post("/api/predict/batch")
+    async def predict_batch(
+        images: Annotated[list[UploadFile], File(description="JPEG, PNG or WebP files")],
+        aligned: Annotated[bool, Form()] = False,
+    ) -> dict[str, Any]:
+        """Several images; each result has ``error``/``status`` set when that image failed."""
+        if len(images) > max_batch:
+            raise HTTPException(413, f"too many images: at most {max_batch} per request")
+        datas = [await read(f) for f in images]
+
+        def run_all() -> list[dict[str, Any]]:
+            results = []
+            for upload, data in zip(images, datas):
+                try:
+                    res = {**run_one(data, aligned), "error": None, "status": 200}
+                except ImageError as e:
+                    res = {"faces": [], "error": e.detail, "status": e.status}
+                results.append({"filename": upload.filename, **res})
+            return results
+
+        start = time.perf_counter()
+        results = await in_pool(run_all)
+        return {"results": results, "ms": round((time.perf_counter() - start) * 1e3, 2)}
+
+    return app
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    **kwargs: Any,
+) -> None:
+    """Load the model, then serve :func:`create_app` with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(**kwargs)
+    print(f"agegender: serving on http://{host}:{port}/ (API docs at /docs)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,309 @@
+"""The web service: every status the API promises, through FastAPI's TestClient and a live
+uvicorn server, and the page in a real headless Chromium when the Debian packages are there."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+from conftest import bomb_png
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from agegender.predict import ASTRONAUT, Predictor
+from agegender.serve import create_app, decode_upload
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor.load("default", threads=2)
+
+
+@pytest.fixture(scope="module")
+def client(predictor):
+    with TestClient(create_app(predictor=predictor)) as c:
+        yield c
+
+
+def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def face_crop(request) -> bytes:
+    """A 200x200 aligned face: a real UTKFace crop when ../shared is there, else the astronaut's
+    face cut from the bundled photo."""
+    try:
+        utk = request.getfixturevalue("utkface_dir")
+        return next(utk.glob("*.jpg")).read_bytes()
+    except pytest.skip.Exception:
+        img = Image.open(ASTRONAUT).crop((150, 40, 350, 240))
+        return encode(img)
+
+
+def post(client, data: bytes, name: str = "x.jpg", **form) -> object:
+    return client.post("/api/predict", files={"image": (name, data)}, data=form)
+
+
+def test_health_page_and_docs(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok"
+    assert health["model"] == "resnet-mt"
+    assert health["input"] == {"size": 128, "color": "gray"}
+    assert health["device"] == "cpu"
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    # no CDN: the page must work without internet
+    assert "<script src" not in page.text and "https://" not in page.text
+    assert 'id="file"' in page.text and "getUserMedia" in page.text
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/predict", "/api/predict/batch", "/health"} <= set(paths)
+
+
+def test_predict_photo(client):
+    r = post(client, ASTRONAUT.read_bytes(), "astronaut.jpg")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    w, h = Image.open(ASTRONAUT).size
+    assert (body["width"], body["height"]) == (w, h)
+    assert body["ms"] > 0
+    (face,) = body["faces"]
+    assert set(face) == {"box", "score", "age", "age_interval", "gender", "p_female"}
+    x0, y0, x1, y1 = face["box"]
+    assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+    assert face["age_interval"][0] <= face["age"] <= face["age_interval"][1]
+    assert face["gender"] in ("male", "female")
+
+
+def test_predict_aligned_crop_and_formats(client, request):
+    data = face_crop(request)
+    img = Image.open(io.BytesIO(data))
+    for fmt in ("JPEG", "PNG", "WEBP"):
+        r = post(client, encode(img, fmt), f"face.{fmt.lower()}", aligned="true")
+        assert r.status_code == 200, (fmt, r.text)
+        (face,) = r.json()["faces"]
+        assert face["box"] == [0, 0, 200, 200] and face["score"] == 1.0
+
+
+def test_no_face_is_an_empty_list(client):
+    blank = encode(Image.new("RGB", (320, 240), (128, 128, 128)))
+    r = post(client, blank)
+    assert r.status_code == 200 and r.json()["faces"] == []
+
+
+@pytest.mark.parametrize(
+    "case, status, words",
+    [
+        ("text", 415, "not an image"),
+        ("gif", 415, "unsupported image format GIF"),
+        ("truncated", 422, "corrupt image"),
+        ("empty", 422, "empty file"),
+        ("bomb", 422, "decompression bomb"),
+    ],
+)
+def test_bad_uploads(client, tmp_path, case, status, words):
+    if case == "text":
+        data = b"hello, this is not an image\n" * 10
+    elif case == "gif":
+        data = encode(Image.new("RGB", (64, 64)), "GIF")
+    elif case == "truncated":
+        data = ASTRONAUT.read_bytes()[:5000]
+    elif case == "empty":
+        data = b""
+    else:
+        bomb_png(tmp_path / "bomb.png", side=100_000)
+        data = (tmp_path / "bomb.png").read_bytes()
+    r = post(client, data)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert words in detail and "Traceback" not in detail and "\n" not in detail
+
+
+def test_missing_field_is_422(client):
+    r = client.post("/api/predict", data={"aligned": "true"})
+    assert r.status_code == 422
+
+
+def test_limits(predictor):
+    app = create_app(predictor=predictor, max_upload_mb=0.02, max_pixels=100 * 100, max_batch=2)
+    big = ASTRONAUT.read_bytes()  # ~ 30 kB > 20 kB
+    assert len(big) > 20_000
+    small = encode(Image.new("RGB", (150, 150)))
+    with TestClient(app) as c:
+        r = post(c, big)
+        assert r.status_code == 413 and "upload too large" in r.json()["detail"]
+        r = post(c, small)
+        assert r.status_code == 422 and "too many pixels: 150x150" in r.json()["detail"]
+
+        # a body without Content-Length (chunked) is counted as it streams in
+        def chunks():
+            yield b"--b\r\nContent-Disposition: form-data; name=image; filename=x.jpg\r\n\r\n"
+            for _ in range(120):  # past the 20 kB limit and the 64 kB of slack
+                yield b"\0" * 1000
+
+        r = c.post(
+            "/api/predict",
+            content=chunks(),
+            headers={"content-type": "multipart/form-data; boundary=b"},
+        )
+        assert r.status_code == 413, r.text
+        files = [("images", (f"{i}.png", encode(Image.new("L", (8, 8)), "PNG"))) for i in range(3)]
+        r = c.post("/api/predict/batch", files=files)
+        assert r.status_code == 413 and "at most 2" in r.json()["detail"]
+
+
+def test_batch_reports_each_image(client):
+    files = [
+        ("images", ("astronaut.jpg", ASTRONAUT.read_bytes())),
+        ("images", ("notes.txt", b"not an image at all")),
+        ("images", ("blank.png", encode(Image.new("L", (100, 100), 90), "PNG"))),
+    ]
+    r = client.post("/api/predict/batch", files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["filename"] for x in results] == ["astronaut.jpg", "notes.txt", "blank.png"]
+    assert [x["status"] for x in results] == [200, 415, 200]
+    assert len(results[0]["faces"]) == 1 and results[0]["error"] is None
+    assert "not an image" in results[1]["error"]
+    assert results[2]["faces"] == []
+
+
+def test_decode_upload_applies_exif(tmp_path):
+    img = Image.new("RGB", (60, 40), (200, 10, 10))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    assert decode_upload(buf.getvalue()).shape == (60, 40, 3)
+
+
+# ------------------------------------------------------------------------- a live server
+
+
+class _Slow:
+    """A predictor stand-in whose predictions wait for a signal: makes the queue fill up."""
+
+    def __init__(self, real: Predictor) -> None:
+        self.real, self.release, self.started = real, threading.Event(), threading.Event()
+        self.meta, self.backend, self.checkpoint = real.meta, real.backend, real.checkpoint
+        self.size, self.color, self.tta = real.size, real.color, real.tta
+
+    def predict(self, image, aligned=False):
+        self.started.set()
+        self.release.wait(30)
+        return self.real.predict(image, aligned)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn in a thread on a free loopback port."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def test_overload_answers_503_and_health_stays_responsive(predictor):
+    import httpx
+
+    slow = _Slow(predictor)
+    app = create_app(predictor=slow, workers=1, queue=1)
+    files = {"image": ("a.jpg", ASTRONAUT.read_bytes())}
+    with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        results: list[int] = []
+
+        def call():
+            results.append(http.post("/api/predict", files=files).status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(2)]  # one runs, one waits
+        for t in threads:
+            t.start()
+        assert slow.started.wait(10)
+        deadline = time.monotonic() + 10
+        while http.get("/health").json()["in_flight"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        start = time.perf_counter()
+        health = http.get("/health")
+        assert health.status_code == 200 and time.perf_counter() - start < 1.0
+        busy = http.post("/api/predict", files=files)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert "busy" in busy.json()["detail"]
+        slow.release.set()
+        for t in threads:
+            t.join(30)
+        assert results == [200, 200]
+
+
+# ------------------------------------------------------------------ a real browser (Chromium)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium + chromium-driver")
+def test_page_in_headless_chromium(predictor, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=390,844")  # a phone-sized screen
+    # the system driver, given explicitly, so selenium never tries to download one
+    service = Service(executable_path=CHROMEDRIVER)
+    photo = tmp_path / "astronaut.jpg"
+    photo.write_bytes(ASTRONAUT.read_bytes())
+    with LiveServer(create_app(predictor=predictor)) as server:
+        driver = webdriver.Chrome(options=options, service=service)
+        try:
+            driver.get(server.url + "/")
+            assert driver.title == "agegender"
+            driver.find_element(By.ID, "file").send_keys(str(photo))
+            cell = WebDriverWait(driver, 30).until(
+                ec.visibility_of_element_located((By.CSS_SELECTOR, "#faces td.label"))
+            )
+            expected = predictor.predict(ASTRONAUT)[0].label()
+            assert cell.text == expected
+            assert "1 face in" in driver.find_element(By.ID, "status").text
+            canvas = driver.find_element(By.ID, "canvas")
+            assert canvas.is_displayed() and int(canvas.get_attribute("width")) > 0
+            # the page fits the phone's width: no horizontal scrolling
+            assert driver.execute_script(
+                "return document.documentElement.scrollWidth <= window.innerWidth"
+            )
+        finally:
+            driver.quit()

@@ -187,17 +187,19 @@ def test_decode_upload_applies_exif(tmp_path):
 
 
 class _Slow:
-    """A predictor stand-in whose predictions wait for a signal: makes the queue fill up."""
+    """A predictor stand-in whose batches wait for a signal: makes the queue fill up."""
 
     def __init__(self, real: Predictor) -> None:
         self.real, self.release, self.started = real, threading.Event(), threading.Event()
         self.meta, self.backend, self.checkpoint = real.meta, real.backend, real.checkpoint
         self.size, self.color, self.tta = real.size, real.color, real.tta
+        self.batches: list[int] = []
 
-    def predict(self, image, aligned=False):
+    def predict_batch(self, images, aligned=False):
+        self.batches.append(len(images))
         self.started.set()
         self.release.wait(30)
-        return self.real.predict(image, aligned)
+        return self.real.predict_batch(images, aligned)
 
 
 def _free_port() -> int:
@@ -232,11 +234,11 @@ class LiveServer:
         self.thread.join(10)
 
 
-def test_overload_answers_503_and_health_stays_responsive(predictor):
+def test_queue_batches_then_answers_503_and_health_stays_responsive(predictor):
     import httpx
 
     slow = _Slow(predictor)
-    app = create_app(predictor=slow, workers=1, queue=1)
+    app = create_app(predictor=slow, workers=1, queue=2)
     files = {"image": ("a.jpg", ASTRONAUT.read_bytes())}
     with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
         results: list[int] = []
@@ -244,12 +246,13 @@ def test_overload_answers_503_and_health_stays_responsive(predictor):
         def call():
             results.append(http.post("/api/predict", files=files).status_code)
 
-        threads = [threading.Thread(target=call) for _ in range(2)]  # one runs, one waits
-        for t in threads:
-            t.start()
+        threads = [threading.Thread(target=call) for _ in range(3)]  # one runs, two wait
+        threads[0].start()
         assert slow.started.wait(10)
+        for t in threads[1:]:
+            t.start()
         deadline = time.monotonic() + 10
-        while http.get("/health").json()["in_flight"] < 2 and time.monotonic() < deadline:
+        while http.get("/health").json()["in_flight"] < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
         start = time.perf_counter()
         health = http.get("/health")
@@ -260,7 +263,8 @@ def test_overload_answers_503_and_health_stays_responsive(predictor):
         slow.release.set()
         for t in threads:
             t.join(30)
-        assert results == [200, 200]
+        assert results == [200, 200, 200]
+        assert slow.batches == [1, 2]  # the two that waited went through the network together
 
 
 # ------------------------------------------------------------------ a real browser (Chromium)

@@ -69,7 +69,7 @@ class AugConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 40  # passes over the training set
-    batch_size: int = 64  # images per step
+    batch_size: int = 64  # images per step, over all processes under torchrun (each takes 1/N)
     lr: float = 2e-3  # (peak) learning rate
     optimizer: str = "adamw"  # sgd | rmsprop | adam | adamw
     momentum: float = 0.9  # for sgd and rmsprop
@@ -86,9 +86,9 @@ class TrainConfig:
     amp: str = "auto"  # auto | bf16 | off: bf16 autocast (auto: on where it is fast)
     channels_last: bool = True  # NHWC memory layout (faster convs on GPUs and AMX CPUs)
     compile: bool = False  # torch.compile the model
-    threads: int = 0  # torch CPU threads (0 = all cores)
+    threads: int = 0  # torch CPU threads per process (0 = the cores / processes per machine)
     grad_clip: float = 0.0  # clip the gradient norm (0 = off)
-    eval_batch_size: int = 256  # images per step when evaluating
+    eval_batch_size: int = 256  # images per step and process when evaluating
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,16 @@
 :func:`train_one_epoch` and :func:`validate`, logs a row of ``history.csv``, writes
 ``last``/``best`` checkpoints atomically and redraws ``curves.png``. A killed run continues with
 ``train(cfg, resume=run_dir)``.
+
+Started by ``torchrun``, each process trains on its share of every batch with
+DistributedDataParallel; metrics are summed over processes, so every rank keeps the same
+history and takes the same scheduler and early-stopping decisions, and rank 0 alone writes.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -22,8 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from agegender.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from agegender.config import AugConfig, Config, load_config, to_dict, to_toml
@@ -102,6 +109,104 @@ def run_dir(cfg: Config) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- distributed
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _local_rank() -> int:
+    """The process's index on its own machine (torchrun's ``LOCAL_RANK``)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if _distributed() else 0
+
+
+def _process_device(device: torch.device) -> torch.device:
+    """torchrun starts one process per GPU: process ``LOCAL_RANK`` takes ``cuda:LOCAL_RANK``."""
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"distributed training runs on cuda or cpu, not {device.type}")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if local >= torch.cuda.device_count():
+        raise ConfigError(
+            f"LOCAL_RANK={local} but this machine has {torch.cuda.device_count()} GPUs: "
+            "start at most one process per GPU (torchrun --nproc_per_node)"
+        )
+    device = torch.device("cuda", local)
+    torch.cuda.set_device(device)
+    return device
+
+
+def _barrier(device: torch.device) -> None:
+    if _distributed():
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over processes, in place (``x`` itself in a single process)."""
+    if _distributed():
+        dist.all_reduce(x)
+    return x
+
+
+def _broadcast_state(module: nn.Module, buffers_only: bool = False) -> None:
+    """Copy rank 0's parameters and buffers (or its buffers only) into every rank's ``module``."""
+    if _distributed():
+        for v in module.buffers() if buffers_only else module.state_dict().values():
+            dist.broadcast(v, 0)
+
+
+def _rank_seeds(seed: int, epoch: int, rank: int) -> tuple[int, int]:
+    """Two independent seeds for this rank's augmentation and dropout in this epoch."""
+    a, b = np.random.SeedSequence([seed % 2**32, epoch, rank]).generate_state(2)
+    return int(a), int(b)
+
+
+def _state_digest(module: nn.Module) -> str:
+    """SHA-256 of the state dict (keys sorted): a checkpoint's tensors hash the same."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_ranks_agree(model: nn.Module, *facts: Any) -> str:
+    """The weights' digest, after checking every rank holds the same weights and ``facts``.
+
+    Ranks that drifted apart (a gradient not averaged, a decision taken on local numbers) would
+    otherwise go unnoticed: only rank 0's weights are saved.
+    """
+    digest = _state_digest(model)
+    if _distributed():
+        mine = (digest, *facts)
+        every: list[Any] = [None] * _world()
+        dist.all_gather_object(every, mine)
+        if any(other != mine for other in every):
+            raise RuntimeError(
+                f"ranks disagree after training; (weights sha256, ...) per rank: {every}"
+            )
+    return digest
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile and DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+# --------------------------------------------------------------------------- data
+
+
 @dataclass
 class Data:
     """The splits as uint8 tensors ``(N, C, H, W)`` plus labels, on the training device."""
@@ -121,14 +226,19 @@ def load_data(cfg: Config, device: torch.device, out: Path, quiet: bool = False)
     d = cfg.data
     if d.root:
         cache_dir = Path(d.cache) if d.cache else out / "cache"
-        prepare(
-            [r.strip() for r in d.root.split(",")],
-            cache_dir,
-            size=d.size,
-            color=d.color,
-            seed=d.split_seed,
-            quiet=quiet,
-        )
+        # One writer at a time: rank 0 prepares, then the first process of every other machine
+        # (which reuses it on a shared disk, or builds its own); the others wait, then read.
+        for my_turn in (_rank() == 0, _rank() > 0 and _local_rank() == 0):
+            if my_turn:
+                prepare(
+                    [r.strip() for r in d.root.split(",")],
+                    cache_dir,
+                    size=d.size,
+                    color=d.color,
+                    seed=d.split_seed,
+                    quiet=quiet,
+                )
+            _barrier(device)
     elif d.cache:
         cache_dir = Path(d.cache)
         if not is_cache(cache_dir):
@@ -319,18 +429,28 @@ def train_one_epoch(
     gen: torch.Generator,
     epoch: int,
     quiet: bool = False,
+    aug_gen: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """One pass over the shuffled training set; returns mean loss, gender accuracy, age MAE."""
+    """One pass over the shuffled training set; returns mean loss, gender accuracy, age MAE
+    and the number of images, over all processes.
+
+    ``model`` may be wrapped (torch.compile, DistributedDataParallel). ``gen`` shuffles and
+    must be in the same state on every rank; ``aug_gen`` (default ``gen``) augments. Under
+    DDP each rank takes every ``world``-th image of each global batch of ``train.batch_size``.
+    """
     from tqdm import tqdm
 
     t = cfg.train
     model.train()
-    head = model.config.get("age_head", "regression")
+    plain = _unwrap(model)
+    head = plain.config.get("age_head", "regression")
+    rank, world = _rank(), _world()
+    aug_gen = gen if aug_gen is None else aug_gen
     x_all, n = data.x["train"], len(data.x["train"])
     perm = torch.randperm(n, device=device, generator=gen)
     steps = n // t.batch_size if n >= t.batch_size else 1  # drop the ragged last batch
     # Sums stay on the device: a .item() per step would stall the GPU queue
-    sums = torch.zeros(3, device=device)
+    sums = torch.zeros(3, device=device)  # loss * batch, correct genders, age absolute error
     seen = 0
     bar = tqdm(
         range(steps),
@@ -341,10 +461,10 @@ def train_one_epoch(
         disable=quiet,
     )
     for step in bar:
-        idx = perm[step * t.batch_size : (step + 1) * t.batch_size]
-        x = normalize(x_all[idx], model.data_config)
+        idx = perm[step * t.batch_size : (step + 1) * t.batch_size][rank::world]
+        x = normalize(x_all[idx], plain.data_config)
         if t.augment:
-            x = augment(x, cfg.aug, gen)
+            x = augment(x, cfg.aug, aug_gen)
         if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         age, gender = data.age["train"][idx], data.gender["train"][idx]
@@ -353,6 +473,11 @@ def train_one_epoch(
         losses = _loss(cfg, head, out, age, gender, weights)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        if weights is not None and world > 1:
+            # the learnt task weights sit outside the DDP module: average their gradients here
+            for p in weights.parameters():
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
         if t.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
@@ -365,9 +490,11 @@ def train_one_epoch(
                 [losses["loss"].detach() * b, correct, (out["age"].float() - age).abs().sum()]
             )
             seen += b
-        if step % 25 == 0:
+        if not quiet and step % 25 == 0:  # reading the loss waits for the device: rarely
             bar.set_postfix(loss=f"{losses['loss'].item():.3f}")
-    loss, correct, abs_err = (sums / max(seen, 1)).tolist()
+    totals = _sum_over_ranks(torch.cat([sums, torch.tensor([float(seen)], device=device)]))
+    seen = int(totals[3].item())
+    loss, correct, abs_err = (totals[:3] / max(seen, 1)).tolist()
     return {"loss": loss, "acc": correct, "mae": abs_err, "images": seen}
 
 
@@ -382,15 +509,21 @@ def validate(
     weights=None,
     tta: bool = False,
 ) -> dict[str, float]:
-    """Mean loss, gender accuracy and age MAE on ``split`` (no augmentation)."""
+    """Mean loss, gender accuracy and age MAE on ``split`` (no augmentation).
+
+    Under DDP every rank must call it: each scores a slice of ``split`` and the sums are added
+    up, so all ranks return the same numbers.
+    """
     model.eval()
     head = model.config.get("age_head", "regression")
-    x_all = data.x[split]
+    n, rank, world = len(data.x[split]), _rank(), _world()
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    x_all, age_all, gender_all = (v[split][lo:hi] for v in (data.x, data.age, data.gender))
     sums = torch.zeros(3, device=device)
     for s in range(0, len(x_all), cfg.train.eval_batch_size):
         x = normalize(x_all[s : s + cfg.train.eval_batch_size], model.data_config)
-        age = data.age[split][s : s + len(x)]
-        gender = data.gender[split][s : s + len(x)]
+        age = age_all[s : s + len(x)]
+        gender = gender_all[s : s + len(x)]
         with autocast(device, amp):
             out = model(x)
             pred = forward_tta(model, x, True) if tta else None
@@ -404,7 +537,7 @@ def validate(
                 (pred_age - age).abs().sum(),
             ]
         )
-    loss, acc, mae = (sums / len(x_all)).tolist()
+    loss, acc, mae = (_sum_over_ranks(sums) / n).tolist()
     return {"loss": loss, "acc": acc, "mae": mae}
 
 
@@ -459,24 +592,62 @@ def _save_state(path: Path, **state: Any) -> None:
 
 def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bool = False) -> Path:
     """Train as ``cfg`` says; returns the run folder. ``resume`` continues a run from its
-    ``last`` checkpoint (its own ``config.toml`` is used)."""
+    ``last`` checkpoint (its own ``config.toml`` is used).
+
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1), the process joins a process group for the
+    length of the call (nccl on ``cuda:LOCAL_RANK``, gloo on the CPU) and trains with
+    DistributedDataParallel; ``train.batch_size`` is then the global batch, split evenly
+    between the processes. Every rank returns once rank 0 has written the whole run folder.
+    """
     if resume is not None:
         out = Path(resume)
         if not (out / "config.toml").is_file() or not (out / "last.state.pt").is_file():
             raise DataError(f"{resume} is not a run folder with a last checkpoint to resume")
         cfg = load_config(out / "config.toml")
-    else:
-        out = run_dir(cfg)
     t = cfg.train
     if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
         raise ConfigError("train.epochs and train.batch_size must be >= 1, train.lr > 0")
-    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     device = resolve_device(t.device)
+    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _distributed()
+    if own_group or _distributed():
+        device = _process_device(device)
+    if own_group:  # torchrun's environment says where rank 0 listens
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(cfg, resume, device, quiet)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(
+    cfg: Config, resume: str | os.PathLike | None, device: torch.device, quiet: bool
+) -> Path:
+    t = cfg.train
+    rank, world = _rank(), _world()
+    if t.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is the global batch: it must divide evenly "
+            f"between the {world} processes"
+        )
+    quiet = quiet or rank > 0  # one voice: progress bars and epoch lines come from rank 0
+    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    if resume is not None:
+        out = Path(resume)
+    else:
+        # the numbered folder is picked once, by rank 0, before anyone creates it
+        picked = [run_dir(cfg) if rank == 0 else None]
+        if _distributed():
+            dist.broadcast_object_list(picked, src=0)
+        out = Path(picked[0])
     if device.type == "cpu":
-        torch.set_num_threads(t.threads or os.cpu_count() or 1)
+        # torchrun starts LOCAL_WORLD_SIZE processes per machine: they share its cores
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 1
+        torch.set_num_threads(t.threads or max((os.cpu_count() or 1) // local_world, 1))
     amp = use_amp(device, t.amp)
     seed_everything(t.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
 
     data = load_data(cfg, device, out, quiet)
     model = build_model(cfg, cfg.data.size, cfg.data.color).to(device)
@@ -488,11 +659,15 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
     sched, per_step = build_scheduler(cfg, opt, steps_per_epoch)
     gen = torch.Generator(device=device)
     gen.manual_seed(t.seed)
+    # Shuffling (gen) must agree across ranks, augmentation and dropout must not, or the ranks
+    # would augment and drop out their shards in lockstep; see the start of each epoch below.
+    aug_gen = torch.Generator(device=device) if _distributed() else gen
     history: list[dict[str, Any]] = []
     best_loss, best_epoch, start = math.inf, 0, 1
     if resume is not None:
         from safetensors.torch import load_file
 
+        # every rank reads what rank 0 wrote (several machines need a shared disk for this)
         state = torch.load(out / "last.state.pt", map_location=device, weights_only=True)
         model.load_state_dict(load_file(str(out / "last.safetensors"), device=str(device)))
         opt.load_state_dict(state["optimizer"])
@@ -505,27 +680,57 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
         history = _read_history(out / "history.csv")
         best_loss, best_epoch, start = state["best_loss"], state["best_epoch"], state["epoch"] + 1
         log(f"resuming {out} at epoch {start}")
-    else:
+    elif rank == 0:
         (out / "config.toml").write_text(to_toml(cfg))
-    train_model = torch.compile(model) if t.compile else model
+    train_model: nn.Module = model
+    if _distributed():
+        # rank 0's weights are broadcast here; gradients are averaged in backward
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if t.compile:  # around the DDP module, so that it compiles between gradient buckets
+        train_model = torch.compile(train_model)
 
     n_params = count_parameters(model)
     log(
         f"{cfg.model.name} ({n_params:,} params) on {len(data.x['train']):,} images "
         f"[{cfg.data.size}px {cfg.data.color}], device {device}"
-        f"{' bf16' if amp else ''}, {torch.get_num_threads()} threads -> {out}"
+        f"{' bf16' if amp else ''}, {torch.get_num_threads()} threads"
+        f"{f' x {world} processes' if world > 1 else ''} -> {out}"
     )
     train_time, train_images = sum(h["seconds"] for h in history), 0
     for epoch in range(start, t.epochs + 1):
+        if _distributed():
+            # streams keyed by (seed, epoch, rank): --resume continues them with no saved state
+            aug_seed, dropout_seed = _rank_seeds(t.seed, epoch, rank)
+            aug_gen.manual_seed(aug_seed)
+            torch.manual_seed(dropout_seed)
         t0 = time.perf_counter()
         tr = train_one_epoch(
-            cfg, train_model, data, opt, sched, per_step, weights, device, amp, gen, epoch, quiet
+            cfg,
+            train_model,
+            data,
+            opt,
+            sched,
+            per_step,
+            weights,
+            device,
+            amp,
+            gen,
+            epoch,
+            quiet,
+            aug_gen=aug_gen,
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+        # DDP sends rank 0's BatchNorm statistics at each forward, yet every rank's last forward
+        # moved its own: validate everywhere with rank 0's, the ones the checkpoint keeps.
+        # (Buffers only: parameters that drifted apart must stay apart for the check below.)
+        _broadcast_state(model, buffers_only=True)
         va = validate(cfg, model, data, "val", device, amp, weights)
         lr = opt.param_groups[0]["lr"]
+        # va is summed over ranks, so every rank takes the same plateau and stopping decisions
         if sched is not None and not per_step:
             sched.step(va["loss"])
         train_time += seconds
@@ -546,23 +751,24 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
         improved = va["loss"] < best_loss
         if improved:
             best_loss, best_epoch = va["loss"], epoch
-        meta = {"epoch": epoch, "metrics": {"val": va, "train": tr}, "config": to_dict(cfg)}
-        save_checkpoint(out / "last.safetensors", model, meta)
-        if improved:
-            save_checkpoint(out / "best.safetensors", model, meta)
-        _save_state(
-            out / "last.state.pt",
-            optimizer=opt.state_dict(),
-            scheduler=sched.state_dict() if sched is not None else {},
-            weights=weights.state_dict() if weights is not None else {},
-            generator=gen.get_state(),
-            torch_rng=torch.get_rng_state(),
-            epoch=epoch,
-            best_loss=best_loss,
-            best_epoch=best_epoch,
-        )
-        _write_history(out / "history.csv", history)
-        plot_curves(history, out / "curves.png")
+        if rank == 0:
+            meta = {"epoch": epoch, "metrics": {"val": va, "train": tr}, "config": to_dict(cfg)}
+            save_checkpoint(out / "last.safetensors", model, meta)
+            if improved:
+                save_checkpoint(out / "best.safetensors", model, meta)
+            _save_state(
+                out / "last.state.pt",
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict() if sched is not None else {},
+                weights=weights.state_dict() if weights is not None else {},
+                generator=gen.get_state(),
+                torch_rng=torch.get_rng_state(),
+                epoch=epoch,
+                best_loss=best_loss,
+                best_epoch=best_epoch,
+            )
+            _write_history(out / "history.csv", history)
+            plot_curves(history, out / "curves.png")
         log(
             f"epoch {epoch:3d}/{t.epochs}  loss {tr['loss']:.3f}/{va['loss']:.3f}  "
             f"acc {tr['acc']:.3f}/{va['acc']:.3f}  mae {tr['mae']:.2f}/{va['mae']:.2f}  "
@@ -572,9 +778,22 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
         if t.early_stopping and epoch - best_epoch >= t.early_stopping:
             log(f"early stopping: no val-loss improvement for {t.early_stopping} epochs")
             break
+    digest = _check_ranks_agree(
+        model,
+        _state_digest(weights) if weights is not None else "",
+        opt.param_groups[0]["lr"],
+        best_epoch,
+        len(history),
+    )
+    if world > 1:
+        log(f"all {world} processes hold the same weights (sha256 {digest[:16]})")
 
     # Final numbers: the best checkpoint on val and test, with the recipe's TTA
-    best, _ = load_checkpoint(out / "best.safetensors", device)
+    if rank == 0:
+        best, _ = load_checkpoint(out / "best.safetensors", device)
+    else:  # other machines may not see rank 0's disk: it sends them the weights instead
+        best = build_model(cfg, cfg.data.size, cfg.data.color).to(device).eval()
+    _broadcast_state(best)
     results: dict[str, Any] = {}
     # train too (no augmentation, eval mode): the train-val gap is the study's overfitting table
     for split in ("train", "val", "test"):
@@ -592,18 +811,22 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
         "train_img_per_s": round(img_s, 1),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
+        "world_size": world,
+        "last_sha256": digest,
         "amp": amp,
         "params": n_params,
         "train_images": len(data.x["train"]),
         "trained_on": cfg.data.train_splits,
         "host": platform.node(),
     }
-    _write_json(out / "metrics.json", metrics)
-    meta = read_meta(out / "best.safetensors")
-    meta["metrics"]["test"] = results.get("test")
-    save_checkpoint(
-        out / "best.safetensors", best, {k: meta[k] for k in ("epoch", "metrics", "config")}
-    )
+    if rank == 0:
+        _write_json(out / "metrics.json", metrics)
+        meta = read_meta(out / "best.safetensors")
+        meta["metrics"]["test"] = results.get("test")
+        save_checkpoint(
+            out / "best.safetensors", best, {k: meta[k] for k in ("epoch", "metrics", "config")}
+        )
+    _barrier(device)  # whichever rank returns first, the run folder is complete
     scores = "  ".join(
         f"{s} acc {r['acc']:.4f} mae {r['mae']:.3f}" for s, r in results.items() if s != "train"
     )

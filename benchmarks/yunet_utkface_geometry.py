@@ -97,6 +97,8 @@ def main() -> None:
     p.add_argument("--check", type=int, default=500, help="other images for the alignment checks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="OpenCV threads (default 1)")
+    p.add_argument("--refine", type=int, default=None, help="detector's refinement passes")
+    p.add_argument("--refine-size", type=int, default=None, help="detector's refine_size")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     args = p.parse_args()
     cv2.setNumThreads(args.threads)
@@ -110,7 +112,8 @@ def main() -> None:
     pick = rng.choice(len(files), size=args.n + args.check, replace=False)
     geometry_files = [files[i] for i in pick[: args.n]]
     check_files = [files[i] for i in pick[args.n :]]
-    detector = get_detector("yunet")
+    kw = {k: v for k, v in vars(args).items() if k in ("refine", "refine_size") and v is not None}
+    detector = get_detector("yunet", **kw)
     report: dict = {"data_dir": str(args.data_dir), "seed": args.seed, "detector": repr(detector)}
 
     # ------------------------------------------------------------------ 1. geometry

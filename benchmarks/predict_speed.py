@@ -46,7 +46,7 @@ from PIL import Image
 from agegender.data import parse_name
 from agegender.detect import load_rgb
 from agegender.errors import AgeGenderError
-from agegender.evaluate import device_name
+from agegender.inference import device_name
 from agegender.predict import Predictor
 
 GROUP_SIDES = (180, 250, 200, 230, 190, 240)  # as tests/test_predict.py's group photo

@@ -30,7 +30,7 @@ import httpx
 import torch
 from PIL import Image
 
-from agegender.evaluate import device_name
+from agegender.inference import device_name
 from agegender.predict import ASTRONAUT
 
 

@@ -1,11 +1,15 @@
-"""Training images/second of the registered models: the real step (augmentation on the device,
-bf16 autocast where fast, channels_last, optimizer step), on random uint8 data.
+"""Training images/second through the real training step: :func:`agegender.train.train_one_epoch`
+(batch augmentation on the device, bf16 autocast where fast, channels_last, optimizer and
+scheduler steps, no host sync inside the step) on random uint8 faces held on the device.
 
-    python benchmarks/train_throughput.py --models seed-cnn resnet-mt --batch-sizes 32 128 \
-        --threads 2 --steps 20
+    python benchmarks/train_throughput.py --models seed-cnn resnet-mt --batch-sizes 32 128 512 \
+        --threads 2 --steps 20 [--amp off] [--compile] [--json out.json]
 
-Prints one JSON line per (model, batch size) and a Markdown table; medians of per-step times
-after warm-up, with the step synchronised on CUDA.
+Each (model, batch size) gets a fresh model built by the recipe (``--recipe``, default
+``configs/default.toml``, with ``model.name`` and ``train.batch_size`` overridden), one warm-up
+epoch of 3 steps, then ``--repeats`` timed epochs of ``--steps`` steps; the median epoch gives
+images/second (synchronised on CUDA). Prints one JSON line per row and a Markdown table with
+the device's name.
 """
 
 from __future__ import annotations
@@ -18,78 +22,104 @@ import time
 import torch
 
 from agegender.config import load_config
-from agegender.inference import autocast
-from agegender.losses import multitask_loss
-from agegender.models import create_model, normalize
-from agegender.train import augment, resolve_device, use_amp
+from agegender.inference import device_name
+from agegender.train import (
+    Data,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    param_groups,
+    resolve_device,
+    train_one_epoch,
+    use_amp,
+)
 
 
-def bench(name: str, batch: int, steps: int, device: torch.device, amp: bool, size: int) -> dict:
-    head = "dldl" if name.startswith("resnet") else "regression"
-    kwargs = {"age_head": head} if name.startswith("resnet") else {}
-    model = create_model(name, img_size=size, **kwargs).to(device)
-    model = model.to(memory_format=torch.channels_last).train()
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    aug = load_config(None).aug
+def fake_data(n: int, size: int, channels: int, device: torch.device) -> Data:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=gen)
+    age = torch.randint(1, 90, (n,), generator=gen).float()
+    gender = torch.randint(0, 2, (n,), generator=gen).float()
+    return Data(
+        None, {"train": x.to(device)}, {"train": age.to(device)}, {"train": gender.to(device)}
+    )
+
+
+def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device) -> dict:
+    overrides = [f"model.name={name}", f"train.batch_size={batch}", f"data.size={args.size}"]
+    overrides += [f"train.amp={args.amp}", f"train.compile={str(args.compile).lower()}"]
+    if name.startswith("seed-cnn"):
+        overrides.append("model.age_head=regression")
+    cfg = load_config(args.recipe, overrides)
+    amp = use_amp(device, cfg.train.amp)
+    channels = 1 if cfg.data.color == "gray" else 3
+    model = build_model(cfg, args.size, cfg.data.color).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(cfg, param_groups(model, None, cfg.train.weight_decay))
+    train_model = torch.compile(model) if cfg.train.compile else model
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
-    data = torch.randint(0, 256, (batch * 4, 1, size, size), dtype=torch.uint8, device=device)
-    age = torch.randint(1, 90, (batch * 4,), device=device).float()
-    gender = torch.randint(0, 2, (batch * 4,), device=device).float()
-    times = []
-    for step in range(steps + 3):
-        idx = torch.randint(0, len(data), (batch,), device=device, generator=gen)
+
+    def epoch(steps: int) -> float:
+        data = fake_data(batch * steps, args.size, channels, device)
+        sched, per_step = build_scheduler(cfg, opt, steps)
         t0 = time.perf_counter()
-        x = augment(normalize(data[idx], model.data_config), aug, gen)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            out = model(x)
-        loss = multitask_loss(
-            {k: v.float() for k, v in out.items()}, age[idx], gender[idx], head=head
-        )["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        out = train_one_epoch(
+            cfg, train_model, data, opt, sched, per_step, None, device, amp, gen, 1, quiet=True
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if step >= 3:  # warm-up: allocator, kernel selection
-            times.append(time.perf_counter() - t0)
+        return out["images"] / (time.perf_counter() - t0)
+
+    epoch(3)  # warm-up: allocator, kernel selection, compilation
+    rates = [epoch(args.steps) for _ in range(args.repeats)]
     return {
         "model": name,
+        "params": sum(p.numel() for p in model.parameters()),
         "batch": batch,
-        "img_per_s": round(batch / statistics.median(times), 1),
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "threads": torch.get_num_threads(),
+        "img_per_s": round(statistics.median(rates), 1),
+        "device": device_name(device),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "amp_bf16": amp,
-        "size": size,
+        "compile": cfg.train.compile,
+        "size": args.size,
+        "color": cfg.data.color,
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--recipe", default="configs/default.toml", help="recipe for everything else")
     p.add_argument("--models", nargs="+", default=["seed-cnn", "resnet-mt"])
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128, 512])
+    p.add_argument("--steps", type=int, default=20, help="steps per timed epoch")
+    p.add_argument("--repeats", type=int, default=3, help="timed epochs (median)")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    amp = use_amp(device, args.amp)
     rows = []
     for name in args.models:
         for batch in args.batch_sizes:
-            r = bench(name, batch, args.steps, device, amp, args.size)
+            r = bench(args, name, batch, device)
             print(json.dumps(r), flush=True)
             rows.append(r)
-    print("\n| model | batch | img/s | device | threads | bf16 |\n|---|---|---|---|---|---|")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print("\n| model | batch | img/s | device | threads | bf16 | compile |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['batch']} | {r['img_per_s']:,.0f} | {r['device']} | "
-            f"{r['threads']} | {r['amp_bf16']} |"
+            f"{r['threads'] or '-'} | {r['amp_bf16']} | {r['compile']} |"
         )
 
 

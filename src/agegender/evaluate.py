@@ -12,7 +12,6 @@ import csv
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ from torch import nn
 
 from agegender.data import AGE_BANDS, GENDERS, RACES, SPLITS, age_band, band_name
 from agegender.errors import DataError
+from agegender.inference import device_name
 
 DECADES = (*((lo, lo + 9) for lo in range(0, 90, 10)), (90, 200))
 ECE_BINS = 10
@@ -280,21 +280,6 @@ def _default_tta(meta: dict[str, Any]) -> bool:
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, the CPU's marketing name (Linux), or the device string."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or platform.machine() or "cpu"
-    return str(device)
 
 
 def time_inference(

@@ -4,6 +4,8 @@ and export all share, so that the preprocessing comes from the model's own ``dat
 from __future__ import annotations
 
 import contextlib
+import platform
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,3 +83,18 @@ def predict_arrays(
         for k, v in out.items():
             parts.setdefault(k, []).append(v.float().cpu())
     return {k: torch.cat(v).numpy() for k, v in parts.items()}
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, the CPU's marketing name (Linux), or the device string."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine() or "cpu"
+    return str(device)

@@ -36,7 +36,7 @@ from agegender.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from agegender.config import AugConfig, Config, load_config, to_dict, to_toml
 from agegender.data import SPLITS, Cache, is_cache, open_cache, prepare
 from agegender.errors import ConfigError, DataError
-from agegender.inference import autocast, forward_tta, to_tensor
+from agegender.inference import autocast, device_name, forward_tta, to_tensor
 from agegender.losses import UncertaintyWeights, multitask_loss
 from agegender.models import count_parameters, create_model, normalize
 
@@ -809,7 +809,7 @@ def _train(
         "seconds_per_epoch": round(train_time / max(len(history), 1), 2),
         "peak_memory_mb": _peak_memory_mb(device),
         "train_img_per_s": round(img_s, 1),
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "world_size": world,
         "last_sha256": digest,

@@ -1,0 +1,51 @@
+"""The benchmarks behind the README's speed figures still run (tiny settings, numbers unchecked
+beyond being positive): a figure nobody can regenerate is not worth printing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_train_throughput(tmp_path):
+    out = tmp_path / "rows.json"
+    run(
+        "train_throughput.py",
+        *("--models", "resnet-mt-small", "seed-cnn", "--batch-sizes", "8", "--steps", "2"),
+        *("--repeats", "1", "--size", "64", "--threads", "1", "--json", str(out)),
+    )
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["resnet-mt-small", "seed-cnn"]
+    assert all(r["img_per_s"] > 0 and r["device"] != "cpu" for r in rows)
+
+
+@pytest.mark.slow
+def test_serve_load(tmp_path):
+    text = run(
+        "serve_load.py",
+        *("--data", str(tmp_path), "--clients", "2", "--seconds", "2", "--warmup", "0.5"),
+        *("--n", "4", "--threads", "1"),
+    )
+    result = json.loads(text[: text.index("\n|")])
+    assert result["requests"] > 0 and result["errors"] == {}
+    assert result["faces_from"] == "astronaut crops"
+    assert 0 < result["p50_ms"] <= result["p99_ms"]

@@ -115,6 +115,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         quiet=args.quiet,
+        amp=args.amp,
     )
 
 
@@ -178,6 +179,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         backend=args.backend,
         tta=args.tta,
+        amp=args.amp,
     )
     return 0
 
@@ -354,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--out", required=True, metavar="PNG", help="where to write the grid")
 
+    amp_help = "bf16 autocast for the torch backend (auto: where the hardware has it natively)"
     p = add(
         "predict",
         _cmd_predict,
@@ -372,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mirror test-time augmentation (default: as the model was trained)",
     )
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="runtime")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help=amp_help)
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -405,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="runtime")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help=amp_help)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help=tta_help)
     return parser
 

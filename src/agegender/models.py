@@ -443,11 +443,12 @@ class ResNetMT(nn.Module):
         if self.age_head_kind == "regression":
             out["age"] = raw[:, 0]
         elif self.age_head_kind == "dldl":
-            # float32 so the expectation stays exact under autocast.
+            # float32 so the expectation stays exact under autocast: a matmul (prob @ ages)
+            # would be cast back to bf16 there, rounding ages to 1/8 - 1/2 year
             prob = raw.float().softmax(dim=-1)
             ages = torch.arange(self.num_ages, device=raw.device, dtype=prob.dtype)
-            mean = prob @ ages
-            var = prob @ ages.square() - mean.square()
+            mean = (prob * ages).sum(dim=-1)
+            var = (prob * ages.square()).sum(dim=-1) - mean.square()
             out.update(age=mean, age_std=var.clamp_min(1e-12).sqrt(), age_logits=raw)
         else:
             out.update(age=torch.sigmoid(raw.float()).sum(dim=-1), age_logits=raw)

@@ -202,6 +202,7 @@ def create_app(
     device: str = "cpu",
     backend: str = "torch",
     tta: bool | None = None,
+    amp: str = "auto",
 ) -> Any:
     """The FastAPI application (serve it with ``uvicorn``; ``agegender serve`` does).
 
@@ -220,7 +221,7 @@ def create_app(
     if workers < 1 or queue < 0 or max_upload_mb <= 0 or max_batch < 1:
         raise ValueError("workers >= 1, queue >= 0, max_upload_mb > 0 and max_batch >= 1")
     if predictor is None:
-        predictor = Predictor.load(model, device=device, backend=backend, tta=tta)
+        predictor = Predictor.load(model, device=device, backend=backend, tta=tta, amp=amp)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="agegender")
     max_bytes = int(max_upload_mb * 1e6)
     model_name = predictor.meta.get("model", {}).get("name", "?")

@@ -25,6 +25,7 @@ checkpoint; the ONNX file is exported into a temporary folder unless ``--onnx`` 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -64,10 +65,23 @@ def version(dist: str) -> str | None:
         return None
 
 
-def pick_files(data: Path, n: int, seed: int) -> list[Path]:
-    """``n`` labelled UTKFace JPEGs, a seeded random sample (sorted first: reproducible)."""
+def test_split(cache: Path) -> set[str]:
+    """File names of the test split of a cache written by ``agegender prepare``."""
+    with open(cache / "manifest.csv", newline="") as f:
+        return {
+            Path(r["path"]).name
+            for r in csv.DictReader(f)
+            if r["split"] == "test" and r["status"] == "kept"
+        }
+
+
+def pick_files(data: Path, n: int, seed: int, only: set[str] | None = None) -> list[Path]:
+    """``n`` labelled UTKFace JPEGs, a seeded random sample (sorted first: reproducible), from
+    the names in ``only`` when given (a test split, so that no face was trained on)."""
     files = []
     for p in sorted(data.glob("*.jpg")):
+        if only is not None and p.name not in only:
+            continue
         try:
             parse_name(p.name)
         except ValueError:
@@ -272,6 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="mirror")
     p.add_argument("--onnx", default=None, help="ONNX file to use (exported if out of date)")
     p.add_argument("--seed", type=int, default=0, help="which files")
+    p.add_argument(
+        "--cache",
+        default="cache/utk128",
+        help="prepared cache whose test split the faces come from (the bundled model's split; "
+        "'' = any UTKFace file, some of them trained on)",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the summary here")
     args = p.parse_args(argv)
 
@@ -280,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     try:
-        files = pick_files(Path(args.data), args.n, args.seed)
+        only = test_split(Path(args.cache)) if args.cache else None
+        files = pick_files(Path(args.data), args.n, args.seed, only)
         labels = [(lab.age, lab.gender) for lab in map(parse_name, (f.name for f in files))]
         with tempfile.TemporaryDirectory() as tmp:
             group = group_photo(Path(args.data), Path(tmp) / "group.jpg")
@@ -328,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "input": f"{torch_p.size}x{torch_p.size} {torch_p.color}",
         "tta": torch_p.tta,
         "n": len(files),
+        "faces_from": f"test split of {args.cache}" if args.cache else "any UTKFace file",
         "batch": args.batch,
         "onnx_load_s": round(onnx_s, 2),  # includes the export when the file was out of date
         "onnx_vs_torch_max_age_diff": float(f"{age_diff:.2g}"),  # years; fp32 noise

@@ -257,6 +257,21 @@ def test_real_aligned_crops(models, utkface_dir, tmp_path):
         assert 50 < (x0 + x1) / 2 < 150 and 50 < (y0 + y1) / 2 < 150  # centred, as UTKFace is
 
 
+def test_aligned_files_are_decoded_as_training_decoded_them(predictor, utkface_dir):
+    """An aligned JPEG goes through the cache's own decoder (luma in draft mode), so its
+    prediction equals the one on the image as `prepare` stored it, bit for bit."""
+    from agegender.data import load_face
+    from agegender.inference import predict_arrays
+
+    files = utk_files(utkface_dir, 3)
+    cached = np.stack([load_face(f, predictor.size, predictor.color) for f in files])
+    expected = predict_arrays(predictor.model, cached, tta=predictor.tta, amp=predictor.backend.amp)
+    for f, age in zip(files, expected["age"]):
+        for src in (f, f.read_bytes()):
+            (face,) = predictor.predict(src, aligned=True)
+            assert face.age == pytest.approx(float(age), abs=1e-4)
+
+
 def group_photo(utkface_dir: Path) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """1280x886 grey canvas with six real faces of ~200 px, one per cell of a 3x2 grid."""
     faces = [load_rgb(p) for p in utk_files(utkface_dir, 6, step=1531)]

@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="the server's torch/OpenMP threads")
     ap.add_argument("--n", type=int, default=200, help="distinct faces to send")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the result to this file")
     args = ap.parse_args()
 
     bodies, source = faces(args.data, args.n, args.seed)
@@ -154,6 +155,8 @@ def main() -> None:
         "faces_from": source,
     }
     print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print("\n| clients | requests/s | p50 ms | p99 ms | server ms per batch | errors |")
     print("|---|---|---|---|---|---|")
     print(

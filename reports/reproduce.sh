@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates every number in reports/README.md, MODEL_CARD.md and the README's results.
 # Usage: bash reports/reproduce.sh [UTKFACE_DIR]   (default ../shared/data/UTKFace)
-# Stages can be skipped: SKIP_TRAIN=1 reuses runs/default-cpu, SKIP_SWEEPS=1 skips the sweeps.
+# Stages can be skipped: SKIP_TRAIN=1 reuses runs/default-cpu, SKIP_FULL=1 runs/full,
+# SKIP_SWEEPS=1 skips the sweeps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/UTKFace}
@@ -18,6 +19,18 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
     run.out=runs/default-cpu train.threads=2
 fi
 .venv/bin/python tools/bundle_model.py runs/default-cpu --cache $CACHE
+
+# 2b. The study's own recipes at full length, on the train split alone (about 70 min each on a
+#     2-core CPU; both ran at once with one thread each). SKIP_FULL=1 reuses runs/full.
+if [ -z "${SKIP_FULL:-}" ]; then
+  for r in seed seed-regularized; do
+    $AG train configs/$r.toml data.cache=$CACHE run.out=runs/full/$r train.threads=1 --quiet &
+  done
+  wait
+fi
+for r in seed seed-regularized; do
+  mkdir -p reports/$r && cp runs/full/$r/curves.png runs/full/$r/history.csv runs/full/$r/metrics.json reports/$r/
+done
 
 # 3. Evaluation of the bundled model on the test split (fp32 on CPU, as `predict` runs it).
 $AG evaluate default --data $CACHE --split test --amp off --out reports/default --quiet  # add --no-timing on a busy machine
@@ -36,4 +49,15 @@ if [ -z "${SKIP_SWEEPS:-}" ]; then
   mkdir -p reports/sweeps-cpu
   for s in runs/sweep-cpu/*/; do cp "$s/results.md" "reports/sweeps-cpu/$(basename "$s").md"; done
 fi
-.venv/bin/python tools/make_report.py
+# 5. Speed, on an idle machine (README's Speed section; JSON in reports/speed/)
+if [ -z "${SKIP_SPEED:-}" ]; then
+  mkdir -p reports/speed
+  .venv/bin/python benchmarks/predict_speed.py --n 200 --threads 2 --json reports/speed/predict_tta.json
+  .venv/bin/python benchmarks/predict_speed.py --n 200 --threads 2 --no-tta --json reports/speed/predict_no_tta.json
+  .venv/bin/python benchmarks/train_throughput.py --threads 2 --steps 8 --repeats 2 --json reports/speed/train_throughput.json
+  .venv/bin/python benchmarks/train_throughput.py --threads 2 --steps 8 --repeats 2 --batch-sizes 128 --amp off --json reports/speed/train_throughput_fp32.json
+  .venv/bin/python benchmarks/serve_load.py --clients 8 --seconds 20 --json reports/speed/serve_load.json
+fi
+
+# 6. reports/README.md and MODEL_CARD.md from all of the above
+.venv/bin/python tools/make_report.py --full reports

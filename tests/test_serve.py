@@ -81,7 +81,7 @@ def test_predict_photo(client):
     assert face["gender"] in ("male", "female")
 
 
-def test_predict_aligned_crop_and_formats(client, request):
+def test_predict_aligned_crop_and_formats(client, predictor, request):
     data = face_crop(request)
     img = Image.open(io.BytesIO(data))
     for fmt in ("JPEG", "PNG", "WEBP"):
@@ -89,6 +89,11 @@ def test_predict_aligned_crop_and_formats(client, request):
         assert r.status_code == 200, (fmt, r.text)
         (face,) = r.json()["faces"]
         assert face["box"] == [0, 0, 200, 200] and face["score"] == 1.0
+    # the same file gives the same answer as the Python API (and `predict --aligned`)
+    (face,) = post(client, data, aligned="true").json()["faces"]
+    assert face == predictor.predict(data, aligned=True)[0].to_dict()
+    r = post(client, data[: len(data) // 2], aligned="true")
+    assert r.status_code == 422 and "corrupt image" in r.json()["detail"]
 
 
 def test_no_face_is_an_empty_list(client):

@@ -58,15 +58,14 @@ class ImageError(Exception):
         self.status, self.detail = status, detail
 
 
-def decode_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """The bytes of an uploaded file -> an upright RGB ``(H, W, 3)`` uint8 array.
+def check_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """Read only the header of an uploaded file: its upright ``(width, height)``.
 
-    Raises :class:`ImageError` with 415 for anything but JPEG/PNG/WebP and 422 for truncated or
-    corrupt data, more than ``max_pixels`` pixels, or a decompression bomb. Only the header is
-    read before the pixel count is checked, so an oversized image costs nothing to refuse.
+    Raises :class:`ImageError` with 415 for anything but JPEG/PNG/WebP and 422 for an
+    unreadable header, more than ``max_pixels`` pixels, or a decompression bomb, so an
+    oversized image costs nothing to refuse.
     """
     from agegender.data import open_image
-    from agegender.detect import load_rgb
 
     if not data:
         raise ImageError(422, "empty file")
@@ -80,8 +79,19 @@ def decode_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     w, h = img.size
     if w * h > max_pixels:
         raise ImageError(422, f"too many pixels: {w}x{h} exceeds the limit of {max_pixels:,}")
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF turns it by 90 degrees
+        w, h = h, w
+    return w, h
+
+
+def decode_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The bytes of an uploaded file -> an upright RGB ``(H, W, 3)`` uint8 array, after
+    :func:`check_upload`; truncated or corrupt pixel data raises :class:`ImageError` 422."""
+    from agegender.detect import load_rgb
+
+    check_upload(data, max_pixels)
     try:
-        return load_rgb(img, max_pixels)
+        return load_rgb(data, max_pixels)
     except ValueError as e:
         raise ImageError(422, str(e)) from None
 
@@ -255,26 +265,32 @@ def create_app(
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
     def run_batch(items: list[tuple[bytes, bool]]) -> list[dict[str, Any] | Exception]:
-        # runs in a pool thread: decode, then detect and predict every image in one batch
+        # runs in a pool thread: decode, then detect and predict every image in one batch.
+        # An aligned face goes to the predictor as its file's bytes, so it is decoded exactly as
+        # `agegender predict --aligned` and training decode it (not through RGB).
         start = time.perf_counter()
         out: list[Any] = [None] * len(items)
-        decoded: dict[int, np.ndarray] = {}
-        for i, (data, _) in enumerate(items):
+        inputs: dict[int, np.ndarray | bytes] = {}
+        sizes: dict[int, tuple[int, int]] = {}
+        for i, (data, aligned) in enumerate(items):
             try:
-                decoded[i] = decode_upload(data, max_pixels)
+                if aligned:
+                    sizes[i], inputs[i] = check_upload(data, max_pixels), data
+                else:
+                    inputs[i] = decode_upload(data, max_pixels)
+                    sizes[i] = (inputs[i].shape[1], inputs[i].shape[0])
             except ImageError as e:
                 out[i] = e
         for aligned in (False, True):
-            index = [i for i in decoded if items[i][1] == aligned]
+            index = [i for i in inputs if items[i][1] == aligned]
             if not index:
                 continue
-            found = predictor.predict_batch([decoded[i] for i in index], aligned=aligned)
+            found = predictor.predict_batch([inputs[i] for i in index], aligned=aligned)
             for i, faces in zip(index, found):
                 out[i] = ImageError(422, str(faces)) if isinstance(faces, Exception) else faces
         ms = round((time.perf_counter() - start) * 1e3, 2)
-        for i, rgb in decoded.items():
+        for i, (w, h) in sizes.items():
             if isinstance(out[i], list):
-                h, w = rgb.shape[:2]
                 out[i] = {"faces": [f.to_dict() for f in out[i]], "width": w, "height": h, "ms": ms}
         return out
 

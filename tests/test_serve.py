@@ -316,3 +316,37 @@ def test_page_in_headless_chromium(predictor, tmp_path):
             )
         finally:
             driver.quit()
+
+
+def test_batcher_never_strands_an_upload():
+    """Uploads submitted in many orders, also right as the previous answer arrives, each get
+    their own answer, and none waits forever."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agegender.serve import _Batcher
+
+    async def main() -> int:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = _Batcher(lambda items: [len(d) for d, _ in items], pool, 1, 10_000, 4)
+
+            async def one(k: int) -> int:
+                for _ in range(k % 3):
+                    await asyncio.sleep(0)  # stagger the arrivals by a few loop turns
+                (n,) = await batcher.submit([(b"x" * k, False)])
+                return n
+
+            async def chain() -> None:  # each submit right as the previous answer arrives
+                for k in range(50):
+                    assert await batcher.submit([(b"x" * k, False)]) == [k]
+
+            await asyncio.wait_for(chain(), timeout=10)
+            answered = 0
+            for round_ in range(200):
+                sizes = range(1, 2 + round_ % 7)
+                got = await asyncio.wait_for(asyncio.gather(*map(one, sizes)), timeout=10)
+                assert got == list(sizes)
+                answered += len(got)
+            return answered
+
+    assert asyncio.run(main()) == sum(1 + r % 7 for r in range(200))

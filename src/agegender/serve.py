@@ -118,7 +118,8 @@ class _Batcher:
         self.capacity, self.max_batch = capacity, max_batch
         self.pending: deque[tuple[tuple[bytes, bool], asyncio.Future]] = deque()
         self.inside = 0
-        self.tasks: set[asyncio.Task] = set()
+        self.draining = 0  # _drain tasks running
+        self.tasks: set[asyncio.Task] = set()  # strong references, or the loop may drop them
 
     async def submit(self, items: list[tuple[bytes, bool]]) -> list[Any]:
         """One result per ``(image bytes, aligned)``: a dict, or the exception it raised."""
@@ -131,7 +132,8 @@ class _Batcher:
             for item in items:
                 futures.append(loop.create_future())
                 self.pending.append((item, futures[-1]))
-            while len(self.tasks) < self.workers and self.pending:
+            while self.draining < self.workers and self.pending:
+                self.draining += 1
                 task = asyncio.create_task(self._drain())
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
@@ -141,15 +143,21 @@ class _Batcher:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.pending:
-            batch = [self.pending.popleft() for _ in range(min(len(self.pending), self.max_batch))]
-            try:
-                results = await loop.run_in_executor(self.pool, self.run, [b[0] for b in batch])
-            except Exception as e:  # a bug, not bad input: each request answers 500
-                results = [e] * len(batch)
-            for (_, future), result in zip(batch, results):
-                if not future.done():
-                    future.set_result(result)
+        try:
+            while self.pending:
+                n = min(len(self.pending), self.max_batch)
+                batch = [self.pending.popleft() for _ in range(n)]
+                try:
+                    results = await loop.run_in_executor(self.pool, self.run, [b[0] for b in batch])
+                except Exception as e:  # a bug, not bad input: each request answers 500
+                    results = [e] * len(batch)
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            # no await between the empty-queue check and this: a submit() in between cannot
+            # see this task as still draining and leave its upload waiting forever
+            self.draining -= 1
 
 
 class _BodyLimit:

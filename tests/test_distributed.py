@@ -12,19 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-SMOKE = Path(__file__).parents[1] / "configs" / "smoke.toml"
-ARTEFACTS = {
-    "config.toml",
-    "history.csv",
-    "best.safetensors",
-    "best.json",
-    "last.safetensors",
-    "last.json",
-    "last.state.pt",
-    "curves.png",
-    "metrics.json",
-}
+from test_train import ARTEFACTS, SMOKE
 
 
 @pytest.fixture(scope="module")

@@ -105,6 +105,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    torch.backends.cudnn.benchmark = True  # as train() does on CUDA
     rows = []
     for name in args.models:
         for batch in args.batch_sizes:

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Everything this project measures on a lent GPU, in one call per stage:
+#
+#   python tools/pack_cache.py pack cache/utk128 .pack/utk128.zip     # here, once (53 MB)
+#   bash benchmarks/gpu_session.sh check speed default                 # there; carry .pack
+#   bash benchmarks/gpu_session.sh sweep                               # there, a second call
+#
+# check: the CUDA paths CI cannot run (tools/gpu_check.py: train, resume, DDP on NCCL).
+# speed: benchmarks/train_throughput.py, eager and torch.compile.
+# default: configs/default.toml on the train split alone, timed on its own.
+# sweep: sweeps/default_recipe.toml (recipe variants around the default), 8 runs at once.
+# Results go to $OUT (default out/gpu): small JSON/CSV/Markdown files and one log per stage.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+CACHE=cache/utk128
+
+if [ ! -f $CACHE/images.npy ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
+    $PY tools/pack_cache.py unpack .pack/utk128.zip $CACHE || exit 1
+fi
+
+for stage in "$@"; do
+    t0=$(date +%s)
+    echo "=== $stage"
+    case $stage in
+    check)
+        timeout 100 $PY tools/gpu_check.py --cache $CACHE --json "$OUT/gpu_check.json" ;;
+    speed)
+        timeout 90 $PY benchmarks/train_throughput.py --models seed-cnn resnet-mt \
+            --batch-sizes 32 128 512 --steps 30 --repeats 3 --json "$OUT/throughput.json"
+        timeout 120 $PY benchmarks/train_throughput.py --models resnet-mt --batch-sizes 128 512 \
+            --steps 30 --repeats 3 --compile --json "$OUT/throughput_compile.json" ;;
+    default)
+        timeout 200 $PY -m agegender train configs/default.toml data.cache=$CACHE \
+            run.out=/tmp/runs/default-train
+        cp /tmp/runs/default-train/metrics.json "$OUT/default_metrics.json"
+        cp /tmp/runs/default-train/history.csv "$OUT/default_history.csv" ;;
+    sweep)
+        timeout 420 $PY -m agegender sweep sweeps/default_recipe.toml --data $CACHE \
+            --out /tmp/runs/sweep --parallel 8
+        (cd /tmp/runs && tar czf "$OLDPWD/$OUT/sweep.tgz" --exclude='*.safetensors' \
+            --exclude='*.pt' --exclude='*.png' sweep) ;;
+    *)
+        echo "unknown stage $stage" >&2 ;;
+    esac 2>&1 | tee "$OUT/$stage.log"
+    echo "=== $stage took $(($(date +%s) - t0)) s"
+done

@@ -66,7 +66,9 @@ def pack(cache_dir: Path, out: Path, quality: int) -> None:
 def unpack(pack_file: Path, out: Path) -> None:
     with zipfile.ZipFile(pack_file) as z:
         info = json.loads(z.read("pack.json"))
-        tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # beside the destination: os.replace cannot move a folder across file systems
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
         try:
             images = np.lib.format.open_memmap(
                 tmp / "images.npy", "w+", np.uint8, tuple(info["shape"])

@@ -8,7 +8,8 @@
 # check: the CUDA paths CI cannot run (tools/gpu_check.py: train, resume, DDP on NCCL).
 # speed: benchmarks/train_throughput.py, eager and torch.compile.
 # default: configs/default.toml on the train split alone, timed on its own.
-# sweep: sweeps/default_recipe.toml (recipe variants around the default), 8 runs at once.
+# sweep: sweeps/default_recipe.toml (recipe variants around the default), 8 runs at once
+#   (SWEEP_ONLY="a b" SWEEP_PARALLEL=4 SWEEP_TIMEOUT=300 for fewer).
 # Results go to $OUT (default out/gpu): small JSON/CSV/Markdown files and one log per stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,10 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 CACHE=cache/utk128
+# BUDGET=seconds caps the whole session (a lent machine's call limit): each stage's timeout is
+# its own cap or what is left, whichever is less, so the results of finished stages come back
+END=$(($(date +%s) + ${BUDGET:-100000}))
+cap() { local left=$((END - $(date +%s) - 10)); echo $((left < $1 ? (left > 1 ? left : 1) : $1)); }
 
 if [ ! -f $CACHE/images.npy ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -29,20 +34,21 @@ for stage in "$@"; do
     echo "=== $stage"
     case $stage in
     check)
-        timeout 100 $PY tools/gpu_check.py --cache $CACHE --json "$OUT/gpu_check.json" ;;
+        timeout $(cap 100) $PY tools/gpu_check.py --cache $CACHE --json "$OUT/gpu_check.json" ;;
     speed)
-        timeout 90 $PY benchmarks/train_throughput.py --models seed-cnn resnet-mt \
+        timeout $(cap 90) $PY benchmarks/train_throughput.py --models seed-cnn resnet-mt \
             --batch-sizes 32 128 512 --steps 30 --repeats 3 --json "$OUT/throughput.json"
-        timeout 120 $PY benchmarks/train_throughput.py --models resnet-mt --batch-sizes 128 512 \
+        timeout $(cap 120) $PY benchmarks/train_throughput.py --models resnet-mt --batch-sizes 512 \
             --steps 30 --repeats 3 --compile --json "$OUT/throughput_compile.json" ;;
     default)
-        timeout 200 $PY -m agegender train configs/default.toml data.cache=$CACHE \
+        timeout $(cap 200) $PY -m agegender train configs/default.toml data.cache=$CACHE \
             run.out=/tmp/runs/default-train
         cp /tmp/runs/default-train/metrics.json "$OUT/default_metrics.json"
         cp /tmp/runs/default-train/history.csv "$OUT/default_history.csv" ;;
     sweep)
-        timeout 420 $PY -m agegender sweep sweeps/default_recipe.toml --data $CACHE \
-            --out /tmp/runs/sweep --parallel 8
+        timeout $(cap ${SWEEP_TIMEOUT:-420}) $PY -m agegender sweep sweeps/default_recipe.toml \
+            --data $CACHE --out /tmp/runs/sweep --parallel ${SWEEP_PARALLEL:-8} \
+            ${SWEEP_ONLY:+--only $SWEEP_ONLY}
         (cd /tmp/runs && tar czf "$OLDPWD/$OUT/sweep.tgz" --exclude='*.safetensors' \
             --exclude='*.pt' --exclude='*.png' sweep) ;;
     *)

@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -72,6 +73,16 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
             torch.cuda.synchronize()
         return out["images"] / (time.perf_counter() - t0)
 
+    syncs = None
+    if device.type == "cuda":
+        # warm-up under CUDA's sync debugger: each warning is a step waiting for the GPU queue
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            epoch(3)
+        torch.cuda.set_sync_debug_mode("default")
+        # the epoch's closing .tolist() is one sync per epoch, not per step
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
     epoch(3)  # warm-up: allocator, kernel selection, compilation
     rates = [epoch(args.steps) for _ in range(args.repeats)]
     return {
@@ -83,6 +94,7 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "amp_bf16": amp,
         "compile": cfg.train.compile,
+        "host_syncs_in_3_steps": syncs,
         "size": args.size,
         "color": cfg.data.color,
     }

@@ -216,9 +216,11 @@ def multitask_loss(
     l_gender = gender_loss(logits, gender)
     l_age = age_loss(outputs, age, head, sigma=sigma)
     if log_vars is None:
-        wa = torch.tensor(float(w_age), device=l_age.device)
-        wg = torch.tensor(float(w_gender), device=l_age.device)
-        loss = wa * l_age + wg * l_gender
+        # torch.full fills on the device; torch.tensor(x, device=cuda) would copy from the host
+        # and wait for the GPU queue to drain, twice per training step
+        wa = torch.full((), float(w_age), device=l_age.device)
+        wg = torch.full((), float(w_gender), device=l_age.device)
+        loss = float(w_age) * l_age + float(w_gender) * l_gender
     else:
         if log_vars.shape != (2,):
             raise ValueError(

@@ -23,6 +23,7 @@ Each model also carries:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -147,12 +148,25 @@ def normalize(x: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor:
             f"normalize expects (B, {chans}, H, W) for a {data_config['color']} model, "
             f"got {tuple(x.shape)}"
         )
-    mean = torch.as_tensor(data_config["mean"], dtype=torch.float32, device=x.device)
-    std = torch.as_tensor(data_config["std"], dtype=torch.float32, device=x.device)
+    mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
     # Folding /255 into the affine map touches each pixel once.
-    scale = (1.0 / (255.0 * std)).reshape(1, -1, 1, 1)
-    shift = (mean / std).reshape(1, -1, 1, 1)
+    if len(set(mean)) == 1 and len(set(std)) == 1:
+        # Python scalars: a tensor made from host numbers is a host-to-device copy, which on
+        # CUDA waits for the whole queue, and this runs at every training step
+        return x.float() * (1.0 / (255.0 * std[0])) - mean[0] / std[0]
+    scale, shift = _channel_affine(mean, std, x.device)
     return x.float() * scale - shift
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_affine(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(scale, shift)`` of :func:`normalize`, made once per device."""
+    m = torch.tensor(mean, dtype=torch.float64)
+    s = torch.tensor(std, dtype=torch.float64)
+    scale, shift = (1.0 / (255.0 * s)), m / s
+    return tuple(v.float().reshape(1, -1, 1, 1).to(device) for v in (scale, shift))
 
 
 # --------------------------------------------------------------------------------------------

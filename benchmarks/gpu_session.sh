@@ -15,6 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 CACHE=cache/utk128
@@ -49,7 +50,7 @@ for stage in "$@"; do
         timeout $(cap ${SWEEP_TIMEOUT:-420}) $PY -m agegender sweep sweeps/default_recipe.toml \
             --data $CACHE --out /tmp/runs/sweep --parallel ${SWEEP_PARALLEL:-8} \
             ${SWEEP_ONLY:+--only $SWEEP_ONLY}
-        (cd /tmp/runs && tar czf "$OLDPWD/$OUT/sweep.tgz" --exclude='*.safetensors' \
+        (cd /tmp/runs && tar czf "$OUT/sweep.tgz" --exclude='*.safetensors' \
             --exclude='*.pt' --exclude='*.png' sweep) ;;
     *)
         echo "unknown stage $stage" >&2 ;;

@@ -4,9 +4,9 @@
 
 1. ``train`` on CUDA (bf16 autocast, channels_last, cuDNN autotuning, fused AdamW) writes a
    complete run folder.
-2. A run killed during epoch 2 and continued with ``agegender train --resume`` ends with the
-   weights of an unbroken run (equal up to cuDNN's non-deterministic backward kernels: the
-   largest difference is reported).
+2. A run killed during epoch 2 and continued with ``agegender train --resume`` ends as close
+   to an unbroken run as a second unbroken run does (cuDNN's autotuned backward kernels are
+   not bit-reproducible; both largest differences are reported).
 3. The DistributedDataParallel path on NCCL: a one-process NCCL group (one GPU cannot hold two
    NCCL ranks) runs the same training through DDP, the all-reduces, broadcasts and the final
    all-ranks weight check.
@@ -92,11 +92,21 @@ def check_resume(cache: str, out: Path) -> dict:
     assert cli_main(["train", "--resume", str(killed), "--quiet"]) == 0
     rows = list(csv.DictReader((killed / "history.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"], rows
-    a, b = load_file(str(full / "last.safetensors")), load_file(str(killed / "last.safetensors"))
-    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    scale = max(a[k].float().abs().max().item() for k in a)
-    assert diff <= 1e-2 * scale, f"resumed weights differ by {diff} (largest weight {scale})"
-    return {"max_abs_diff": diff, "bit_identical": diff == 0.0}
+    # cuDNN's autotuned, atomics-based kernels make two unbroken runs differ already: the
+    # resumed run must be as close to the first as the second unbroken run is, not closer
+    again = train(replace(cfg, run=replace(cfg.run, out=str(out / "again"))), quiet=True)
+    spread = _max_diff(full, again)
+    diff = _max_diff(full, killed)
+    assert diff <= max(3 * spread, 0.0), (
+        f"resumed weights differ by {diff}, two unbroken runs by {spread}"
+    )
+    return {"max_abs_diff": diff, "unbroken_runs_max_abs_diff": spread}
+
+
+def _max_diff(run_a: Path, run_b: Path) -> float:
+    """Largest difference between two runs' last weights (BatchNorm statistics included)."""
+    a, b = (load_file(str(r / "last.safetensors")) for r in (run_a, run_b))
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 def check_nccl(cache: str, out: Path) -> dict:

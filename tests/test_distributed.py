@@ -50,7 +50,8 @@ def _sha256(checkpoint: Path) -> str:
 
 
 def _epochs(run: Path) -> list[str]:
-    return [r["epoch"] for r in csv.DictReader((run / "history.csv").open())]
+    with (run / "history.csv").open() as f:
+        return [r["epoch"] for r in csv.DictReader(f)]
 
 
 @pytest.mark.slow

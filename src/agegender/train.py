@@ -309,6 +309,19 @@ def build_model(cfg: Config, data_size: int, color: str) -> nn.Module:
     return create_model(m.name, **kwargs)
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model`` with NHWC conv weights, except those with one input channel (a gray stem).
+
+    For those both layouts are valid and autograd hands back a contiguous gradient, which DDP
+    would copy into a differently strided bucket at every step (it warns about it).
+    """
+    model = model.to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        if p.ndim == 4 and p.shape[1] == 1:
+            p.data = p.data.contiguous()
+    return model
+
+
 def build_optimizer(cfg: Config, params: list[dict[str, Any]]) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "sgd":
@@ -658,7 +671,7 @@ def _train(
     data = load_data(cfg, device, out, quiet)
     model = build_model(cfg, cfg.data.size, cfg.data.color).to(device)
     if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)
     weights = UncertaintyWeights().to(device) if cfg.loss.uncertainty else None
     opt = build_optimizer(cfg, param_groups(model, weights, t.weight_decay))
     steps_per_epoch = max(len(data.x["train"]) // t.batch_size, 1)

@@ -184,7 +184,26 @@ FULL_RUNS = [  # (run folder under --full, recipe, what it is, the number to com
         "resnet-mt + DLDL, AdamW one-cycle, augmentation, flip TTA, 40 epochs",
         "issue target: >= 92.5 % / <= 4.85",
     ),
+    (
+        "gpu/default-train-run1",
+        "default",
+        "the same on one H200, before the host-sync fix (4 syncs per step)",
+        "issue target: >= 92.5 % / <= 4.85",
+    ),
+    (
+        "gpu/default-train",
+        "default",
+        "the same on one H200",
+        "issue target: >= 92.5 % / <= 4.85",
+    ),
 ]
+
+
+def _duration(m: dict) -> str:
+    s, device = m["train_seconds"], m.get("device", "")
+    where = "H200" if "H200" in device else ("H100" if "H100" in device else "CPU")
+    took = f"{s:.0f} s" if s < 600 else f"{s / 60:.0f} min"
+    return f"{took}, {m['train_img_per_s']:,.0f} img/s ({where})"
 
 
 def full_runs_section(folder: Path) -> list[str]:
@@ -200,16 +219,20 @@ def full_runs_section(folder: Path) -> list[str]:
         rows.append(
             f"| `configs/{recipe}.toml` | {what} | {m['best_epoch']} of {m['epochs_run']} | "
             f"{m['test_acc']:.1%} / {m['test_mae']:.2f} | {gap:+.1%} | "
-            f"{m['train_seconds'] / 60:.0f} min, {m['train_img_per_s']:.0f} img/s | {claim} |"
+            f"{_duration(m)} | {claim} |"
         )
     return [
         "## The study's recipes at full length",
         "",
         "Trained on the train split alone (14,548 images), the best epoch chosen on val, tested "
         "once on the 4,157 test images: `agegender train configs/RECIPE.toml "
-        "data.cache=cache/utk128 run.out=runs/full/NAME` (`reports/reproduce.sh`). Run on this "
-        "project's 2-core CPU beside other work (the two seed recipes at once, one thread "
-        "each), so the times are not speed figures.",
+        "data.cache=cache/utk128 run.out=runs/full/NAME` (`reports/reproduce.sh`). The CPU "
+        "runs ran on this project's 2-core CPU beside other work (the two seed recipes at "
+        "once, one thread each), so their times are not speed figures. The H200 runs "
+        "(`bash benchmarks/gpu_session.sh default` on a lent GPU) trained on the cache carried "
+        "as `tools/pack_cache.py`'s JPEG-q75 pack: the same rows and splits, faces 1.3 grey "
+        "levels off on average. The time is the training loop's; the whole command (start, "
+        "loading, validation, checkpoints, final evaluation) took about 30 s more.",
         "",
         "| recipe | what | best epoch | test gender acc / age MAE | train-val acc gap | time "
         "| compare with |",
@@ -223,6 +246,65 @@ def full_runs_section(folder: Path) -> list[str]:
         ),
         "",
     ]
+
+
+def gpu_section(folder: Path) -> list[str]:
+    """What ran on a lent GPU: the CUDA checks and the training throughput, from their JSON."""
+    lines = ["## On a lent GPU", ""]
+    check = folder / "gpu_check.json"
+    if check.is_file():
+        c = json.loads(check.read_text())
+        lines += [
+            f"`python tools/gpu_check.py` on {c['device']} (torch {c['torch']}): "
+            + "; ".join(
+                f"{name} {'ok' if c[name]['ok'] else 'FAILED: ' + c[name].get('error', '')}"
+                for name in ("train", "resume", "nccl")
+                if name in c
+            )
+            + ".",
+            "",
+        ]
+        if "resume" in c and "unbroken_runs_max_abs_diff" not in c["resume"]:
+            lines += [
+                "That resume check asked for weights within 1 % of the largest tensor value (the "
+                "BatchNorm step counter, 128) of an unbroken run. cuDNN's autotuned kernels need "
+                "not be bit-reproducible, so two unbroken runs may differ as much; the check now "
+                "asks the resumed run to be as close as a second unbroken run is, and has not "
+                "run on a GPU yet: whether the difference is that noise is open.",
+                "",
+            ]
+    cols = {}  # (model, batch) -> {column: img/s}
+    device = ""
+    for name, before in (
+        ("train_throughput_before_sync_fix.json", True),
+        ("train_throughput.json", False),
+        ("train_throughput_compile.json", False),
+    ):
+        f = folder / name
+        for r in json.loads(f.read_text()) if f.is_file() else []:
+            col = ("compile" if r["compile"] else "eager") + (", before the fix" if before else "")
+            cols.setdefault((r["model"], r["batch"]), {})[col] = r["img_per_s"]
+            device = r["device"]
+    if cols:
+        heads = ["eager, before the fix", "compile, before the fix", "eager", "compile"]
+        lines += [
+            f"Training images/second on one {device} through the real training step (`python "
+            "benchmarks/train_throughput.py --steps 30 --repeats 3 [--compile]`; 128x128 gray, "
+            "bf16 autocast, channels_last, training set on the GPU, median of 3 epochs). Before "
+            "the fix, each step copied four small tensors from the host (the normalisation "
+            "constants and the loss weights), and each copy waited for the GPU queue to drain:",
+            "",
+            "| model | batch | " + " | ".join(heads) + " |",
+            "|---|---|" + "---|" * len(heads),
+            *(
+                f"| {m} | {b} | "
+                + " | ".join(f"{v[h]:,.0f}" if h in v else "-" for h in heads)
+                + " |"
+                for (m, b), v in cols.items()
+            ),
+            "",
+        ]
+    return lines
 
 
 def _speed(t: dict, speed: Path = Path("reports/speed/predict_tta.json")) -> str:
@@ -269,6 +351,7 @@ def main() -> None:
     if (Path(args.default) / "metrics.json").is_file():
         lines += default_section(Path(args.default))
     lines += full_runs_section(Path(args.full))
+    lines += gpu_section(Path(args.full) / "gpu")
     lines += [
         "## The study's tables",
         "",

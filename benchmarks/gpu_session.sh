@@ -38,9 +38,9 @@ for stage in "$@"; do
         timeout $(cap 100) $PY tools/gpu_check.py --cache $CACHE --json "$OUT/gpu_check.json" ;;
     speed)
         timeout $(cap 90) $PY benchmarks/train_throughput.py --models seed-cnn resnet-mt \
-            --batch-sizes 32 128 512 --steps 30 --repeats 3 --json "$OUT/throughput.json"
+            --batch-sizes 32 128 512 --steps 30 --repeats 3 --json "$OUT/train_throughput.json"
         timeout $(cap 120) $PY benchmarks/train_throughput.py --models resnet-mt --batch-sizes 512 \
-            --steps 30 --repeats 3 --compile --json "$OUT/throughput_compile.json" ;;
+            --steps 30 --repeats 3 --compile --json "$OUT/train_throughput_compile.json" ;;
     default)
         timeout $(cap 200) $PY -m agegender train configs/default.toml data.cache=$CACHE \
             run.out=/tmp/runs/default-train

@@ -29,8 +29,11 @@ if [ -z "${SKIP_FULL:-}" ]; then
   done
   wait
   $AG train configs/default.toml data.cache=$CACHE run.out=runs/full/default-train --quiet
+  # the same recipe on prepare's default split (seed 42), which the targets name
+  $AG prepare "$DATA" --out cache/utk128-s42 --quiet
+  $AG train configs/default.toml data.cache=cache/utk128-s42 run.out=runs/full/default-train-s42 --quiet
 fi
-for r in seed seed-regularized default-train; do
+for r in seed seed-regularized default-train default-train-s42; do
   mkdir -p reports/$r && cp runs/full/$r/curves.png runs/full/$r/history.csv runs/full/$r/metrics.json reports/$r/
 done
 

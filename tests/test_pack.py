@@ -15,7 +15,8 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "pack_cache.py"
 
 
 def test_pack_round_trip(synthetic_cache, tmp_path):
-    pack, out = tmp_path / "c.zip", tmp_path / "unpacked"
+    # a destination whose parents do not exist yet, as on a fresh GPU machine
+    pack, out = tmp_path / "c.zip", tmp_path / "fresh" / "cache" / "utk128"
     for args in (["pack", synthetic_cache, pack, "--quality", "90"], ["unpack", pack, out]):
         subprocess.run([sys.executable, TOOL, *map(str, args)], check=True, capture_output=True)
     a, b = open_cache(synthetic_cache), open_cache(out)

@@ -1,0 +1,65 @@
+"""tools/make_report.py turns the runs' JSON into the tables of reports/README.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_report.py"
+spec = importlib.util.spec_from_file_location("make_report", TOOL)
+make_report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(make_report)
+
+
+def _row(model: str, batch: int, img_s: float, compile_: bool = False) -> dict:
+    return {"model": model, "batch": batch, "img_per_s": img_s, "compile": compile_,
+            "device": "NVIDIA H200"}  # fmt: skip
+
+
+def test_gpu_section_pivots_throughput_and_reports_checks(tmp_path):
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    (gpu / "train_throughput_before_sync_fix.json").write_text(
+        json.dumps([_row("resnet-mt", 512, 20978.8), _row("resnet-mt", 512, 23034.3, True)])
+    )
+    (gpu / "train_throughput.json").write_text(json.dumps([_row("resnet-mt", 512, 25722.5)]))
+    (gpu / "train_throughput_compile.json").write_text(
+        json.dumps([_row("resnet-mt", 512, 40353.0, True)])
+    )
+    check = {
+        "device": "NVIDIA H200",
+        "torch": "2.11.0",
+        "train": {"ok": True},
+        "resume": {"ok": False, "error": "AssertionError: differ"},
+        "nccl": {"ok": True},
+    }
+    (gpu / "gpu_check.json").write_text(json.dumps(check))
+    text = "\n".join(make_report.gpu_section(gpu))
+    assert "| resnet-mt | 512 | 20,979 | 23,034 | 25,722 | 40,353 |" in text
+    assert "train ok; resume FAILED: AssertionError: differ; nccl ok" in text
+    assert "has not run on a GPU yet" in text  # the old resume criterion is explained
+
+    check["resume"] = {"ok": True, "max_abs_diff": 0.1, "unbroken_runs_max_abs_diff": 0.1}
+    (gpu / "gpu_check.json").write_text(json.dumps(check))
+    assert "has not run on a GPU yet" not in "\n".join(make_report.gpu_section(gpu))
+
+
+def test_full_runs_section_names_device_and_missing_runs(tmp_path):
+    run = tmp_path / "default-train-s42"
+    run.mkdir()
+    metrics = {
+        "best_epoch": 39,
+        "epochs_run": 40,
+        "train_acc": 0.9606,
+        "val_acc": 0.9379,
+        "test_acc": 0.93024,
+        "test_mae": 4.773,
+        "train_seconds": 4338.6,
+        "train_img_per_s": 133.9,
+        "device": "Intel(R) Xeon(R) Processor",
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    text = "\n".join(make_report.full_runs_section(tmp_path))
+    assert "| 39 of 40 | 93.0% / 4.77 | +2.3% | 72 min, 134 img/s (CPU) |" in text
+    assert "(not run yet)" in text  # the other recipes' folders are absent

@@ -125,6 +125,14 @@ def open_image(src: str | os.PathLike | IO[bytes], max_pixels: int = MAX_PIXELS)
     return img
 
 
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of ``img`` as shown, after its EXIF orientation, read from the
+    header alone (no pixels decoded)."""
+    w, h = img.size
+    # orientations 5-8 turn the picture by 90 degrees
+    return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+
+
 def load_face(
     src: str | os.PathLike | IO[bytes] | Image.Image,
     size: int,

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from agegender.checkpoint import BUNDLED, load_checkpoint, resolve_checkpoint
-from agegender.data import IMAGE_SUFFIXES, load_face, open_image
+from agegender.data import IMAGE_SUFFIXES, load_face, open_image, upright_size
 from agegender.errors import AgeGenderError, DataError
 
 ASTRONAUT = Path(__file__).parent / "assets" / "astronaut.jpg"
@@ -254,9 +254,7 @@ class Predictor:
                 if isinstance(image, (bytes, bytearray, memoryview)):
                     image = io.BytesIO(bytes(image))
                 img = open_image(image)
-                w, h = img.size
-                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF turns it by 90 degrees
-                    w, h = h, w
+                w, h = upright_size(img)
                 face = load_face(img, self.size, self.color)
             # a copy: load_face's array is read-only, which torch.as_tensor warns about
             return face[None].copy(), [(0.0, 0.0, float(w), float(h))], [1.0]

@@ -65,7 +65,7 @@ def check_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     unreadable header, more than ``max_pixels`` pixels, or a decompression bomb, so an
     oversized image costs nothing to refuse.
     """
-    from agegender.data import open_image
+    from agegender.data import open_image, upright_size
 
     if not data:
         raise ImageError(422, "empty file")
@@ -79,9 +79,7 @@ def check_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     w, h = img.size
     if w * h > max_pixels:
         raise ImageError(422, f"too many pixels: {w}x{h} exceeds the limit of {max_pixels:,}")
-    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF turns it by 90 degrees
-        w, h = h, w
-    return w, h
+    return upright_size(img)
 
 
 def decode_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:

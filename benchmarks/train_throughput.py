@@ -84,7 +84,8 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
     gen.manual_seed(0)
 
     def epoch(steps: int, data: Data | None = None) -> float:
-        data = data or fake_data(batch * steps, args.size, channels, device)
+        if data is None:
+            data = fake_data(batch * steps, args.size, channels, device)
         sched, per_step = build_scheduler(cfg, opt, steps)
         t0 = time.perf_counter()
         out = train_one_epoch(

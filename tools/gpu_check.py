@@ -5,8 +5,8 @@
 1. ``train`` on CUDA (bf16 autocast, channels_last, cuDNN autotuning, fused AdamW) writes a
    complete run folder.
 2. A run killed during epoch 2 and continued with ``agegender train --resume`` ends as close
-   to an unbroken run as a second unbroken run does (cuDNN's autotuned backward kernels are
-   not bit-reproducible; both largest differences are reported).
+   to an unbroken run as a second unbroken run does (cuDNN's autotuned kernels need not be
+   bit-reproducible; both largest differences are reported).
 3. The DistributedDataParallel path on NCCL: a one-process NCCL group (one GPU cannot hold two
    NCCL ranks) runs the same training through DDP, the all-reduces, broadcasts and the final
    all-ranks weight check.
@@ -60,11 +60,15 @@ def _cfg(cache: str, out: Path, *extra: str):
     )
 
 
-def check_train(cache: str, out: Path) -> dict:
-    run = train(_cfg(cache, out / "train"), quiet=True)
+def _complete(run: Path) -> dict:
+    """The run's metrics, after checking it wrote every artefact."""
     missing = [a for a in ARTEFACTS if not (run / a).is_file()]
-    metrics = json.loads((run / "metrics.json").read_text())
     assert not missing, f"missing artefacts {missing}"
+    return json.loads((run / "metrics.json").read_text())
+
+
+def check_train(cache: str, out: Path) -> dict:
+    metrics = _complete(train(_cfg(cache, out / "train"), quiet=True))
     assert metrics["amp"], "bf16 autocast should be on for CUDA"
     return {k: metrics[k] for k in ("device", "amp", "test_acc", "test_mae", "train_img_per_s")}
 
@@ -90,16 +94,15 @@ def check_resume(cache: str, out: Path) -> dict:
     finally:
         train_mod.validate = real_validate
     assert cli_main(["train", "--resume", str(killed), "--quiet"]) == 0
-    rows = list(csv.DictReader((killed / "history.csv").open()))
+    with (killed / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"], rows
-    # cuDNN's autotuned, atomics-based kernels make two unbroken runs differ already: the
-    # resumed run must be as close to the first as the second unbroken run is, not closer
+    # cuDNN's autotuned kernels need not be bit-reproducible, so two unbroken runs may differ
+    # already: the resumed run must be about as close to the first as a second unbroken run is
     again = train(replace(cfg, run=replace(cfg.run, out=str(out / "again"))), quiet=True)
     spread = _max_diff(full, again)
     diff = _max_diff(full, killed)
-    assert diff <= max(3 * spread, 0.0), (
-        f"resumed weights differ by {diff}, two unbroken runs by {spread}"
-    )
+    assert diff <= 3 * spread, f"resumed weights differ by {diff}, two unbroken runs by {spread}"
     return {"max_abs_diff": diff, "unbroken_runs_max_abs_diff": spread}
 
 
@@ -116,9 +119,7 @@ def check_nccl(cache: str, out: Path) -> dict:
         run = train(_cfg(cache, out / "nccl"), quiet=True)
     finally:
         dist.destroy_process_group()
-    metrics = json.loads((run / "metrics.json").read_text())
-    missing = [a for a in ARTEFACTS if not (run / a).is_file()]
-    assert not missing, f"missing artefacts {missing}"
+    metrics = _complete(run)
     return {k: metrics[k] for k in ("world_size", "last_sha256", "test_acc", "test_mae")}
 
 

@@ -722,7 +722,7 @@ def _train(
         f"{f' x {world} processes' if world > 1 else ''} -> {out}"
     )
     train_time, train_images = sum(h["seconds"] for h in history), 0
-    plotted = -math.inf
+    plotted, drawn = -math.inf, 0  # when curves.png was last drawn, and with how many epochs
     for epoch in range(start, t.epochs + 1):
         if _distributed():
             # streams keyed by (seed, epoch, rank): --resume continues them with no saved state
@@ -796,7 +796,7 @@ def _train(
             # a redraw costs 0.2-0.5 s: every epoch on a CPU, every few seconds' worth on a GPU
             if time.monotonic() - plotted >= PLOT_EVERY_S:
                 plot_curves(history, out / "curves.png")
-                plotted = time.monotonic()
+                plotted, drawn = time.monotonic(), len(history)
         log(
             f"epoch {epoch:3d}/{t.epochs}  loss {tr['loss']:.3f}/{va['loss']:.3f}  "
             f"acc {tr['acc']:.3f}/{va['acc']:.3f}  mae {tr['mae']:.2f}/{va['mae']:.2f}  "
@@ -806,8 +806,8 @@ def _train(
         if t.early_stopping and epoch - best_epoch >= t.early_stopping:
             log(f"early stopping: no val-loss improvement for {t.early_stopping} epochs")
             break
-    if rank == 0 and history:
-        plot_curves(history, out / "curves.png")  # the last epochs may not be drawn yet
+    if rank == 0 and drawn < len(history):  # the last epochs were not drawn yet
+        plot_curves(history, out / "curves.png")
     digest = _check_ranks_agree(
         model,
         _state_digest(weights) if weights is not None else "",

@@ -2,12 +2,14 @@
 # Everything this project measures on a lent GPU, in one call per stage:
 #
 #   python tools/pack_cache.py pack cache/utk128 .pack/utk128.zip     # here, once (53 MB)
-#   bash benchmarks/gpu_session.sh check speed default                 # there; carry .pack
+#   bash benchmarks/gpu_session.sh check speed default default-graphs   # there; carry .pack
 #   bash benchmarks/gpu_session.sh sweep                               # there, a second call
 #
 # check: the CUDA paths CI cannot run (tools/gpu_check.py: train, resume, DDP on NCCL).
-# speed: benchmarks/train_throughput.py, eager and torch.compile.
+# speed: benchmarks/train_throughput.py, eager, torch.compile, and compile's CUDA graphs.
 # default: configs/default.toml on the train split alone, timed on its own.
+# default-graphs: the same with train.compile=true train.compile_mode=reduce-overhead.
+# default-b256: the same, eager, at batch 256 and lr 4e-3.
 # sweep: sweeps/default_recipe.toml (recipe variants around the default), 8 runs at once
 #   (SWEEP_ONLY="a b" SWEEP_PARALLEL=4 SWEEP_TIMEOUT=300 for fewer).
 # Results go to $OUT (default out/gpu): small JSON/CSV/Markdown files and one log per stage.
@@ -30,6 +32,16 @@ if [ ! -f $CACHE/images.npy ]; then
     $PY tools/pack_cache.py unpack .pack/utk128.zip $CACHE || exit 1
 fi
 
+# default_run NAME [key=value ...]: configs/default.toml, timed; metrics and history to $OUT
+default_run() {
+    local name=$1
+    shift
+    timeout $(cap 200) $PY -m agegender train configs/default.toml data.cache=$CACHE \
+        run.out=/tmp/runs/$name-train "$@"
+    cp /tmp/runs/$name-train/metrics.json "$OUT/${name}_metrics.json"
+    cp /tmp/runs/$name-train/history.csv "$OUT/${name}_history.csv"
+}
+
 for stage in "$@"; do
     t0=$(date +%s)
     echo "=== $stage"
@@ -40,12 +52,16 @@ for stage in "$@"; do
         timeout $(cap 90) $PY benchmarks/train_throughput.py --models seed-cnn resnet-mt \
             --batch-sizes 32 128 512 --steps 30 --repeats 3 --json "$OUT/train_throughput.json"
         timeout $(cap 120) $PY benchmarks/train_throughput.py --models resnet-mt --batch-sizes 512 \
-            --steps 30 --repeats 3 --compile --json "$OUT/train_throughput_compile.json" ;;
+            --steps 30 --repeats 3 --compile --json "$OUT/train_throughput_compile.json"
+        timeout $(cap 150) $PY benchmarks/train_throughput.py --models resnet-mt \
+            --batch-sizes 64 128 512 --steps 30 --repeats 3 --compile \
+            --compile-mode reduce-overhead --json "$OUT/train_throughput_reduce_overhead.json" ;;
     default)
-        timeout $(cap 200) $PY -m agegender train configs/default.toml data.cache=$CACHE \
-            run.out=/tmp/runs/default-train
-        cp /tmp/runs/default-train/metrics.json "$OUT/default_metrics.json"
-        cp /tmp/runs/default-train/history.csv "$OUT/default_history.csv" ;;
+        default_run default ;;
+    default-graphs)
+        default_run default-graphs train.compile=true train.compile_mode=reduce-overhead ;;
+    default-b256)
+        default_run default-b256 train.batch_size=256 train.lr=4e-3 ;;
     sweep)
         timeout $(cap ${SWEEP_TIMEOUT:-420}) $PY -m agegender sweep sweeps/default_recipe.toml \
             --data $CACHE --out /tmp/runs/sweep --parallel ${SWEEP_PARALLEL:-8} \

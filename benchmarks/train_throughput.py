@@ -3,7 +3,8 @@
 scheduler steps, no host sync inside the step) on random uint8 faces held on the device.
 
     python benchmarks/train_throughput.py --models seed-cnn resnet-mt --batch-sizes 32 128 512 \
-        --threads 2 --steps 20 [--amp off] [--compile] [--json out.json]
+        --threads 2 --steps 20 [--amp off] [--compile [--compile-mode reduce-overhead]] \
+        [--json out.json]
 
 Each (model, batch size) gets a fresh model built by the recipe (``--recipe``, default
 ``configs/default.toml``, with ``model.name`` and ``train.batch_size`` overridden), one warm-up
@@ -70,6 +71,7 @@ def _syncs_per_step(epoch, batch: int, size: int, channels: int, device) -> floa
 def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device) -> dict:
     overrides = [f"model.name={name}", f"train.batch_size={batch}", f"data.size={args.size}"]
     overrides += [f"train.amp={args.amp}", f"train.compile={str(args.compile).lower()}"]
+    overrides.append(f"train.compile_mode={args.compile_mode}")
     if name.startswith("seed-cnn"):
         overrides.append("model.age_head=regression")
     cfg = load_config(args.recipe, overrides)
@@ -79,7 +81,7 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
     if cfg.train.channels_last:
         model = to_channels_last(model)
     opt = build_optimizer(cfg, param_groups(model, None, cfg.train.weight_decay))
-    train_model = torch.compile(model) if cfg.train.compile else model
+    train_model = torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
 
@@ -106,7 +108,7 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
         "device": device_name(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "amp_bf16": amp,
-        "compile": cfg.train.compile,
+        "compile": cfg.train.compile and cfg.train.compile_mode,
         "host_syncs_per_step": syncs,
         "size": args.size,
         "color": cfg.data.color,
@@ -125,6 +127,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile-mode", default="default", help="with --compile: e.g. reduce-overhead")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args()
     if args.threads:

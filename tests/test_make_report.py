@@ -25,7 +25,10 @@ def test_gpu_section_pivots_throughput_and_reports_checks(tmp_path):
     )
     (gpu / "train_throughput.json").write_text(json.dumps([_row("resnet-mt", 512, 25722.5)]))
     (gpu / "train_throughput_compile.json").write_text(
-        json.dumps([_row("resnet-mt", 512, 40353.0, True)])
+        json.dumps([_row("resnet-mt", 512, 40353.0, "default")])
+    )
+    (gpu / "train_throughput_reduce_overhead.json").write_text(
+        json.dumps([_row("resnet-mt", 64, 30000.0, "reduce-overhead")])
     )
     check = {
         "device": "NVIDIA H200",
@@ -36,7 +39,8 @@ def test_gpu_section_pivots_throughput_and_reports_checks(tmp_path):
     }
     (gpu / "gpu_check.json").write_text(json.dumps(check))
     text = "\n".join(make_report.gpu_section(gpu))
-    assert "| resnet-mt | 512 | 20,979 | 23,034 | 25,722 | 40,353 |" in text
+    assert "| resnet-mt | 512 | 20,979 | 23,034 | 25,722 | 40,353 | - |" in text
+    assert "| resnet-mt | 64 | - | - | - | - | 30,000 |" in text  # a mode gets its own column
     assert "train ok; resume FAILED: AssertionError: differ; nccl ok" in text
     assert "has not run on a GPU yet" in text  # the old resume criterion is explained
 

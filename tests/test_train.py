@@ -98,6 +98,26 @@ def test_resume_continues_a_killed_run_exactly(real_cache64, tmp_path, monkeypat
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from an unbroken run"
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager(real_cache64, tmp_path):
+    """train.compile=true trains the same model as eager (to float rounding) and saves the
+    plain model's weights, which load without torch.compile's wrapper."""
+    common = ["data.limit=256", "train.amp=off", "train.tta=false"]
+    eager = train(_smoke(real_cache64, tmp_path / "eager", *common), quiet=True)
+    compiled = train(
+        _smoke(real_cache64, tmp_path / "compiled", *common, "train.compile=true"), quiet=True
+    )
+    a, b = load_file(str(eager / "last.safetensors")), load_file(str(compiled / "last.safetensors"))
+    assert a.keys() == b.keys()
+    (ra,), (rb,) = (list(csv.DictReader((r / "history.csv").open())) for r in (eager, compiled))
+    for key in ("train_loss", "val_loss", "val_mae"):
+        assert float(rb[key]) == pytest.approx(float(ra[key]), rel=0.005), key
+    model, _ = load_checkpoint(compiled / "best.safetensors")
+    assert model(torch.zeros(1, 1, 64, 64))["age"].shape == (1,)
+    with pytest.raises(ConfigError, match=r"train\.compile_mode must be one of"):
+        train(_smoke(real_cache64, tmp_path / "bad", "train.compile_mode=fast"), quiet=True)
+
+
 def test_overfits_32_synthetic_faces(tmp_path):
     """The study's network must drive the training loss down on a tiny set it can memorise."""
     make_dataset(tmp_path / "faces", n=48, size=64, seed=3)

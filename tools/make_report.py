@@ -285,17 +285,21 @@ def gpu_section(folder: Path) -> list[str]:
         ("train_throughput_before_sync_fix.json", True),
         ("train_throughput.json", False),
         ("train_throughput_compile.json", False),
+        ("train_throughput_reduce_overhead.json", False),
     ):
         f = folder / name
         for r in json.loads(f.read_text()) if f.is_file() else []:
-            col = ("compile" if r["compile"] else "eager") + (", before the fix" if before else "")
+            mode = r["compile"]  # False, True (older files) or torch.compile's mode
+            col = "eager" if not mode else "compile" if mode in (True, "default") else mode
+            col += ", before the fix" if before else ""
             cols.setdefault((r["model"], r["batch"]), {})[col] = r["img_per_s"]
             device = r["device"]
     if cols:
         heads = ["eager, before the fix", "compile, before the fix", "eager", "compile"]
+        heads += sorted({c for v in cols.values() for c in v} - set(heads))
         lines += [
             f"Training images/second on one {device} through the real training step (`python "
-            "benchmarks/train_throughput.py --steps 30 --repeats 3 [--compile]`; 128x128 gray, "
+            "benchmarks/train_throughput.py --steps 30 --repeats 3 [--compile [--compile-mode M]]`; 128x128 gray, "
             "bf16 autocast, channels_last, training set on the GPU, median of 3 epochs). Before "
             "the fix, each step copied four small tensors from the host (the normalisation "
             "constants and the loss weights), and each copy waited for the GPU queue to drain:",

@@ -86,6 +86,8 @@ class TrainConfig:
     amp: str = "auto"  # auto | bf16 | off: bf16 autocast (auto: on where it is fast)
     channels_last: bool = True  # NHWC memory layout (faster convs on GPUs and AMX CPUs)
     compile: bool = False  # torch.compile the model
+    # default | reduce-overhead (CUDA graphs: for small batches on a GPU) | max-autotune
+    compile_mode: str = "default"
     threads: int = 0  # torch CPU threads per process (0 = the cores / processes per machine)
     grad_clip: float = 0.0  # clip the gradient norm (0 = off)
     eval_batch_size: int = 256  # images per step and process when evaluating

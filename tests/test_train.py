@@ -180,3 +180,41 @@ def test_rgb_run_from_folder(tmp_path):
     out = train(cfg, quiet=True)
     _, meta = load_checkpoint(out / "best.safetensors")
     assert meta["data_config"]["color"] == "rgb" and (out / "cache" / "images.npy").exists()
+
+
+def _aug(**kw):
+    from agegender.config import AugConfig
+
+    zero = dict(rotate=0.0, flip=False, brightness=0.0, contrast=0.0, scale=0.0, shift=0.0)
+    return AugConfig(**{**zero, **kw})
+
+
+def test_augment_parameters_do_what_they_say():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 16, 16, generator=gen) - 0.5
+    same = train_mod.augment(x, _aug(), gen)
+    assert same.shape == x.shape and same.dtype == x.dtype
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)  # nothing asked, nothing changed
+
+    flipped = train_mod.augment(x, _aug(flip=True), gen)
+    mirror = [torch.allclose(f, m, atol=1e-5) for f, m in zip(flipped, x.flip(-1))]
+    kept = [torch.allclose(f, o, atol=1e-5) for f, o in zip(flipped, x)]
+    assert all(a or b for a, b in zip(mirror, kept)) and 10 < sum(mirror) < 54
+
+    shifted = train_mod.augment(x, _aug(brightness=0.2), gen) - x  # 0.2 of the 2-wide range
+    per_image = shifted.mean(dim=(1, 2, 3))
+    torch.testing.assert_close(shifted, per_image.view(-1, 1, 1, 1).expand_as(x), atol=1e-5, rtol=0)
+    assert per_image.abs().max() <= 0.4 + 1e-6 and per_image.min() < -0.1 < 0.1 < per_image.max()
+
+    stretched = train_mod.augment(x, _aug(contrast=0.5), gen)  # the mean stays, the spread scales
+    torch.testing.assert_close(
+        stretched.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=1e-5, rtol=0
+    )
+    ratio = stretched.std(dim=(1, 2, 3)) / x.std(dim=(1, 2, 3))
+    assert ratio.min() >= 0.5 - 1e-4 and ratio.max() <= 1.5 + 1e-4 and ratio.std() > 0.1
+
+    everything = load_config(None).aug
+    a = train_mod.augment(x * 3, everything, torch.Generator().manual_seed(1))
+    b = train_mod.augment(x * 3, everything, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.min() >= -1 and a.max() <= 1  # seeded, and clamped
+    assert not torch.allclose(a, (x * 3).clamp(-1, 1), atol=1e-2)

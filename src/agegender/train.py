@@ -390,33 +390,25 @@ def augment(x: torch.Tensor, aug: AugConfig, gen: torch.Generator) -> torch.Tens
     ``x``: normalised float ``(B, C, H, W)`` in [-1, 1] on any device; the whole batch is
     warped by one ``grid_sample`` call instead of image by image in Python.
     """
-    b, dev = x.shape[0], x.device
-
-    def u() -> torch.Tensor:  # uniform in [-1, 1], (B,)
-        return torch.rand(b, device=dev, generator=gen) * 2 - 1
-
-    angle = u() * math.radians(aug.rotate)
-    scale = 1 + u() * aug.scale
-    flip = (
-        torch.where(torch.rand(b, device=dev, generator=gen) < 0.5, -1.0, 1.0)
-        if aug.flip
-        else torch.ones(b, device=dev)
-    )
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    b = x.shape[0]
+    # One draw for every parameter of every image: on a GPU each op here is a kernel launch,
+    # and small batches are bound by launches, not arithmetic
+    r = torch.rand(b, 7, device=x.device, generator=gen) * 2 - 1  # uniform in [-1, 1]
+    angle, zoom, flip, dx, dy, contrast, brightness = r.unbind(1)
+    angle = angle * math.radians(aug.rotate)
+    zoom = 1 + zoom * aug.scale
+    flip = torch.where(flip < 0, -1.0, 1.0) if aug.flip else torch.ones_like(flip)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     # affine_grid maps output to input coordinates in [-1, 1]; a shift of f of the side is 2f
-    theta = torch.stack(
-        [
-            torch.stack([cos * flip, -sin, u() * aug.shift * 2], 1),
-            torch.stack([sin * flip, cos, u() * aug.shift * 2], 1),
-        ],
-        1,
-    )  # (B, 2, 3)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    shift = 2 * aug.shift
+    theta = torch.stack([cos * flip, -sin, dx * shift, sin * flip, cos, dy * shift], 1)
+    grid = F.affine_grid(theta.view(b, 2, 3).to(x.dtype), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    contrast = (1 + u() * aug.contrast).view(b, 1, 1, 1)
-    brightness = (u() * aug.brightness * 2).view(b, 1, 1, 1)  # the range [-1, 1] is 2 wide
-    return ((x - mean) * contrast + mean + brightness).clamp(-1, 1)
+    # (x - mean) * contrast + mean + brightness, as one pass over the pixels
+    contrast = (1 + contrast * aug.contrast).view(b, 1, 1, 1)
+    brightness = (brightness * (aug.brightness * 2)).view(b, 1, 1, 1)  # [-1, 1] is 2 wide
+    offset = x.mean(dim=(1, 2, 3), keepdim=True) * (1 - contrast) + brightness
+    return torch.addcmul(offset, x, contrast).clamp_(-1, 1)
 
 
 # --------------------------------------------------------------------------- epochs

@@ -50,7 +50,8 @@ for stage in "$@"; do
         timeout $(cap 100) $PY tools/gpu_check.py --cache $CACHE --json "$OUT/gpu_check.json" ;;
     speed)
         timeout $(cap 90) $PY benchmarks/train_throughput.py --models seed-cnn resnet-mt \
-            --batch-sizes 32 128 512 --steps 30 --repeats 3 --json "$OUT/train_throughput.json"
+            --batch-sizes 32 128 512 --steps 30 --repeats 3 --count-ops \
+            --json "$OUT/train_throughput.json"
         timeout $(cap 120) $PY benchmarks/train_throughput.py --models resnet-mt --batch-sizes 512 \
             --steps 30 --repeats 3 --compile --json "$OUT/train_throughput_compile.json"
         timeout $(cap 150) $PY benchmarks/train_throughput.py --models resnet-mt \

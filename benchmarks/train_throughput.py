@@ -4,13 +4,15 @@ scheduler steps, no host sync inside the step) on random uint8 faces held on the
 
     python benchmarks/train_throughput.py --models seed-cnn resnet-mt --batch-sizes 32 128 512 \
         --threads 2 --steps 20 [--amp off] [--compile [--compile-mode reduce-overhead]] \
-        [--json out.json]
+        [--count-ops] [--json out.json]
 
 Each (model, batch size) gets a fresh model built by the recipe (``--recipe``, default
 ``configs/default.toml``, with ``model.name`` and ``train.batch_size`` overridden), one warm-up
 epoch of 3 steps, then ``--repeats`` timed epochs of ``--steps`` steps; the median epoch gives
 images/second (synchronised on CUDA). Prints one JSON line per row and a Markdown table with
-the device's name.
+the device's name. On CUDA each row also counts the host syncs per step; ``--count-ops`` counts
+the ATen ops that do work per eager step (each a kernel launch on a GPU: the bound of a step
+too small to fill one).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from agegender.config import load_config
 from agegender.inference import device_name
@@ -36,6 +39,9 @@ from agegender.train import (
     train_one_epoch,
     use_amp,
 )
+
+_NO_WORK = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+            torch.ops.aten.detach.default}  # fmt: skip
 
 
 def fake_data(n: int, size: int, channels: int, device: torch.device) -> Data:
@@ -65,6 +71,30 @@ def _syncs_per_step(epoch, batch: int, size: int, channels: int, device) -> floa
         finally:
             torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    return (counts[1] - counts[0]) / 4
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ATen ops that do work (no views), forward and backward: on a GPU each one is
+    at least one kernel launch, so this is what bounds a step that is too small to fill it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += not (func.is_view or func in _NO_WORK)
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(epoch, batch: int, size: int, channels: int, device) -> float:
+    """Ops per training step, from epochs of 2 and 6 steps (cancelling each epoch's own)."""
+    counts = []
+    for steps in (2, 6):
+        data = fake_data(batch * steps, size, channels, device)
+        with _CountOps() as count:
+            epoch(steps, data)
+        counts.append(count.n)
     return (counts[1] - counts[0]) / 4
 
 
@@ -99,6 +129,8 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
 
     epoch(3)  # warm-up: allocator, kernel selection, compilation
     syncs = _syncs_per_step(epoch, batch, args.size, channels, device)
+    count = args.count_ops and not cfg.train.compile  # a compiled graph is one call, not ops
+    ops = _ops_per_step(epoch, batch, args.size, channels, device) if count else None
     rates = [epoch(args.steps) for _ in range(args.repeats)]
     return {
         "model": name,
@@ -110,6 +142,7 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
         "amp_bf16": amp,
         "compile": cfg.train.compile and cfg.train.compile_mode,
         "host_syncs_per_step": syncs,
+        "ops_per_step": ops,
         "size": args.size,
         "color": cfg.data.color,
     }
@@ -128,6 +161,9 @@ def main() -> None:
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--compile-mode", default="default", help="with --compile: e.g. reduce-overhead")
+    p.add_argument(
+        "--count-ops", action="store_true", help="also count the ATen ops of an eager step"
+    )
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args()
     if args.threads:

@@ -31,11 +31,15 @@ def test_train_throughput(tmp_path):
     run(
         "train_throughput.py",
         *("--models", "resnet-mt-small", "seed-cnn", "--batch-sizes", "8", "--steps", "2"),
-        *("--repeats", "1", "--size", "64", "--threads", "1", "--json", str(out)),
+        *("--repeats", "1", "--size", "64", "--threads", "1", "--count-ops", "--json", str(out)),
     )
     rows = json.loads(out.read_text())
     assert [r["model"] for r in rows] == ["resnet-mt-small", "seed-cnn"]
     assert all(r["img_per_s"] > 0 and r["device"] != "cpu" for r in rows)
+    # Each op is a kernel launch on a GPU, where launches bound the default recipe's step.
+    # resnet-mt-small: ~130 forward, ~185 backward, 34 augmentation, ~30 loss, 1 optimizer
+    resnet, seed = (r["ops_per_step"] for r in rows)
+    assert seed < resnet < 450, rows
 
 
 @pytest.mark.slow

@@ -66,9 +66,9 @@ fi
 
 # 5b. On a lent GPU (reports/gpu/): pack the cache here, carry .pack there, run the stages there,
 #     then copy $OUT/{gpu_check,train_throughput*}.json to reports/gpu/ and
-#     default_{metrics.json,history.csv} to reports/gpu/default-train/ (the H200 figures did so):
+#     NAME_{metrics.json,history.csv} to reports/gpu/NAME-train/ (the H200 figures did so):
 #   .venv/bin/python tools/pack_cache.py pack $CACHE .pack/utk128.zip
-#   bash benchmarks/gpu_session.sh check speed default
+#   bash benchmarks/gpu_session.sh check speed default default-graphs default-b256
 
 # 6. reports/README.md and MODEL_CARD.md from all of the above
 .venv/bin/python tools/make_report.py --full reports

@@ -41,7 +41,7 @@ from agegender.losses import UncertaintyWeights, multitask_loss
 from agegender.models import count_parameters, create_model, normalize
 
 # torch.compile's modes; reduce-overhead replays each step as CUDA graphs, which removes the
-# per-kernel launch cost that bounds small batches on a GPU (a no-op on the CPU)
+# per-kernel launch cost that bounds small batches on a GPU (on the CPU it compiles as default)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PLOT_EVERY_S = 20.0  # least seconds between two redraws of curves.png during training
 

@@ -213,6 +213,16 @@ def test_augment_parameters_do_what_they_say():
     ratio = stretched.std(dim=(1, 2, 3)) / x.std(dim=(1, 2, 3))
     assert ratio.min() >= 0.5 - 1e-4 and ratio.max() <= 1.5 + 1e-4 and ratio.std() > 0.1
 
+    # rotation and zoom turn and scale a ramp's gradient (measured away from the borders)
+    ramp = torch.linspace(-0.5, 0.5, 32).expand(64, 1, 32, 32)
+    warped = train_mod.augment(ramp, _aug(rotate=20.0, scale=0.1), gen)[..., 8:24, 8:24]
+    gx = (warped[..., :, 2:] - warped[..., :, :-2]).mean(dim=(1, 2, 3))
+    gy = (warped[..., 2:, :] - warped[..., :-2, :]).mean(dim=(1, 2, 3))
+    angle = torch.rad2deg(torch.atan2(gy, gx))
+    assert angle.abs().max() <= 20.5 and angle.min() < -8 and angle.max() > 8
+    gain = torch.hypot(gx, gy) / (2 / 31)  # the ramp's own step over two pixels
+    assert gain.min() >= 1 / 1.1 - 0.01 and gain.max() <= 1 / 0.9 + 0.01 and gain.std() > 0.02
+
     everything = load_config(None).aug
     a = train_mod.augment(x * 3, everything, torch.Generator().manual_seed(1))
     b = train_mod.augment(x * 3, everything, torch.Generator().manual_seed(1))

@@ -223,6 +223,10 @@ def test_augment_parameters_do_what_they_say():
     gain = torch.hypot(gx, gy) / (2 / 31)  # the ramp's own step over two pixels
     assert gain.min() >= 1 / 1.1 - 0.01 and gain.max() <= 1 / 0.9 + 0.01 and gain.std() > 0.02
 
+    # a shift of at most 5 % of the side (32 px, where the ramp climbs 32/31) moves its centre
+    moved = train_mod.augment(ramp, _aug(shift=0.05), gen)[..., 8:24, 8:24].mean(dim=(1, 2, 3))
+    assert moved.abs().max() <= 0.05 * 32 / 31 + 1e-4 and moved.abs().max() > 0.04
+
     everything = load_config(None).aug
     a = train_mod.augment(x * 3, everything, torch.Generator().manual_seed(1))
     b = train_mod.augment(x * 3, everything, torch.Generator().manual_seed(1))

@@ -9,7 +9,6 @@
 # speed: benchmarks/train_throughput.py, eager, torch.compile, and compile's CUDA graphs.
 # default: configs/default.toml on the train split alone, timed on its own.
 # default-graphs: the same with train.compile=true train.compile_mode=reduce-overhead.
-# default-b256: the same, eager, at batch 256 and lr 4e-3.
 # sweep: sweeps/default_recipe.toml (recipe variants around the default), 8 runs at once
 #   (SWEEP_ONLY="a b" SWEEP_PARALLEL=4 SWEEP_TIMEOUT=300 for fewer).
 # Results go to $OUT (default out/gpu): small JSON/CSV/Markdown files and one log per stage.
@@ -61,8 +60,6 @@ for stage in "$@"; do
         default_run default ;;
     default-graphs)
         default_run default-graphs train.compile=true train.compile_mode=reduce-overhead ;;
-    default-b256)
-        default_run default-b256 train.batch_size=256 train.lr=4e-3 ;;
     sweep)
         timeout $(cap ${SWEEP_TIMEOUT:-420}) $PY -m agegender sweep sweeps/default_recipe.toml \
             --data $CACHE --out /tmp/runs/sweep --parallel ${SWEEP_PARALLEL:-8} \

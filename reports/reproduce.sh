@@ -32,8 +32,11 @@ if [ -z "${SKIP_FULL:-}" ]; then
   # the same recipe on prepare's default split (seed 42), which the targets name
   $AG prepare "$DATA" --out cache/utk128-s42 --quiet
   $AG train configs/default.toml data.cache=cache/utk128-s42 run.out=runs/full/default-train-s42 --quiet
+  # 4x the batch (2x the learning rate): 4x fewer steps, which a launch-bound GPU would take
+  $AG train configs/default.toml data.cache=cache/utk128-s42 train.batch_size=256 train.lr=4e-3 \
+    run.out=runs/full/default-b256-s42 --quiet
 fi
-for r in seed seed-regularized default-train default-train-s42; do
+for r in seed seed-regularized default-train default-train-s42 default-b256-s42; do
   mkdir -p reports/$r && cp runs/full/$r/curves.png runs/full/$r/history.csv runs/full/$r/metrics.json reports/$r/
 done
 
@@ -59,7 +62,8 @@ if [ -z "${SKIP_SPEED:-}" ]; then
   mkdir -p reports/speed
   .venv/bin/python benchmarks/predict_speed.py --n 200 --threads 2 --json reports/speed/predict_tta.json
   .venv/bin/python benchmarks/predict_speed.py --n 200 --threads 2 --no-tta --json reports/speed/predict_no_tta.json
-  .venv/bin/python benchmarks/train_throughput.py --threads 2 --steps 8 --repeats 2 --json reports/speed/train_throughput.json
+  .venv/bin/python benchmarks/train_throughput.py --threads 2 --steps 8 --repeats 2 --count-ops --json reports/speed/train_throughput.json
+  .venv/bin/python benchmarks/train_throughput.py --threads 2 --steps 8 --repeats 2 --batch-sizes 128 --compile --json reports/speed/train_throughput_compile.json
   .venv/bin/python benchmarks/train_throughput.py --threads 2 --steps 8 --repeats 2 --batch-sizes 128 --amp off --json reports/speed/train_throughput_fp32.json
   .venv/bin/python benchmarks/serve_load.py --clients 8 --seconds 20 --json reports/speed/serve_load.json
 fi
@@ -68,7 +72,7 @@ fi
 #     then copy $OUT/{gpu_check,train_throughput*}.json to reports/gpu/ and
 #     NAME_{metrics.json,history.csv} to reports/gpu/NAME-train/ (the H200 figures did so):
 #   .venv/bin/python tools/pack_cache.py pack $CACHE .pack/utk128.zip
-#   bash benchmarks/gpu_session.sh check speed default default-graphs default-b256
+#   bash benchmarks/gpu_session.sh check speed default default-graphs
 
 # 6. reports/README.md and MODEL_CARD.md from all of the above
 .venv/bin/python tools/make_report.py --full reports

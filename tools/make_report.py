@@ -191,6 +191,12 @@ FULL_RUNS = [  # (run folder under --full, recipe, what it is, the number to com
         "issue target: >= 92.5 % / <= 4.85",
     ),
     (
+        "default-b256-s42",
+        "default",
+        "the same at batch 256, lr 4e-3 (`train.batch_size=256 train.lr=4e-3`; seed-42 split)",
+        "issue target: >= 92.5 % / <= 4.85",
+    ),
+    (
         "gpu/default-train-run1",
         "default",
         "the same on one H200, before the host-sync fix (4 syncs per step)",

@@ -39,6 +39,7 @@ default_run() {
         run.out=/tmp/runs/$name-train "$@"
     cp /tmp/runs/$name-train/metrics.json "$OUT/${name}_metrics.json"
     cp /tmp/runs/$name-train/history.csv "$OUT/${name}_history.csv"
+    cp /tmp/runs/$name-train/curves.png "$OUT/${name}_curves.png"
 }
 
 for stage in "$@"; do

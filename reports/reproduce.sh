@@ -70,7 +70,8 @@ fi
 
 # 5b. On a lent GPU (reports/gpu/): pack the cache here, carry .pack there, run the stages there,
 #     then copy $OUT/{gpu_check,train_throughput*}.json to reports/gpu/ and
-#     NAME_{metrics.json,history.csv} to reports/gpu/NAME-train/ (the H200 figures did so):
+#     NAME_{metrics.json,history.csv,curves.png} to reports/gpu/NAME-train/, dropping "NAME_"
+#     (the H200 figures did so):
 #   .venv/bin/python tools/pack_cache.py pack $CACHE .pack/utk128.zip
 #   bash benchmarks/gpu_session.sh check speed default default-graphs
 

@@ -208,6 +208,13 @@ FULL_RUNS = [  # (run folder under --full, recipe, what it is, the number to com
         "the same on one H200",
         "issue target: >= 92.5 % / <= 4.85",
     ),
+    (
+        "gpu/default-graphs-train",
+        "default",
+        "the same on one GPU with CUDA graphs (`train.compile=true "
+        "train.compile_mode=reduce-overhead`)",
+        "issue target: under 40 s",
+    ),
 ]
 
 

@@ -18,6 +18,7 @@ too small to fill one).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -54,24 +55,27 @@ def fake_data(n: int, size: int, channels: int, device: torch.device) -> Data:
     )
 
 
-def _syncs_per_step(epoch, batch: int, size: int, channels: int, device) -> float | None:
-    """Host waits per training step, from CUDA's sync debugger: epochs of 2 and 6 steps differ
-    by 4 steps, which cancels the few syncs every epoch makes once (shuffle, closing sums)."""
-    if device.type != "cuda":
-        return None
+def _per_step(count, epoch, batch: int, size: int, channels: int, device) -> float:
+    """``count(run)`` (what running an epoch adds up to) per training step: epochs of 2 and 6
+    steps differ by 4 steps, which cancels what every epoch does once (shuffle, closing sums)."""
     counts = []
     for steps in (2, 6):
-        data = fake_data(batch * steps, size, channels, device)  # its upload syncs: made first
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                epoch(steps, data)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        data = fake_data(batch * steps, size, channels, device)  # its upload: made first
+        counts.append(count(functools.partial(epoch, steps, data)))
     return (counts[1] - counts[0]) / 4
+
+
+def _host_syncs(run) -> int:
+    """Host waits while ``run()`` runs, from CUDA's sync debugger."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 class _CountOps(TorchDispatchMode):
@@ -87,15 +91,10 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ops_per_step(epoch, batch: int, size: int, channels: int, device) -> float:
-    """Ops per training step, from epochs of 2 and 6 steps (cancelling each epoch's own)."""
-    counts = []
-    for steps in (2, 6):
-        data = fake_data(batch * steps, size, channels, device)
-        with _CountOps() as count:
-            epoch(steps, data)
-        counts.append(count.n)
-    return (counts[1] - counts[0]) / 4
+def _ops(run) -> int:
+    with _CountOps() as count:
+        run()
+    return count.n
 
 
 def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device) -> dict:
@@ -128,9 +127,10 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
         return out["images"] / (time.perf_counter() - t0)
 
     epoch(3)  # warm-up: allocator, kernel selection, compilation
-    syncs = _syncs_per_step(epoch, batch, args.size, channels, device)
+    shape = (batch, args.size, channels, device)
+    syncs = _per_step(_host_syncs, epoch, *shape) if device.type == "cuda" else None
     count = args.count_ops and not cfg.train.compile  # a compiled graph is one call, not ops
-    ops = _ops_per_step(epoch, batch, args.size, channels, device) if count else None
+    ops = _per_step(_ops, epoch, *shape) if count else None
     rates = [epoch(args.steps) for _ in range(args.repeats)]
     return {
         "model": name,

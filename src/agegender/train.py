@@ -500,9 +500,8 @@ def train_one_epoch(
         with torch.no_grad():
             b = len(idx)
             correct = ((out["gender"].float() > 0) == (gender > 0.5)).float().sum()
-            sums += torch.stack(
-                [losses["loss"].detach() * b, correct, (out["age"].float() - age).abs().sum()]
-            )
+            # the loss already took the batch's age MAE
+            sums += torch.stack([losses["loss"].detach() * b, correct, losses["mae"] * b])
             seen += b
         if not quiet and step % 25 == 0:  # reading the loss waits for the device: rarely
             bar.set_postfix(loss=f"{losses['loss'].item():.3f}")

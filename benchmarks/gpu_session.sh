@@ -2,13 +2,16 @@
 # Everything this project measures on a lent GPU, in one call per stage:
 #
 #   python tools/pack_cache.py pack cache/utk128 .pack/utk128.zip     # here, once (53 MB)
-#   bash benchmarks/gpu_session.sh check speed default default-graphs   # there; carry .pack
+#   bash benchmarks/gpu_session.sh default-graphs speed check default   # there; carry .pack
 #   bash benchmarks/gpu_session.sh sweep                               # there, a second call
 #
-# check: the CUDA paths CI cannot run (tools/gpu_check.py: train, resume, DDP on NCCL).
-# speed: benchmarks/train_throughput.py, eager, torch.compile, and compile's CUDA graphs.
+# check: the CUDA paths CI cannot run (tools/gpu_check.py: train, resume, DDP on NCCL, CUDA
+#   graphs).
+# speed: benchmarks/train_throughput.py, eager and with CUDA graphs (train.cuda_graphs).
+# compile: the same with torch.compile, and with its CUDA graphs (mode reduce-overhead).
 # default: configs/default.toml on the train split alone, timed on its own.
-# default-graphs: the same with train.compile=true train.compile_mode=reduce-overhead.
+# default-graphs: the same with train.cuda_graphs=true.
+# default-compiled: the same with train.compile=true train.compile_mode=reduce-overhead.
 # sweep: sweeps/default_recipe.toml (recipe variants around the default), 8 runs at once
 #   (SWEEP_ONLY="a b" SWEEP_PARALLEL=4 SWEEP_TIMEOUT=300 for fewer).
 # Results go to $OUT (default out/gpu): small JSON/CSV/Markdown files and one log per stage.
@@ -47,11 +50,15 @@ for stage in "$@"; do
     echo "=== $stage"
     case $stage in
     check)
-        timeout $(cap 100) $PY tools/gpu_check.py --cache $CACHE --json "$OUT/gpu_check.json" ;;
+        timeout $(cap 150) $PY tools/gpu_check.py --cache $CACHE --json "$OUT/gpu_check.json" ;;
     speed)
         timeout $(cap 90) $PY benchmarks/train_throughput.py --models seed-cnn resnet-mt \
             --batch-sizes 32 128 512 --steps 30 --repeats 3 --count-ops \
             --json "$OUT/train_throughput.json"
+        timeout $(cap 60) $PY benchmarks/train_throughput.py --models seed-cnn resnet-mt \
+            --batch-sizes 32 64 128 512 --steps 30 --repeats 3 --cuda-graphs \
+            --json "$OUT/train_throughput_cuda_graphs.json" ;;
+    compile)
         timeout $(cap 120) $PY benchmarks/train_throughput.py --models resnet-mt --batch-sizes 512 \
             --steps 30 --repeats 3 --compile --json "$OUT/train_throughput_compile.json"
         timeout $(cap 150) $PY benchmarks/train_throughput.py --models resnet-mt \
@@ -60,7 +67,9 @@ for stage in "$@"; do
     default)
         default_run default ;;
     default-graphs)
-        default_run default-graphs train.compile=true train.compile_mode=reduce-overhead ;;
+        default_run default-graphs train.cuda_graphs=true ;;
+    default-compiled)
+        default_run default-compiled train.compile=true train.compile_mode=reduce-overhead ;;
     sweep)
         timeout $(cap ${SWEEP_TIMEOUT:-420}) $PY -m agegender sweep sweeps/default_recipe.toml \
             --data $CACHE --out /tmp/runs/sweep --parallel ${SWEEP_PARALLEL:-8} \

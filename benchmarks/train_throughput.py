@@ -4,7 +4,7 @@ scheduler steps, no host sync inside the step) on random uint8 faces held on the
 
     python benchmarks/train_throughput.py --models seed-cnn resnet-mt --batch-sizes 32 128 512 \
         --threads 2 --steps 20 [--amp off] [--compile [--compile-mode reduce-overhead]] \
-        [--count-ops] [--json out.json]
+        [--cuda-graphs] [--count-ops] [--json out.json]
 
 Each (model, batch size) gets a fresh model built by the recipe (``--recipe``, default
 ``configs/default.toml``, with ``model.name`` and ``train.batch_size`` overridden), one warm-up
@@ -12,7 +12,8 @@ epoch of 3 steps, then ``--repeats`` timed epochs of ``--steps`` steps; the medi
 images/second (synchronised on CUDA). Prints one JSON line per row and a Markdown table with
 the device's name. On CUDA each row also counts the host syncs per step; ``--count-ops`` counts
 the ATen ops that do work per eager step (each a kernel launch on a GPU: the bound of a step
-too small to fill one).
+too small to fill one). ``--cuda-graphs`` (CUDA only) replays each step's forward and backward
+as CUDA graphs, as ``train.cuda_graphs=true`` does.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from agegender.config import load_config
 from agegender.inference import device_name
 from agegender.train import (
     Data,
+    TrainForward,
     build_model,
     build_optimizer,
     build_scheduler,
+    graph_train_forward,
     param_groups,
     resolve_device,
     to_channels_last,
@@ -101,6 +104,7 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
     overrides = [f"model.name={name}", f"train.batch_size={batch}", f"data.size={args.size}"]
     overrides += [f"train.amp={args.amp}", f"train.compile={str(args.compile).lower()}"]
     overrides.append(f"train.compile_mode={args.compile_mode}")
+    overrides.append(f"train.cuda_graphs={str(args.cuda_graphs).lower()}")
     if name.startswith("seed-cnn"):
         overrides.append("model.age_head=regression")
     cfg = load_config(args.recipe, overrides)
@@ -111,6 +115,11 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
         model = to_channels_last(model)
     opt = build_optimizer(cfg, param_groups(model, None, cfg.train.weight_decay))
     train_model = torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model
+    forward = TrainForward(cfg, train_model, None, amp)
+    if cfg.train.cuda_graphs:
+        d = fake_data(batch, args.size, channels, device)
+        sample = (d.x["train"], torch.rand(batch, 7, device=device))
+        forward = graph_train_forward(forward, (*sample, d.age["train"], d.gender["train"]))
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
 
@@ -119,9 +128,8 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
             data = fake_data(batch * steps, args.size, channels, device)
         sched, per_step = build_scheduler(cfg, opt, steps)
         t0 = time.perf_counter()
-        out = train_one_epoch(
-            cfg, train_model, data, opt, sched, per_step, None, device, amp, gen, 1, quiet=True
-        )
+        run = (cfg, train_model, data, opt, sched, per_step, None, device, amp, gen, 1)
+        out = train_one_epoch(*run, quiet=True, forward=forward)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return out["images"] / (time.perf_counter() - t0)
@@ -129,7 +137,8 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
     epoch(3)  # warm-up: allocator, kernel selection, compilation
     shape = (batch, args.size, channels, device)
     syncs = _per_step(_host_syncs, epoch, *shape) if device.type == "cuda" else None
-    count = args.count_ops and not cfg.train.compile  # a compiled graph is one call, not ops
+    # a compiled or captured graph is one call, not ops
+    count = args.count_ops and not (cfg.train.compile or cfg.train.cuda_graphs)
     ops = _per_step(_ops, epoch, *shape) if count else None
     rates = [epoch(args.steps) for _ in range(args.repeats)]
     return {
@@ -141,6 +150,7 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "amp_bf16": amp,
         "compile": cfg.train.compile and cfg.train.compile_mode,
+        "cuda_graphs": cfg.train.cuda_graphs,
         "host_syncs_per_step": syncs,
         "ops_per_step": ops,
         "size": args.size,
@@ -162,6 +172,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--compile-mode", default="default", help="with --compile: e.g. reduce-overhead")
     p.add_argument(
+        "--cuda-graphs", action="store_true", help="replay each step as CUDA graphs (CUDA only)"
+    )
+    p.add_argument(
         "--count-ops", action="store_true", help="also count the ATen ops of an eager step"
     )
     p.add_argument("--json", default=None, help="also write the rows to this file")
@@ -169,6 +182,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        p.error(f"--cuda-graphs needs a CUDA device, not {device}")
     torch.backends.cudnn.benchmark = True  # as train() does on CUDA
     rows = []
     for name in args.models:
@@ -179,12 +194,12 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print("\n| model | batch | img/s | device | threads | bf16 | compile |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| model | batch | img/s | device | threads | bf16 | compile | CUDA graphs |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['batch']} | {r['img_per_s']:,.0f} | {r['device']} | "
-            f"{r['threads'] or '-'} | {r['amp_bf16']} | {r['compile']} |"
+            f"{r['threads'] or '-'} | {r['amp_bf16']} | {r['compile']} | {r['cuda_graphs']} |"
         )
 
 

@@ -73,7 +73,7 @@ fi
 #     NAME_{metrics.json,history.csv,curves.png} to reports/gpu/NAME-train/, dropping "NAME_"
 #     (the H200 figures did so):
 #   .venv/bin/python tools/pack_cache.py pack $CACHE .pack/utk128.zip
-#   bash benchmarks/gpu_session.sh check speed default default-graphs
+#   bash benchmarks/gpu_session.sh default-graphs speed check default
 
 # 6. reports/README.md and MODEL_CARD.md from all of the above
 .venv/bin/python tools/make_report.py --full reports

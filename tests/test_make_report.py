@@ -12,9 +12,9 @@ make_report = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(make_report)
 
 
-def _row(model: str, batch: int, img_s: float, compile_: bool = False) -> dict:
+def _row(model: str, batch: int, img_s: float, compile_: bool = False, **kw) -> dict:
     return {"model": model, "batch": batch, "img_per_s": img_s, "compile": compile_,
-            "device": "NVIDIA H200"}  # fmt: skip
+            "device": "NVIDIA H200", **kw}  # fmt: skip
 
 
 def test_gpu_section_pivots_throughput_and_reports_checks(tmp_path):
@@ -30,6 +30,9 @@ def test_gpu_section_pivots_throughput_and_reports_checks(tmp_path):
     (gpu / "train_throughput_reduce_overhead.json").write_text(
         json.dumps([_row("resnet-mt", 64, 30000.0, "reduce-overhead")])
     )
+    (gpu / "train_throughput_cuda_graphs.json").write_text(
+        json.dumps([_row("resnet-mt", 512, 33000.0, cuda_graphs=True)])
+    )
     check = {
         "device": "NVIDIA H200",
         "torch": "2.11.0",
@@ -39,9 +42,14 @@ def test_gpu_section_pivots_throughput_and_reports_checks(tmp_path):
     }
     (gpu / "gpu_check.json").write_text(json.dumps(check))
     text = "\n".join(make_report.gpu_section(gpu))
-    assert "| resnet-mt | 512 | 20,979 | 23,034 | 25,722 | 40,353 | - |" in text
-    assert "| resnet-mt | 64 | - | - | - | - | 30,000 |" in text  # a mode gets its own column
+    assert "| eager | CUDA graphs | compile | reduce-overhead |" in text
+    assert "| resnet-mt | 512 | 20,979 | 23,034 | 25,722 | 33,000 | 40,353 | - |" in text
+    assert "| resnet-mt | 64 | - | - | - | - | - | 30,000 |" in text  # a mode gets its own column
     assert "train ok; resume FAILED: AssertionError: differ; nccl ok" in text
+    cpu_only = tmp_path / "cpu"  # columns nothing filled are left out
+    cpu_only.mkdir()
+    (cpu_only / "train_throughput.json").write_text(json.dumps([_row("resnet-mt", 32, 150.0)]))
+    assert "| model | batch | eager |" in "\n".join(make_report.gpu_section(cpu_only))
     assert "has not run on a GPU yet" in text  # the old resume criterion is explained
 
     check["resume"] = {"ok": True, "max_abs_diff": 0.1, "unbroken_runs_max_abs_diff": 0.1}

@@ -118,6 +118,25 @@ def test_compiled_training_matches_eager(real_cache64, tmp_path):
         train(_smoke(real_cache64, tmp_path / "bad", "train.compile_mode=fast"), quiet=True)
 
 
+def test_cuda_graphs_refused_where_they_cannot_run(tmp_path, monkeypatch):
+    """train.cuda_graphs captures one GPU's eager step: on a CPU, with torch.compile or under
+    torchrun it is a clear ConfigError before any data is read."""
+    missing = tmp_path / "no-cache"
+    for extra, env, says in (
+        ([], "1", "device cpu, compile false, 1 processes"),
+        (["train.compile=true"], "1", "compile true"),
+        ([], "2", "2 processes"),
+    ):
+        monkeypatch.setenv("WORLD_SIZE", env)
+        cfg = _smoke(
+            missing, tmp_path / "run", "train.cuda_graphs=true", "train.device=cpu", *extra
+        )
+        with pytest.raises(ConfigError, match=r"train\.cuda_graphs needs one CUDA GPU") as e:
+            train(cfg, quiet=True)
+        assert says in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_overfits_32_synthetic_faces(tmp_path):
     """The study's network must drive the training loss down on a tiny set it can memorise."""
     make_dataset(tmp_path / "faces", n=48, size=64, seed=3)
@@ -231,4 +250,7 @@ def test_augment_parameters_do_what_they_say():
     a = train_mod.augment(x * 3, everything, torch.Generator().manual_seed(1))
     b = train_mod.augment(x * 3, everything, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.min() >= -1 and a.max() <= 1  # seeded, and clamped
+    # the draws passed in (how a training step augments) are the ones it would have drawn
+    draws = torch.rand(64, 7, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(train_mod.augment(x * 3, everything, draws=draws), a)
     assert not torch.allclose(a, (x * 3).clamp(-1, 1), atol=1e-2)

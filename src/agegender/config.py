@@ -88,6 +88,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     # default | reduce-overhead (CUDA graphs: for small batches on a GPU) | max-autotune
     compile_mode: str = "default"
+    # capture each step's forward and backward as CUDA graphs (one GPU, no compile)
+    cuda_graphs: bool = False
     threads: int = 0  # torch CPU threads per process (0 = the cores / processes per machine)
     grad_clip: float = 0.0  # clip the gradient norm (0 = off)
     eval_batch_size: int = 256  # images per step and process when evaluating

@@ -385,16 +385,24 @@ def build_scheduler(cfg: Config, opt: torch.optim.Optimizer, steps_per_epoch: in
 # --------------------------------------------------------------------------- augmentation
 
 
-def augment(x: torch.Tensor, aug: AugConfig, gen: torch.Generator) -> torch.Tensor:
+def augment(
+    x: torch.Tensor,
+    aug: AugConfig,
+    gen: torch.Generator | None = None,
+    draws: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Random rotation, flip, zoom, shift (one affine warp) and brightness/contrast, per image.
 
     ``x``: normalised float ``(B, C, H, W)`` in [-1, 1] on any device; the whole batch is
-    warped by one ``grid_sample`` call instead of image by image in Python.
+    warped by one ``grid_sample`` call instead of image by image in Python. The randomness is
+    ``draws``, ``(B, 7)`` uniform in [0, 1), drawn here from ``gen`` when not given.
     """
     b = x.shape[0]
-    # One draw for every parameter of every image: on a GPU each op here is a kernel launch,
-    # and small batches are bound by launches, not arithmetic
-    r = torch.rand(b, 7, device=x.device, generator=gen) * 2 - 1  # uniform in [-1, 1]
+    if draws is None:
+        # One draw for every parameter of every image: on a GPU each op here is a kernel
+        # launch, and small batches are bound by launches, not arithmetic
+        draws = torch.rand(b, 7, device=x.device, generator=gen)
+    r = draws * 2 - 1  # uniform in [-1, 1]
     angle, zoom, flip, dx, dy, contrast, brightness = r.unbind(1)
     angle = angle * math.radians(aug.rotate)
     zoom = 1 + zoom * aug.scale
@@ -413,6 +421,63 @@ def augment(x: torch.Tensor, aug: AugConfig, gen: torch.Generator) -> torch.Tens
 
 
 # --------------------------------------------------------------------------- epochs
+
+
+class TrainForward(nn.Module):
+    """What a training step computes before ``backward``: a uint8 batch is normalised,
+    augmented (with ``draws``, see :func:`augment`; ignored when ``train.augment`` is off),
+    put through the model (bf16 autocast when ``amp``) and scored by the recipe's loss.
+
+    ``forward(x, draws, age, gender)`` returns ``(loss, mae, correct)``: the loss to
+    backpropagate, the batch's mean absolute age error and its number of right genders.
+    One module with tensors in and out, so that ``train.cuda_graphs`` can capture the whole of
+    it, and its backward, as CUDA graphs (see :func:`graph_train_forward`).
+    """
+
+    def __init__(
+        self, cfg: Config, model: nn.Module, weights: UncertaintyWeights | None, amp: bool
+    ) -> None:
+        super().__init__()
+        self.cfg, self.model, self.weights, self.amp = cfg, model, weights, amp
+        plain = _unwrap(model)
+        self.head = plain.config.get("age_head", "regression")
+        self.data_config = plain.data_config
+
+    def forward(
+        self, x: torch.Tensor, draws: torch.Tensor, age: torch.Tensor, gender: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = self.cfg.train
+        x = normalize(x, self.data_config)
+        if t.augment:
+            x = augment(x, self.cfg.aug, draws=draws)
+        if t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # no cast cache: CUDA graph capture needs it off, and each weight is cast once anyway
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp, cache_enabled=False):
+            out = self.model(x)
+        losses = _loss(self.cfg, self.head, out, age, gender, self.weights)
+        correct = ((out["gender"].detach().float() > 0) == (gender > 0.5)).float().sum()
+        return losses["loss"], losses["mae"], correct
+
+
+def graph_train_forward(forward: TrainForward, sample: tuple[torch.Tensor, ...]):
+    """``forward`` with its forward and backward passes captured as CUDA graphs and replayed
+    at each call (``torch.cuda.make_graphed_callables``): a step then launches a few kernels
+    instead of hundreds, which is what bounds small batches on a GPU. No compilation.
+
+    ``sample``: ``(x, draws, age, gender)`` of the shape every call will have (the recipe's
+    batch). Capturing runs a few warm-up steps; the BatchNorm statistics they move are put
+    back. The graphs serve training mode only; in eval mode the module runs as usual.
+    """
+    # Each call copies its inputs into these tensors, which the graphs read: copies, never
+    # views of the training set, or every step would overwrite its first batch
+    sample = tuple(v.clone() for v in sample)
+    buffers = {k: v.clone() for k, v in forward.named_buffers()}
+    graphed = torch.cuda.make_graphed_callables(forward, sample, allow_unused_input=True)
+    with torch.no_grad():
+        for k, v in forward.named_buffers():
+            v.copy_(buffers[k])
+    return graphed
 
 
 def _loss(cfg: Config, head: str, out, age, gender, weights: UncertaintyWeights | None):
@@ -444,6 +509,7 @@ def train_one_epoch(
     epoch: int,
     quiet: bool = False,
     aug_gen: torch.Generator | None = None,
+    forward: nn.Module | None = None,
 ) -> dict[str, float]:
     """One pass over the shuffled training set; returns mean loss, gender accuracy, age MAE
     and the number of images, over all processes.
@@ -451,13 +517,14 @@ def train_one_epoch(
     ``model`` may be wrapped (torch.compile, DistributedDataParallel). ``gen`` shuffles and
     must be in the same state on every rank; ``aug_gen`` (default ``gen``) augments. Under
     DDP each rank takes every ``world``-th image of each global batch of ``train.batch_size``.
+    ``forward`` (default ``TrainForward(cfg, model, weights, amp)``) is the step's forward,
+    e.g. one made by :func:`graph_train_forward`.
     """
     from tqdm import tqdm
 
     t = cfg.train
     model.train()
-    plain = _unwrap(model)
-    head = plain.config.get("age_head", "regression")
+    forward = TrainForward(cfg, model, weights, amp) if forward is None else forward
     rank, world = _rank(), _world()
     aug_gen = gen if aug_gen is None else aug_gen
     x_all, n = data.x["train"], len(data.x["train"])
@@ -465,6 +532,7 @@ def train_one_epoch(
     steps = n // t.batch_size if n >= t.batch_size else 1  # drop the ragged last batch
     # Sums stay on the device: a .item() per step would stall the GPU queue
     sums = torch.zeros(3, device=device)  # loss * batch, correct genders, age absolute error
+    no_draws = torch.zeros(0, device=device)  # what a CUDA graph takes when nothing is drawn
     seen = 0
     bar = tqdm(
         range(steps),
@@ -476,17 +544,12 @@ def train_one_epoch(
     )
     for step in bar:
         idx = perm[step * t.batch_size : (step + 1) * t.batch_size][rank::world]
-        x = normalize(x_all[idx], plain.data_config)
-        if t.augment:
-            x = augment(x, cfg.aug, aug_gen)
-        if t.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        b = len(idx)
+        draws = torch.rand(b, 7, device=device, generator=aug_gen) if t.augment else no_draws
         age, gender = data.age["train"][idx], data.gender["train"][idx]
-        with autocast(device, amp):
-            out = model(x)
-        losses = _loss(cfg, head, out, age, gender, weights)
+        loss, mae, correct = forward(x_all[idx], draws, age, gender)
         opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        loss.backward()
         if weights is not None and world > 1:
             # the learnt task weights sit outside the DDP module: average their gradients here
             for p in weights.parameters():
@@ -498,13 +561,10 @@ def train_one_epoch(
         if per_step:
             sched.step()
         with torch.no_grad():
-            b = len(idx)
-            correct = ((out["gender"].float() > 0) == (gender > 0.5)).float().sum()
-            # the loss already took the batch's age MAE
-            sums += torch.stack([losses["loss"].detach() * b, correct, losses["mae"] * b])
+            sums += torch.stack([loss.detach() * b, correct, mae * b])
             seen += b
         if not quiet and step % 25 == 0:  # reading the loss waits for the device: rarely
-            bar.set_postfix(loss=f"{losses['loss'].item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     totals = _sum_over_ranks(torch.cat([sums, torch.tensor([float(seen)], device=device)]))
     seen = int(totals[3].item())
     loss, correct, abs_err = (totals[:3] / max(seen, 1)).tolist()
@@ -623,7 +683,14 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
     if t.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}")
     device = resolve_device(t.device)
-    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _distributed()
+    # torchrun's environment says how many processes there are before a group exists
+    processes = _world() if _distributed() else int(os.environ.get("WORLD_SIZE", "1"))
+    if t.cuda_graphs and (device.type != "cuda" or t.compile or processes > 1):
+        raise ConfigError(
+            "train.cuda_graphs needs one CUDA GPU and train.compile=false "
+            f"(here: device {device}, compile {str(t.compile).lower()}, {processes} processes)"
+        )
+    own_group = processes > 1 and not _distributed()
     if own_group or _distributed():
         device = _process_device(device)
     if own_group:  # torchrun's environment says where rank 0 listens
@@ -710,6 +777,12 @@ def _train(
         )
     if t.compile:  # around the DDP module, so that it compiles between gradient buckets
         train_model = torch.compile(train_model, mode=t.compile_mode)
+    forward = TrainForward(cfg, train_model, weights, amp)
+    if t.cuda_graphs:
+        b = min(t.batch_size, len(data.x["train"]))  # every step's batch: the ragged is dropped
+        draws = torch.rand(b, 7, device=device) if t.augment else torch.zeros(0, device=device)
+        sample = (data.x["train"][:b], draws, data.age["train"][:b], data.gender["train"][:b])
+        forward = graph_train_forward(forward, sample)
 
     n_params = count_parameters(model)
     log(
@@ -741,6 +814,7 @@ def _train(
             epoch,
             quiet,
             aug_gen=aug_gen,
+            forward=forward,
         )
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -36,6 +36,25 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_unusable_output_path_is_one_line_and_exit_2(synthetic_dir, tmp_path, capsys):
+    """An output path the system refuses (here a file where a folder must go) is the user's to
+    fix; an OSError that names no path is a bug and keeps its traceback."""
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "cache"
+    assert main(["prepare", str(synthetic_dir), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("agegender prepare: error: Not a directory: ") and err.count("\n") == 1
+    assert str(tmp_path / "afile") in err
+
+    def broken(args):
+        raise OSError("no path here")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("agegender.cli._cmd_explore", broken)
+        with pytest.raises(OSError, match="no path here"):
+            main(["explore", str(tmp_path), "--out", str(tmp_path / "e")])
+
+
 def test_console_script_exit_codes(tmp_path):
     """The installed command, as users run it: exit 2 and one line, no traceback."""
     run = [sys.executable, "-m", "agegender"]

@@ -431,6 +431,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgeGenderError as e:
         print(f"agegender {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug to see in full
+            raise
+        # a path that cannot be written or read (a file where a folder should be, no
+        # permission, a full disk) is the user's to fix: one line, as for the errors above
+        print(f"agegender {args.command}: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("agegender: interrupted", file=sys.stderr)
         return 130

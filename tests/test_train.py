@@ -170,6 +170,46 @@ def test_train_errors(tmp_path, capsys):
     assert "not a prepared cache" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("data.size=0", "data.size must be 32-1024"),
+        ("train.threads=-1", "train.threads must be >= 0"),
+        ("train.eval_batch_size=0", "train.eval_batch_size must be >= 1"),
+        ("model.dropout=5", "model.dropout must be below 1"),
+        ("train.seed=-1", "train.seed must be >= 0"),
+        ("model.name=nosuch", "unknown model.name 'nosuch'"),
+    ],
+)
+def test_values_no_run_can_use_fail_before_anything_is_written(tmp_path, override, says):
+    base = [f"data.cache={tmp_path / 'nope'}", f"run.out={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match=says):
+        train(load_config(SMOKE, [*base, override]), quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_that_is_not_text_is_a_config_error(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_bytes("[train]\nepochs = 1\n".encode("utf-16"))
+    assert main(["train", str(recipe)]) == 2
+    assert "not a TOML recipe (TOML is UTF-8 text)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_is_never_overwritten_and_a_damaged_one_not_resumed(real_cache64, tmp_path, capsys):
+    run = train(_smoke(real_cache64, tmp_path / "run", "data.limit=128"), quiet=True)
+    before = (run / "best.safetensors").read_bytes()
+    again = _smoke(real_cache64, run, "data.limit=128", "train.seed=5")
+    with pytest.raises(ConfigError, match=r"already holds a run .*--resume"):
+        train(again, quiet=True)
+    assert (run / "best.safetensors").read_bytes() == before
+    state = run / "last.state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # cut short, as by a full disk
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "its last checkpoint is damaged" in err and err.count("\n") == 1
+
+
 def test_summary_prints_keras_total(capsys):
     assert main(["summary", "seed-cnn"]) == 0
     out = capsys.readouterr().out

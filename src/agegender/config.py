@@ -191,7 +191,9 @@ def read_toml(path: str | os.PathLike, what: str = "recipe") -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"no such {what}: {path}")
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:  # an image or a UTF-16 file given as the recipe
+        raise ConfigError(f"{path}: not a TOML {what} (TOML is UTF-8 text)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
 

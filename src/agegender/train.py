@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ from agegender.data import SPLITS, Cache, is_cache, open_cache, prepare
 from agegender.errors import ConfigError, DataError
 from agegender.inference import autocast, device_name, forward_tta, to_tensor
 from agegender.losses import UncertaintyWeights, multitask_loss
-from agegender.models import count_parameters, create_model, normalize
+from agegender.models import count_parameters, create_model, list_models, normalize
 
 # torch.compile's modes; reduce-overhead replays each step as CUDA graphs, which removes the
 # per-kernel launch cost that bounds small batches on a GPU (on the CPU it compiles as default)
@@ -100,6 +101,47 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def check_config(cfg: Config) -> None:
+    """Raise a :class:`ConfigError` for values no run can use, before anything is written."""
+    t, d, m = cfg.train, cfg.data, cfg.model
+    bad = [
+        (t.epochs < 1, "train.epochs must be >= 1"),
+        (t.batch_size < 1, "train.batch_size must be >= 1"),
+        (t.eval_batch_size < 1, "train.eval_batch_size must be >= 1"),
+        (t.lr <= 0, "train.lr must be > 0"),
+        (t.threads < 0, "train.threads must be >= 0 (0 = all cores)"),
+        (t.seed < 0, "train.seed must be >= 0"),
+        (t.grad_clip < 0, "train.grad_clip must be >= 0 (0 = off)"),
+        (t.early_stopping < 0, "train.early_stopping must be >= 0 (0 = off)"),
+        (not 0 <= t.warmup < 1, "train.warmup must be in [0, 1)"),
+        (t.weight_decay < 0, "train.weight_decay must be >= 0"),
+        (t.compile_mode not in COMPILE_MODES, f"train.compile_mode must be one of "
+         f"{', '.join(COMPILE_MODES)}"),
+        (not 32 <= d.size <= 1024, "data.size must be 32-1024 pixels"),
+        (d.limit < 0, "data.limit must be >= 0 (0 = all)"),
+        (d.split_seed < 0, "data.split_seed must be >= 0"),
+        (m.dropout >= 1, "model.dropout must be below 1 (< 0 = the model's default)"),
+        (m.name not in list_models(), f"unknown model.name {m.name!r}; registered: "
+         f"{', '.join(list_models())}"),
+    ]  # fmt: skip
+    problems = [says for wrong, says in bad if wrong]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+# what makes a folder a run: continuing it is --resume's job, and writing over it loses it
+_RUN_FILES = ("metrics.json", "last.state.pt", "last.safetensors", "best.safetensors")
+
+
+def _check_new_run_dir(out: Path) -> None:
+    held = [f for f in _RUN_FILES if (out / f).exists()]
+    if held:
+        raise ConfigError(
+            f"run.out={out} already holds a run ({', '.join(held)}): continue it with "
+            f"`agegender train --resume {out}`, or give another run.out"
+        )
 
 
 def run_dir(cfg: Config) -> Path:
@@ -677,11 +719,10 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
         if not (out / "config.toml").is_file() or not (out / "last.state.pt").is_file():
             raise DataError(f"{resume} is not a run folder with a last checkpoint to resume")
         cfg = load_config(out / "config.toml")
+    elif cfg.run.out:
+        _check_new_run_dir(Path(cfg.run.out))
+    check_config(cfg)
     t = cfg.train
-    if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
-        raise ConfigError("train.epochs and train.batch_size must be >= 1, train.lr > 0")
-    if t.compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}")
     device = resolve_device(t.device)
     # torchrun's environment says how many processes there are before a group exists
     processes = _world() if _distributed() else int(os.environ.get("WORLD_SIZE", "1"))
@@ -750,22 +791,32 @@ def _train(
     history: list[dict[str, Any]] = []
     best_loss, best_epoch, start = math.inf, 0, 1
     if resume is not None:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         # every rank reads what rank 0 wrote (several machines need a shared disk for this)
-        state = torch.load(out / "last.state.pt", map_location=device, weights_only=True)
-        model.load_state_dict(load_file(str(out / "last.safetensors"), device=str(device)))
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        if weights is not None:
-            weights.load_state_dict(state["weights"])
-        gen.set_state(state["generator"].cpu())  # a CUDA generator's state is a CPU tensor too
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if device.type == "cuda" and "cuda_rng" in state:  # dropout draws from it there
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+        try:
+            state = torch.load(out / "last.state.pt", map_location=device, weights_only=True)
+            model.load_state_dict(load_file(str(out / "last.safetensors"), device=str(device)))
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(state["scheduler"])
+            if weights is not None:
+                weights.load_state_dict(state["weights"])
+            gen.set_state(state["generator"].cpu())  # a CUDA generator's state is a CPU tensor
+            torch.set_rng_state(state["torch_rng"].cpu())
+            if device.type == "cuda" and "cuda_rng" in state:  # dropout draws from it there
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+            best_loss, best_epoch = state["best_loss"], state["best_epoch"]
+            start = state["epoch"] + 1
+        except (RuntimeError, OSError, KeyError, ValueError, UnpicklingError, SafetensorError) as e:
+            # a file cut short by a full disk, or edited: say which, not PyTorch's internals
+            raise DataError(
+                f"cannot resume {out}: its last checkpoint is damaged ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}); best.safetensors may "
+                "still load"
+            ) from None
         history = _read_history(out / "history.csv")
-        best_loss, best_epoch, start = state["best_loss"], state["best_epoch"], state["epoch"] + 1
         log(f"resuming {out} at epoch {start}")
     elif rank == 0:
         (out / "config.toml").write_text(to_toml(cfg))

@@ -38,6 +38,7 @@ fi
 default_run() {
     local name=$1
     shift
+    rm -rf /tmp/runs/$name-train  # a stage run again starts afresh (train never overwrites)
     timeout $(cap 200) $PY -m agegender train configs/default.toml data.cache=$CACHE \
         run.out=/tmp/runs/$name-train "$@"
     cp /tmp/runs/$name-train/metrics.json "$OUT/${name}_metrics.json"

@@ -13,8 +13,10 @@ CACHE=cache/utk128
 $AG prepare "$DATA" --out $CACHE --seed 1 --quiet
 
 # 2. The default recipe on train+val (the bundled model), 40 epochs; test stays held out.
-#    On this project's 2-core CPU (bf16 autocast, 2 threads) it took about 85 minutes.
+#    On this project's 2-core CPU (bf16 autocast, 2 threads) it took 108 minutes.
+#    train never writes over a run folder: the stages that retrain remove theirs first.
 if [ -z "${SKIP_TRAIN:-}" ]; then
+  rm -rf runs/default-cpu
   $AG train configs/default.toml data.cache=$CACHE data.train_splits=train,val \
     run.out=runs/default-cpu train.threads=2
 fi
@@ -22,8 +24,9 @@ fi
 
 # 2b. The study's own recipes at full length, on the train split alone (about 80 min each on a
 #     2-core CPU; both ran at once with one thread each), then the default recipe on the train
-#     split alone (about 70 min). SKIP_FULL=1 reuses runs/full.
+#     split alone (72-77 min). SKIP_FULL=1 reuses runs/full.
 if [ -z "${SKIP_FULL:-}" ]; then
+  rm -rf runs/full
   for r in seed seed-regularized; do
     $AG train configs/$r.toml data.cache=$CACHE run.out=runs/full/$r train.threads=1 --quiet &
   done

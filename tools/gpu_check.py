@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import replace
@@ -162,7 +163,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU here", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix="check-", dir=args.out))  # train never overwrites a run
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     failed = False
     for name in args.only or list(CHECKS):

@@ -5,7 +5,7 @@ import pytest
 
 from agegender.cli import main
 from agegender.data import prepare
-from agegender.errors import ConfigError
+from agegender.errors import ConfigError, DataError
 from agegender.sweep import load_sweep, run_sweep
 
 SWEEPS = sorted((Path(__file__).parents[1] / "sweeps").glob("*.toml"))
@@ -60,3 +60,32 @@ def test_bad_sweeps(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.lr must be float"):
         load_sweep(tmp_path / "t.toml")
     assert main(["sweep", str(tmp_path / "missing.toml"), "--data", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_sweep_reuses_only_what_it_would_train_and_checks_first(cache96, tmp_path):
+    smoke = Path(__file__).parents[1] / "configs" / "smoke.toml"
+    (tmp_path / "s.toml").write_text(f'base = "{smoke}"\n[[run]]\nname = "a"\n')
+    out = tmp_path / "out"
+    kw = {"limit": 48, "epochs": 1, "quiet": True}
+    run_sweep(tmp_path / "s.toml", cache96, out, **kw)
+    weights = (out / "a" / "best.safetensors").read_bytes()
+
+    # other settings than the finished run's: refused before training, the run untouched
+    with pytest.raises(ConfigError, match=r"other settings: a \(train\.epochs 1 -> 2\)"):
+        run_sweep(tmp_path / "s.toml", cache96, out, **{**kw, "epochs": 2})
+    assert (out / "a" / "best.safetensors").read_bytes() == weights
+    with pytest.raises(ConfigError, match="--only b: no such run; the sweep's runs: a"):
+        run_sweep(tmp_path / "s.toml", cache96, out, only=["b"], **kw)
+    with pytest.raises(ConfigError, match=r"did you mean train\.epochs"):
+        run_sweep(tmp_path / "s.toml", cache96, tmp_path / "o2", extra=["train.epochz=1"], **kw)
+    with pytest.raises(DataError, match="not a prepared cache"):
+        run_sweep(tmp_path / "s.toml", tmp_path / "nope", tmp_path / "o3", **kw)
+    assert not (tmp_path / "o2" / "a").exists() and not (tmp_path / "o3" / "a").exists()
+
+    # a run killed before it wrote metrics.json is continued, not started again
+    (out / "a" / "metrics.json").unlink()
+    run_sweep(tmp_path / "s.toml", cache96, out, **kw)
+    # (trained afresh, it would be refused: train never writes over a run folder)
+    assert (out / "a" / "metrics.json").is_file()
+    assert (out / "a" / "best.safetensors").read_bytes() == weights

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agegender.config import load_config, read_toml
-from agegender.errors import ConfigError
+from agegender.config import Config, load_config, read_toml, to_dict
+from agegender.data import is_cache
+from agegender.errors import ConfigError, DataError
 
 DEFAULT_COLUMNS = (
     "test_acc",
@@ -141,22 +142,31 @@ def run_sweep(
     for item in extra or []:
         key, _, value = item.partition("=")
         forced[key] = value
+    names = [r.name for r in sweep.runs]
+    if set(only or []) - set(names):
+        raise ConfigError(
+            f"--only {' '.join(sorted(set(only or []) - set(names)))}: no such run; "
+            f"the sweep's runs: {', '.join(names)}"
+        )
     runs = [r for r in sweep.runs if not only or r.name in only]
+    # Every run's recipe, as it will train, checked before hours of training
+    configs = {r.name: load_config(sweep.base, _overrides(sweep, r, str(data), root, out, forced))
+               for r in runs}  # fmt: skip
+    for name, cfg in configs.items():
+        if not cfg.data.root and not is_cache(cfg.data.cache):
+            raise DataError(f"{cfg.data.cache} is not a prepared cache (run: {name})")
+    _check_earlier_runs(out, configs)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
 
     def one(run: SweepRun) -> tuple[SweepRun, float, str]:
         folder = out / run.name
         if (folder / "metrics.json").is_file():
             return run, 0.0, ""
-        argv = [
-            sys.executable,
-            "-m",
-            "agegender",
-            "train",
-            str(sweep.base),
-            "--quiet",
-            *_overrides(sweep, run, str(data), root, out, forced),
-        ]
+        if (folder / "last.state.pt").is_file():  # killed in the middle: continue it
+            how = ["--resume", str(folder)]
+        else:
+            how = [str(sweep.base), *_overrides(sweep, run, str(data), root, out, forced)]
+        argv = [sys.executable, "-m", "agegender", "train", "--quiet", *how]
         t0 = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
         with (out / f"{run.name}.log").open("w") as logf:
@@ -177,6 +187,36 @@ def run_sweep(
     if failures:
         raise ConfigError(f"{len(failures)} run(s) failed: {', '.join(failures)} (logs in {out})")
     return table
+
+
+_NOT_RECIPE = ("train.threads", "run.out")
+
+
+def _check_earlier_runs(out: Path, configs: dict[str, Config]) -> None:
+    """Runs already in ``out`` are reused or continued only if they trained what the sweep now
+    asks for; otherwise stop before training anything, and touch none of them."""
+    stale = []
+    for name, cfg in configs.items():
+        saved = out / name / "config.toml"
+        if not saved.is_file():
+            continue
+        old, new = _flat(load_config(saved)), _flat(cfg)
+        for flat in (old, new):  # the same cache, named from another folder, is the same
+            flat["data.cache"] = str(Path(flat["data.cache"]).resolve())
+        # the thread count follows --parallel and the machine; run.out is where we looked
+        changed = [k for k in new if k not in _NOT_RECIPE and old.get(k) != new[k]]
+        if changed:
+            diff = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in changed[:3])
+            stale.append(f"{name} ({diff}{', ...' if len(changed) > 3 else ''})")
+    if stale:
+        raise ConfigError(
+            f"{out} holds runs trained with other settings: {'; '.join(stale)}. Give another "
+            "--out, or delete those run folders to train them again"
+        )
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, section in to_dict(cfg).items() for k, v in section.items()}
 
 
 def _fmt(key: str, value: Any) -> str:

@@ -198,7 +198,16 @@ def test_errors(ckpt, cache64, tmp_path):
     rgb = _checkpoint(tmp_path / "rgb.safetensors", in_chans=3)
     with pytest.raises(DataError, match="expects rgb images"):
         show(rgb, cache64, tmp_path / "g.png", device="cpu")
+    with pytest.raises(DataError, match="timing reps must be >= 1"):
+        evaluate(ckpt, cache64, out_dir=tmp_path / "e", timing_reps=0)
     assert not (tmp_path / "e").exists()
+    run = tmp_path / "run"  # a training run's metrics.json is not the evaluation's to replace
+    run.mkdir()
+    (run / "history.csv").write_text("epoch\n1\n")
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(DataError, match=r"is a training run folder.*--out .*run/eval"):
+        evaluate(ckpt, cache64, out_dir=run)
+    assert (run / "metrics.json").read_text() == "{}"
 
 
 def test_cli_evaluate_and_show(ckpt, cache64, tmp_path, capsys):

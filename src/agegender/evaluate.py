@@ -605,9 +605,17 @@ def evaluate(
 
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1, got {batch_size}")
+    if timing and timing_reps < 1:
+        raise DataError(f"timing reps must be >= 1, got {timing_reps}")
+    out = Path(out_dir)
+    if (out / "history.csv").is_file() or (out / "last.state.pt").is_file():
+        # its metrics.json is the training's, which sweeps and reports read
+        raise DataError(
+            f"--out {out} is a training run folder: write the evaluation elsewhere, "
+            f"e.g. --out {out / 'eval'}"
+        )
     dev = resolve_device(device)
     bf16 = use_amp(dev, amp)
-    out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="agegender-eval-") as tmp:
         d = _load(model_spec, data, split, dev, Path(tmp))
     tta = _default_tta(d.meta) if tta is None else tta

@@ -137,6 +137,16 @@ def test_export_errors_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no such model" in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "x.onnx").exists()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for argv, says in (
+        (["--onnx", str(folder)], "is a folder: give the ONNX file's name"),
+        (["--onnx", str(tmp_path / "y.onnx"), "--opset", "3"], "opset must be 7-20"),
+    ):
+        assert main(["export", *argv]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]  # nothing half-written
 
 
 @pytest.mark.parametrize("head", ["dldl", "regression"])

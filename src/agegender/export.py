@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from agegender.checkpoint import load_checkpoint, resolve_checkpoint
-from agegender.errors import AgeGenderError
+from agegender.errors import AgeGenderError, ConfigError, DataError
 from agegender.models import normalize
 
 
@@ -36,6 +36,9 @@ class ExportWrapper(nn.Module):
         return out["age"], p_female
 
 
+OPSETS = (7, 20)  # what torch.onnx's TorchScript exporter writes
+
+
 def export_onnx(
     model: str | os.PathLike = "default",
     out: str | os.PathLike = "agegender.onnx",
@@ -45,6 +48,8 @@ def export_onnx(
 
     Returns the path. The file is written atomically.
     """
+    if not OPSETS[0] <= opset <= OPSETS[1]:  # outside, the exporter prints the whole graph
+        raise ConfigError(f"opset must be {OPSETS[0]}-{OPSETS[1]} (the exporter's), got {opset}")
     path = resolve_checkpoint(model)
     net, meta = load_checkpoint(path, "cpu")
     wrapper = ExportWrapper(net.float()).eval()
@@ -52,8 +57,20 @@ def export_onnx(
     example = torch.zeros(2, c, h, w, dtype=torch.uint8)
     names = ["age", "p_female"] + (["age_std"] if wrapper.has_std else [])
     out = Path(out)
+    if out.is_dir():
+        raise DataError(f"{out} is a folder: give the ONNX file's name, e.g. {out / 'model.onnx'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
+    try:
+        _export(wrapper, example, tmp, names, opset, meta)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # whatever failed, no half-written file is left behind
+    return out
+
+
+def _export(wrapper: ExportWrapper, example, tmp: Path, names: list[str], opset: int, meta):
+    c, h, w = example.shape[1:]
     try:
         with warnings.catch_warnings():
             # the tracer warns about normalize()'s shape check and constants: both are fine
@@ -74,8 +91,11 @@ def export_onnx(
                 dynamic_axes={"image": {0: "batch"}, **{n: {0: "batch"} for n in names}},
             )
     except Exception as e:  # an exporter failure is not the user's input: say what broke
-        tmp.unlink(missing_ok=True)
-        raise AgeGenderError(f"ONNX export failed: {type(e).__name__}: {e}") from e
+        # its first line says it; the rest can be the whole graph, hundreds of lines
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise AgeGenderError(
+            f"ONNX export failed (opset {opset}): {type(e).__name__}: {first}"
+        ) from e
     import onnx
 
     proto = onnx.load(str(tmp))
@@ -87,5 +107,3 @@ def export_onnx(
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(tmp))
-    os.replace(tmp, out)
-    return out

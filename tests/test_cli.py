@@ -55,6 +55,20 @@ def test_unusable_output_path_is_one_line_and_exit_2(synthetic_dir, tmp_path, ca
             main(["explore", str(tmp_path), "--out", str(tmp_path / "e")])
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["summary", "seed-cnn", "--size", "100000"], "--size: must be 32-1024, got 100000"),
+        (["demo", "--synthetic", "--n", "0"], "--n: must be 10-100000, got 0"),
+        (["demo", "--synthetic", "--n", "many"], "--n: 'many' is not an integer"),
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(argv, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_console_script_exit_codes(tmp_path):
     """The installed command, as users run it: exit 2 and one line, no traceback."""
     run = [sys.executable, "-m", "agegender"]

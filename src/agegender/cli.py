@@ -18,6 +18,22 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[lo, hi]``, else argparse's one-line error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            span = f"{lo}-{hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+
+    return parse
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from agegender.data import format_summary, prepare
 
@@ -276,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("summary", _cmd_summary, "Print a Keras-like table of a model's layers.")
     p.add_argument("model", metavar="MODEL", help="a registered model name")
-    p.add_argument("--size", type=int, default=128, help="input side in pixels")
+    p.add_argument("--size", type=int_in(32, 1024), default=128, help="input side in pixels")
     p.add_argument("--color", choices=("gray", "rgb"), default="gray", help="input colour")
     p.add_argument("--age-head", default=None, help="age head (resnet-mt: regression|dldl|coral)")
 
@@ -393,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo-output", help="where to write the results")
     p.add_argument("--synthetic", action="store_true", help="the synthetic data demo")
-    p.add_argument("--n", type=int, default=200, help="number of synthetic faces")
+    p.add_argument("--n", type=int_in(10, 100_000), default=200, help="number of synthetic faces")
 
     p = add(
         "serve",

@@ -537,17 +537,21 @@ def _shape(out: Any) -> str:
     return type(out).__name__
 
 
-def summary(model: nn.Module, input_size: Sequence[int] | None = None) -> str:
+def summary(model: nn.Module | str, input_size: Sequence[int] | None = None) -> str:
     """Keras-like table of the layers a forward pass runs through, in call order.
+
+    ``model`` is a model or a registered name (built with its defaults).
 
     One row per leaf module (plus any module holding parameters of its own, such as the CORAL
     biases), with its output shape in NCHW with ``-1`` for the batch, and its parameter count.
     ``input_size`` is ``(C, H, W)``, by default ``model.data_config["input_size"]``. BatchNorm
     running statistics are buffers, not parameters, so unlike Keras they are not counted.
 
-    >>> print(summary(create_model("seed-cnn")).splitlines()[-3])
+    >>> print(summary("seed-cnn").splitlines()[-3])
     Total params: 5,107,458
     """
+    if isinstance(model, str):
+        model = create_model(model)
     if input_size is None:
         input_size = model.data_config["input_size"]
     skip = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity)

@@ -115,7 +115,9 @@ UTKFace aligned & cropped (21,340 files), prepared by `agegender prepare`: 3 unp
 and the 202 groups of byte-identical files whose names disagree on age or gender dropped,
 copies counted once, 20,783 images, split 70/10/20 by content hash (`--seed 1`) stratified by
 gender and age band. Trained on train+val ({train["train_images"]:,} images); the
-{m["n"]:,} test images were never trained on.
+{m["n"]:,} test images were never trained on. (The weights' JSON sidecar records the recipe as
+it ran: its `data.split_seed` is the recipe's default, unused when training from a prepared
+cache, and `data.cache` the training machine's path; the split is the cache's, `--seed 1`.)
 
 ## Training
 `agegender train configs/default.toml data.cache=cache/utk128 data.train_splits=train,val`:

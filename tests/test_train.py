@@ -137,6 +137,34 @@ def test_cuda_graphs_refused_where_they_cannot_run(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_graph_train_forward_captures_on_copies_and_puts_batchnorm_back(monkeypatch):
+    """What graph_train_forward adds around torch.cuda.make_graphed_callables (CUDA only, so
+    stood in for here by its warm-up steps): the graphs read copies of the sample, never the
+    training set itself (each call copies its batch into them), and the warm-up's BatchNorm
+    statistics are put back."""
+    seen = {}
+
+    def warm_up_only(module, sample, allow_unused_input):
+        seen["sample"] = sample
+        for _ in range(3):
+            module(*sample)[0].backward()
+        return module
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", warm_up_only)
+    cfg = load_config(SMOKE, ["data.size=64"])
+    model = train_mod.build_model(cfg, 64, "gray")
+    forward = train_mod.TrainForward(cfg, model, None, amp=False)
+    gen = torch.Generator().manual_seed(0)
+    faces = torch.randint(0, 256, (8, 1, 64, 64), dtype=torch.uint8, generator=gen)
+    batch = (faces, torch.rand(8, 7, generator=gen), torch.full((8,), 30.0), torch.ones(8))
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    assert train_mod.graph_train_forward(forward, batch) is forward
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    assert before["stem.bn.num_batches_tracked"] == 0
+    for copy, original in zip(seen["sample"], batch, strict=True):
+        assert torch.equal(copy, original) and copy.data_ptr() != original.data_ptr()
+
+
 def test_overfits_32_synthetic_faces(tmp_path):
     """The study's network must drive the training loss down on a tiny set it can memorise."""
     make_dataset(tmp_path / "faces", n=48, size=64, seed=3)

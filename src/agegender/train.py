@@ -502,7 +502,7 @@ class TrainForward(nn.Module):
         return losses["loss"], losses["mae"], correct
 
 
-def graph_train_forward(forward: TrainForward, sample: tuple[torch.Tensor, ...]):
+def graph_train_forward(forward: TrainForward, sample: tuple[torch.Tensor, ...]) -> nn.Module:
     """``forward`` with its forward and backward passes captured as CUDA graphs and replayed
     at each call (``torch.cuda.make_graphed_callables``): a step then launches a few kernels
     instead of hundreds, which is what bounds small batches on a GPU. No compilation.

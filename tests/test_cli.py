@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -34,6 +35,19 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_damaged_cache_is_one_line_then_repaired(synthetic_dir, tmp_path, capsys):
+    cache, plots = str(tmp_path / "c"), str(tmp_path / "e")
+    prepare = ["prepare", str(synthetic_dir), "--out", cache, "--size", "32", "--quiet"]
+    assert main(prepare) == 0
+    os.truncate(tmp_path / "c" / "images.npy", 1000)
+    capsys.readouterr()
+    assert main(["explore", cache, "--out", plots]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert main(prepare) == 0  # rebuilds rather than crashing on the damaged images
+    assert main(["explore", cache, "--out", plots]) == 0
 
 
 def test_console_script_exit_codes(tmp_path):

@@ -25,12 +25,14 @@ def test_prepare_and_explore(synthetic_dir, tmp_path, capsys):
     [
         (["prepare", "/no/such/folder", "--out", "{tmp}/c"], "no such file or directory"),
         (["prepare", "{tmp}/empty", "--out", "{tmp}/c"], "no .jpg/.jpeg/.png files"),
+        (["prepare", "{tmp}/IMG_0001.jpg", "--out", "{tmp}/c"], "has a UTKFace name"),
         (["explore", "{tmp}/empty", "--out", "{tmp}/e"], "not a prepared cache"),
         (["explore", "/no/such/cache", "--out", "{tmp}/e"], "no such cache directory"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "IMG_0001.jpg").write_bytes(b"")  # an ordinary photo name: no labels
     argv = [a.format(tmp=tmp_path) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err

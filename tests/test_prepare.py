@@ -273,3 +273,22 @@ def test_interrupted_commit_is_not_reused(synthetic_dir, tmp_path, monkeypatch):
         open_cache(cache)
     assert not prepare([synthetic_dir], cache, size=48, quiet=True, workers=1)["reused"]
     assert open_cache(cache).size == 48
+
+
+def test_no_usable_image_is_an_error(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("IMG_0001.jpg", "holiday.png"):
+        draw_face(30, 0, 0, 48).save(photos / name)
+    with pytest.raises(DataError, match=r"none of the 2 image files has a UTKFace name"):
+        prepare([photos], tmp_path / "c", quiet=True, workers=1)
+    assert not (tmp_path / "c").exists()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "30_0_1_20170116000000010.jpg.chip.jpg").write_text("not a JPEG")
+    (broken / "holiday.png").write_text("not a PNG")
+    with pytest.raises(
+        DataError, match=r"none of the 2 image files is usable \(1 unreadable, 1 unparsable\)"
+    ):
+        prepare([broken], tmp_path / "c", quiet=True, workers=1)
+    assert not (tmp_path / "c").exists()

@@ -524,7 +524,8 @@ def prepare(
     """Scan, parse, de-duplicate, decode and split UTKFace images into a cache at ``out``.
 
     Returns the summary (also written to ``out/summary.json``). Files that cannot be used are
-    listed in ``manifest.csv`` with the reason; they never stop the run. Re-running on unchanged
+    listed in ``manifest.csv`` with the reason; they never stop the run, but a run that keeps
+    no image at all raises :class:`DataError` and writes no cache. Re-running on unchanged
     files with the same ``size`` and ``color`` reuses the decoded images (a new ``seed`` or
     ``split`` only re-deals the splits).
     """
@@ -564,6 +565,8 @@ def prepare(
             out_dir.mkdir(parents=True, exist_ok=True)
             rows, tmp_images = _build(paths, out_dir, size, color, workers, quiet)
         kept = [r for r in rows if r.status == "kept"]
+        if not kept:
+            raise _nothing_usable(rows)
         assignment = split_indices(
             np.array([r.gender for r in kept]), np.array([r.age for r in kept]), fractions, seed
         )
@@ -602,6 +605,21 @@ def prepare(
     return summary
 
 
+def _nothing_usable(rows: list[_Row]) -> DataError:
+    bad = [r for r in rows if r.status != "kept"]
+    first = f"{Path(bad[0].path).name} ({bad[0].status})"
+    more = f" and {len(bad) - 1:,} more" if len(bad) > 1 else ""
+    if all(r.status.startswith("unparsable") for r in bad):
+        return DataError(
+            f"none of the {len(rows):,} image files has a UTKFace name "
+            f"(age_gender_race_datetime.jpg, e.g. 26_1_2_20170116174525125.jpg.chip.jpg): "
+            f"{first}{more}"
+        )
+    counts = Counter(r.status.split(":")[0] for r in bad)
+    why = ", ".join(f"{n:,} {reason}" for reason, n in counts.most_common())
+    return DataError(f"none of the {len(rows):,} image files is usable ({why}): {first}{more}")
+
+
 def _build(
     paths: list[Path], out_dir: Path, size: int, color: str, workers: int, quiet: bool
 ) -> tuple[list[_Row], Path]:
@@ -614,6 +632,8 @@ def _build(
             parsed.append(r)
         except ValueError as e:
             r.status = f"unparsable: {e}"
+    if not parsed:  # before hashing and decoding nothing
+        raise _nothing_usable(rows)
 
     # Hash every parsed file: byte-identical copies (UTKFace has hundreds, the Kaggle layout
     # holds every image two or three times) must count as one image on one side of the split.

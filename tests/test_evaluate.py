@@ -205,6 +205,19 @@ def test_show_writes_png(ckpt, cache64, tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_show_out_is_the_file_written(ckpt, cache64, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    cases = {"s3": "s3.png", "folder": "folder/grid.png", "new/": "new/grid.png", "s.pdf": "s.pdf"}
+    for out, written in cases.items():
+        argv = ["show", str(ckpt), "--data", str(cache64), "--n", "2", "--device", "cpu"]
+        assert main([*argv, "--out", f"{tmp_path}/{out}"]) == 0
+        assert capsys.readouterr().out == f"wrote {tmp_path / written}\n"
+        assert (tmp_path / written).stat().st_size > 0
+    assert not (tmp_path / "folder.png").exists()
+    with pytest.raises(DataError, match=r"cannot write \.txt files; .*\.jpg, .*\.png, .*\.svg"):
+        show("no/such/model", cache64, tmp_path / "s2.txt")  # refused before any loading
+
+
 # --------------------------------------------------------------------------- errors and CLI
 
 

@@ -354,7 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which faces to show")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help=tta_help)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--out", required=True, metavar="PNG", help="where to write the grid")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="image to write (.png, .jpg, .pdf, .svg, ...; a folder: FOLDER/grid.png)",
+    )
 
     amp_help = "bf16 autocast for the torch backend (auto: where the hardware has it natively)"
     p = add(

@@ -710,6 +710,23 @@ def format_summary(metrics: dict[str, Any], out_dir: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
+def _figure_path(out: str | os.PathLike) -> Path:
+    """Where :func:`show` writes for ``--out``: a folder gets ``grid.png`` inside it, a name
+    without an extension gets ``.png`` (as matplotlib would add, but then said)."""
+    path = Path(out)
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
+        return path / "grid.png"
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise DataError(
+            f"--out {out}: matplotlib cannot write {path.suffix} files; give a file ending in "
+            f"one of {', '.join('.' + f for f in sorted(formats))}"
+        )
+    return path
+
+
 def show(
     model_spec: str | os.PathLike,
     data: str | os.PathLike | None,
@@ -720,7 +737,8 @@ def show(
     tta: bool | None = None,
     device: str = "auto",
 ) -> Path:
-    """Draw ``n`` random faces (5 per row) titled ``true 34 F / pred 31 F``; returns ``out``.
+    """Draw ``n`` random faces (5 per row) titled ``true 34 F / pred 31 F``; returns the file
+    written: ``out``, ``out/grid.png`` for a folder, or ``out.png`` when it has no extension.
 
     A title is green when the predicted gender is right and the age is off by at most
     :data:`GOOD_AGE_ERROR` years, red otherwise. ``data`` is resolved as in :func:`evaluate`.
@@ -730,6 +748,7 @@ def show(
 
     if n < 1:
         raise DataError(f"n must be >= 1, got {n}")
+    path = _figure_path(out)  # before the model and the data are loaded
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="agegender-show-") as tmp:
         d = _load(model_spec, data, split, dev, Path(tmp))
@@ -758,7 +777,6 @@ def show(
             color="tab:green" if good else "tab:red",
         )
     fig.suptitle(f"{d.meta['model']['name']} on {d.source}", fontsize=10)
-    path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path

@@ -39,6 +39,24 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prepare", "data", "--out", "c"],
+        ["explore", "c", "--out", "e"],
+        ["show", "default", "--out", "g.png"],
+    ],
+)
+@pytest.mark.parametrize("seed", ["-1", "x"])
+def test_seed_must_be_a_whole_number_from_0(capsys, argv, seed):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--seed", seed])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --seed: must be a whole number >= 0, got '{seed}'" in err
+    assert "Traceback" not in err
+
+
 def test_damaged_cache_is_one_line_then_repaired(synthetic_dir, tmp_path, capsys):
     cache, plots = str(tmp_path / "c"), str(tmp_path / "e")
     prepare = ["prepare", str(synthetic_dir), "--out", cache, "--size", "32", "--quiet"]

@@ -18,6 +18,17 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+def _seed(text: str) -> int:
+    """``--seed``: numpy's generators take whole numbers >= 0 only."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return seed
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from agegender.data import format_summary, prepare
 
@@ -247,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="CACHE_DIR", help="where to write the cache")
     p.add_argument("--size", type=int, default=128, help="side of the square images, in pixels")
     p.add_argument("--color", choices=("gray", "rgb"), default="gray", help="colour mode")
-    p.add_argument("--seed", type=int, default=42, help="seed of the train/val/test split")
+    p.add_argument("--seed", type=_seed, default=42, help="seed of the train/val/test split")
     p.add_argument("--split", default="0.7,0.1,0.2", help="train,val,test fractions")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -260,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("cache", metavar="CACHE_DIR", help="a cache written by `agegender prepare`")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the plots")
-    p.add_argument("--seed", type=int, default=0, help="which samples to show")
+    p.add_argument("--seed", type=_seed, default=0, help="which samples to show")
 
     p = add(
         "train",
@@ -351,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", choices=("train", "val", "test", "all"), default="test", help=split_help
     )
     p.add_argument("--n", type=int, default=25, help="number of faces (5 per row)")
-    p.add_argument("--seed", type=int, default=0, help="which faces to show")
+    p.add_argument("--seed", type=_seed, default=0, help="which faces to show")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help=tta_help)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument(

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -24,12 +25,14 @@ def test_prepare_and_explore(synthetic_dir, tmp_path, capsys):
     [
         (["prepare", "/no/such/folder", "--out", "{tmp}/c"], "no such file or directory"),
         (["prepare", "{tmp}/empty", "--out", "{tmp}/c"], "no .jpg/.jpeg/.png files"),
+        (["prepare", "{tmp}/IMG_0001.jpg", "--out", "{tmp}/c"], "has a UTKFace name"),
         (["explore", "{tmp}/empty", "--out", "{tmp}/e"], "not a prepared cache"),
         (["explore", "/no/such/cache", "--out", "{tmp}/e"], "no such cache directory"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "IMG_0001.jpg").write_bytes(b"")  # an ordinary photo name: no labels
     argv = [a.format(tmp=tmp_path) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -67,6 +70,38 @@ def test_numbers_out_of_range_are_usage_errors(argv, says, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prepare", "data", "--out", "c"],
+        ["explore", "c", "--out", "e"],
+        ["show", "default", "--out", "g.png"],
+    ],
+)
+@pytest.mark.parametrize(
+    ("seed", "says"), [("-1", "must be >= 0, got -1"), ("x", "'x' is not an integer")]
+)
+def test_seed_must_be_a_whole_number_from_0(capsys, argv, seed, says):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--seed", seed])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --seed: {says}" in err and "Traceback" not in err
+
+
+def test_damaged_cache_is_one_line_then_repaired(synthetic_dir, tmp_path, capsys):
+    cache, plots = str(tmp_path / "c"), str(tmp_path / "e")
+    prepare = ["prepare", str(synthetic_dir), "--out", cache, "--size", "32", "--quiet"]
+    assert main(prepare) == 0
+    os.truncate(tmp_path / "c" / "images.npy", 1000)
+    capsys.readouterr()
+    assert main(["explore", cache, "--out", plots]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert main(prepare) == 0  # rebuilds rather than crashing on the damaged images
+    assert main(["explore", cache, "--out", plots]) == 0
 
 
 def test_console_script_exit_codes(tmp_path):

@@ -175,9 +175,47 @@ def test_evaluate_plain_folder_uses_every_image(ckpt, synthetic_dir, tmp_path):
     assert all((out / p).is_file() for p in PLOTS)
 
 
+def test_folder_files_left_out_are_reported(ckpt, synthetic_dir, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for src in sorted(synthetic_dir.iterdir())[:10]:
+        shutil.copy(src, folder / src.name)
+    shutil.copy(src, folder / "holiday.jpg")  # no labels in the name
+    (folder / "39_1_20170101.jpg").write_bytes(src.read_bytes())  # a field missing
+    (folder / "40_0_1_20170116000000010.jpg.chip.jpg").write_text("not a JPEG")
+    out = tmp_path / "eval"
+    m = evaluate(ckpt, folder, out_dir=out, device="cpu", timing=False, quiet=True)
+    assert m["n"] == 10
+    assert m["skipped"]["n"] == 3 and m["skipped"]["of"] == 13
+    assert m["skipped"]["by_reason"] == {"unparsable": 2, "unreadable": 1}
+    assert len(m["skipped"]["examples"]) == 3
+    err = capsys.readouterr().err
+    assert f"skipped 3 of 13 image files in {folder} (2 unparsable, 1 unreadable)" in err
+    assert "holiday.jpg" in err
+    assert "Skipped 3 of the folder's 13 image files" in (out / "report.md").read_text()
+    assert json.loads((out / "metrics.json").read_text())["skipped"] == m["skipped"]
+    show(ckpt, folder, tmp_path / "g.png", n=4, device="cpu")
+    assert "skipped 3 of 13" in capsys.readouterr().err
+    # nothing left out: null, as for a cache (which reported its own when prepared)
+    assert evaluate(ckpt, synthetic_dir, out_dir=out, device="cpu", timing=False)["skipped"] is None
+
+
 def test_show_writes_png(ckpt, cache64, tmp_path):
     path = show(ckpt, cache64, tmp_path / "sub" / "grid.png", n=7, device="cpu")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_show_out_is_the_file_written(ckpt, cache64, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    cases = {"s3": "s3.png", "folder": "folder/grid.png", "new/": "new/grid.png", "s.pdf": "s.pdf"}
+    for out, written in cases.items():
+        argv = ["show", str(ckpt), "--data", str(cache64), "--n", "2", "--device", "cpu"]
+        assert main([*argv, "--out", f"{tmp_path}/{out}"]) == 0
+        assert capsys.readouterr().out == f"wrote {tmp_path / written}\n"
+        assert (tmp_path / written).stat().st_size > 0
+    assert not (tmp_path / "folder.png").exists()
+    with pytest.raises(DataError, match=r"cannot write \.txt files; .*\.jpg, .*\.png, .*\.svg"):
+        show("no/such/model", cache64, tmp_path / "s2.txt")  # refused before any loading
 
 
 # --------------------------------------------------------------------------- errors and CLI

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 from conftest import bomb_png
 from PIL import Image
 
+from agegender import data
 from agegender.data import (
     MANIFEST_COLUMNS,
     SPLITS,
@@ -197,3 +199,96 @@ def test_load_face_honours_exif_orientation(tmp_path):
     img.save(tmp_path / "r.jpg", exif=exif)
     arr = load_face(tmp_path / "r.jpg", 30, "gray")[:, :, 0]
     assert arr[-3:].mean() > 200 and arr[:3].mean() < 50
+
+
+def _damage(cache, how):
+    if how == "images truncated":
+        os.truncate(cache / "images.npy", 1000)
+    elif how == "manifest cut mid-row":
+        text = (cache / "manifest.csv").read_text()
+        (cache / "manifest.csv").write_text(text[: len(text) // 2])
+    elif how == "manifest rows lost":
+        lines = (cache / "manifest.csv").read_text().splitlines(keepends=True)
+        (cache / "manifest.csv").write_text("".join(lines[:-5]))
+    elif how == "summary corrupt":
+        (cache / "summary.json").write_text('{"files')
+    elif how == "no cache.json":
+        (cache / "cache.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "images truncated",
+        "manifest cut mid-row",
+        "manifest rows lost",
+        "summary corrupt",
+        "no cache.json",
+    ],
+)
+def test_damaged_cache_is_refused_then_rebuilt(synthetic_dir, tmp_path, how):
+    cache = tmp_path / "c"
+    prepare([synthetic_dir], cache, size=32, quiet=True, workers=1)
+    _damage(cache, how)
+    with pytest.raises(DataError, match=r"is damaged \(.+\); run prepare again"):
+        open_cache(cache)
+    again = prepare([synthetic_dir], cache, size=32, quiet=True, workers=1)
+    assert not again["reused"] and again["kept"] == 120
+    assert len(open_cache(cache)) == 120
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_interrupted_prepare_leaves_no_temp_files(synthetic_dir, tmp_path, monkeypatch):
+    prepare([synthetic_dir], tmp_path / "c", size=32, quiet=True, workers=1)
+    monkeypatch.setattr(data, "_decode_chunk", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([synthetic_dir], tmp_path / "new", size=32, quiet=True, workers=1)
+    assert not (tmp_path / "new").exists()
+    # a rebuild interrupted while decoding leaves the old cache as it was
+    with pytest.raises(KeyboardInterrupt):
+        prepare([synthetic_dir], tmp_path / "c", size=48, quiet=True, workers=1)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "cache.json",
+        "images.npy",
+        "manifest.csv",
+        "summary.json",
+    ]
+    assert open_cache(tmp_path / "c").size == 32
+
+
+def test_interrupted_commit_is_not_reused(synthetic_dir, tmp_path, monkeypatch):
+    # killed after the new images.npy is in place: cache.json (written last) is missing, so
+    # the half-written cache is refused and the next run rebuilds it
+    cache = tmp_path / "c"
+    prepare([synthetic_dir], cache, size=32, quiet=True, workers=1)
+    with monkeypatch.context() as m:
+        m.setattr(data, "_write_manifest", _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            prepare([synthetic_dir], cache, size=48, quiet=True, workers=1)
+    assert not list(cache.glob("*tmp*"))
+    with pytest.raises(DataError, match="is damaged"):
+        open_cache(cache)
+    assert not prepare([synthetic_dir], cache, size=48, quiet=True, workers=1)["reused"]
+    assert open_cache(cache).size == 48
+
+
+def test_no_usable_image_is_an_error(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("IMG_0001.jpg", "holiday.png"):
+        draw_face(30, 0, 0, 48).save(photos / name)
+    with pytest.raises(DataError, match=r"none of the 2 image files has a UTKFace name"):
+        prepare([photos], tmp_path / "c", quiet=True, workers=1)
+    assert not (tmp_path / "c").exists()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "30_0_1_20170116000000010.jpg.chip.jpg").write_text("not a JPEG")
+    (broken / "holiday.png").write_text("not a PNG")
+    with pytest.raises(
+        DataError, match=r"none of the 2 image files is usable \(1 unreadable, 1 unparsable\)"
+    ):
+        prepare([broken], tmp_path / "c", quiet=True, workers=1)
+    assert not (tmp_path / "c").exists()

@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="CACHE_DIR", help="where to write the cache")
     p.add_argument("--size", type=int, default=128, help="side of the square images, in pixels")
     p.add_argument("--color", choices=("gray", "rgb"), default="gray", help="colour mode")
-    p.add_argument("--seed", type=int, default=42, help="seed of the train/val/test split")
+    p.add_argument("--seed", type=int_in(0), default=42, help="seed of the train/val/test split")
     p.add_argument("--split", default="0.7,0.1,0.2", help="train,val,test fractions")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("cache", metavar="CACHE_DIR", help="a cache written by `agegender prepare`")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the plots")
-    p.add_argument("--seed", type=int, default=0, help="which samples to show")
+    p.add_argument("--seed", type=int_in(0), default=0, help="which samples to show")
 
     p = add(
         "train",
@@ -367,10 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", choices=("train", "val", "test", "all"), default="test", help=split_help
     )
     p.add_argument("--n", type=int, default=25, help="number of faces (5 per row)")
-    p.add_argument("--seed", type=int, default=0, help="which faces to show")
+    p.add_argument("--seed", type=int_in(0), default=0, help="which faces to show")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help=tta_help)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--out", required=True, metavar="PNG", help="where to write the grid")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="image to write (.png, .jpg, .pdf, .svg, ...; a folder: FOLDER/grid.png)",
+    )
 
     amp_help = "bf16 autocast for the torch backend (auto: where the hardware has it natively)"
     p = add(

@@ -6,11 +6,13 @@ A cache directory written by :func:`prepare` holds:
 - ``manifest.csv``: one row per file found, with its labels, content hash, split, status
   (``kept`` or why it was skipped) and ``index`` (its row in ``images.npy``, -1 if not kept);
 - ``summary.json``: the counts :func:`prepare` printed;
-- ``cache.json``: what the cache was built from, so an unchanged re-run reuses it.
+- ``cache.json``: what the cache was built from, so an unchanged re-run reuses it. It is
+  written last and removed before anything else changes, so it marks a complete cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -243,12 +245,16 @@ def _pool_map(fn, jobs: list[tuple], sizes: list[int], workers: int, desc: str, 
             results[j] = fn(*job)
             bar.update(sizes[j])
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        pool = ProcessPoolExecutor(workers)
+        try:
             futures = {pool.submit(fn, *job): j for j, job in enumerate(jobs)}
             for fut in as_completed(futures):
                 j = futures[fut]
                 results[j] = fut.result()
                 bar.update(sizes[j])
+        finally:
+            # on Ctrl-C, drop the chunks still queued rather than wait for all of them
+            pool.shutdown(cancel_futures=True)
     bar.close()
     return results
 
@@ -318,29 +324,35 @@ def _fingerprint(paths: list[Path]) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only still there when interrupted
 
 
 def _write_manifest(path: Path, rows: list[_Row]) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(MANIFEST_COLUMNS)
-        for r in rows:
-            w.writerow(
-                [
-                    r.path,
-                    "" if r.age is None else r.age,
-                    "" if r.gender is None else r.gender,
-                    "" if r.race is None else r.race,
-                    r.content_hash,
-                    r.split,
-                    r.status,
-                    r.index,
-                ]
-            )
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(MANIFEST_COLUMNS)
+            for r in rows:
+                w.writerow(
+                    [
+                        r.path,
+                        "" if r.age is None else r.age,
+                        "" if r.gender is None else r.gender,
+                        "" if r.race is None else r.race,
+                        r.content_hash,
+                        r.split,
+                        r.status,
+                        r.index,
+                    ]
+                )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> list[dict[str, str]]:
@@ -349,23 +361,112 @@ def read_manifest(cache_dir: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _rows_from_manifest(cache_dir: Path) -> list[_Row]:
-    def opt(s: str) -> int | None:
-        return int(s) if s else None
+def _parse_row(fields: list[str]) -> _Row:
+    if len(fields) != len(MANIFEST_COLUMNS):
+        raise ValueError(f"{len(fields)} fields instead of {len(MANIFEST_COLUMNS)}")
+    path, age, gender, race, digest, split, status, index = fields
+    r = _Row(path, *(int(x) if x else None for x in (age, gender, race)), digest, split, status)
+    r.index = int(index)
+    if not status:
+        raise ValueError("no status")
+    if status == "kept" and not (
+        r.age is not None
+        and r.gender in (0, 1)
+        and r.race is not None
+        and 0 <= r.race < len(RACES)
+        and split in SPLITS
+        and r.index >= 0
+    ):
+        raise ValueError("a kept image without valid labels, split or index")
+    return r
 
-    return [
-        _Row(
-            r["path"],
-            opt(r["age"]),
-            opt(r["gender"]),
-            opt(r["race"]),
-            r["content_hash"],
-            r["split"],
-            r["status"],
-            int(r["index"]),
+
+class _Damaged(DataError):
+    def __init__(self, root: Path, why: str):
+        super().__init__(f"cache {root} is damaged ({why}); run prepare again")
+        self.why = why
+
+
+# the summary counts that explore() reports
+_SUMMARY_COUNTS = (
+    "files_found",
+    "unparsable",
+    "unreadable",
+    "duplicate_groups",
+    "conflicting_groups",
+    "kept",
+)
+
+
+def _read_cache(root: Path) -> tuple[np.ndarray, list[_Row], dict[str, Any]]:
+    """The memory-mapped images, every manifest row and the summary of the cache at ``root``.
+
+    Each file is checked against ``cache.json`` and the others, so that what a killed run or a
+    damaged disk left behind raises :class:`_Damaged` here rather than an obscure error later.
+    """
+    try:
+        key = json.loads((root / "cache.json").read_text())["key"]
+        size, color = int(key["size"]), key["color"]
+        channels = {"gray": 1, "rgb": 3}[color]
+    except FileNotFoundError:
+        raise _Damaged(root, "no cache.json: prepare did not finish") from None
+    except (ValueError, KeyError, TypeError):
+        raise _Damaged(root, "cache.json is unreadable") from None
+
+    try:
+        with (root / "images.npy").open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(version)
+            if read_header is None:
+                raise ValueError(f"unknown .npy version {version}")
+            shape, fortran, dtype = read_header(f)
+            expected = f.tell() + int(np.prod(shape)) * dtype.itemsize
+            found = os.fstat(f.fileno()).st_size
+    except ValueError as e:
+        raise _Damaged(root, f"images.npy is not a readable .npy file: {e}") from None
+    if dtype != np.uint8 or fortran or tuple(shape[1:]) != (size, size, channels):
+        raise _Damaged(
+            root,
+            f"images.npy holds {dtype} {shape}, cache.json says {size}x{size} {color}",
         )
-        for r in read_manifest(cache_dir)
-    ]
+    if found != expected:
+        raise _Damaged(root, f"images.npy is {found:,} bytes, {expected:,} expected for {shape}")
+    images = np.load(root / "images.npy", mmap_mode="r")
+
+    line = 1
+    try:
+        with (root / "manifest.csv").open(newline="") as f:
+            reader = csv.reader(f)
+            if tuple(next(reader, ())) != MANIFEST_COLUMNS:
+                raise ValueError("not the manifest header")
+            rows = []
+            for fields in reader:
+                line = reader.line_num
+                rows.append(_parse_row(fields))
+    except (ValueError, csv.Error) as e:
+        raise _Damaged(root, f"manifest.csv line {line}: {e}") from None
+    kept = sorted(r.index for r in rows if r.status == "kept")
+    if kept != list(range(len(images))):
+        raise _Damaged(
+            root, f"manifest.csv lists {len(kept):,} kept images, images.npy holds {len(images):,}"
+        )
+
+    try:
+        summary = json.loads((root / "summary.json").read_text())
+    except FileNotFoundError:
+        raise _Damaged(root, "no summary.json") from None
+    except ValueError:
+        raise _Damaged(root, "summary.json is not valid JSON") from None
+    if not isinstance(summary, dict) or not all(
+        isinstance(summary.get(k), int) for k in _SUMMARY_COUNTS
+    ):
+        raise _Damaged(root, "summary.json lacks its counts")
+    if (summary["files_found"], summary["kept"]) != (len(rows), len(kept)):
+        raise _Damaged(root, "summary.json does not match manifest.csv")
+    return images, rows, summary
 
 
 def _summarise(rows: list[_Row], extra: dict[str, Any]) -> dict[str, Any]:
@@ -423,7 +524,8 @@ def prepare(
     """Scan, parse, de-duplicate, decode and split UTKFace images into a cache at ``out``.
 
     Returns the summary (also written to ``out/summary.json``). Files that cannot be used are
-    listed in ``manifest.csv`` with the reason; they never stop the run. Re-running on unchanged
+    listed in ``manifest.csv`` with the reason; they never stop the run, but a run that keeps
+    no image at all raises :class:`DataError` and writes no cache. Re-running on unchanged
     files with the same ``size`` and ``color`` reuses the decoded images (a new ``seed`` or
     ``split`` only re-deals the splits).
     """
@@ -439,54 +541,89 @@ def prepare(
     if not paths:
         raise DataError(f"no .jpg/.jpeg/.png files under {', '.join(map(str, data_dirs))}")
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     images_path = out_dir / "images.npy"
+    meta_path = out_dir / "cache.json"
     workers = workers or min(os.cpu_count() or 1, 8)
+    channels = 1 if color == "gray" else 3
 
     key = {"version": CACHE_VERSION, "files": _fingerprint(paths), "size": size, "color": color}
-    meta_path = out_dir / "cache.json"
     reused = False
-    if meta_path.exists() and images_path.exists() and (out_dir / "manifest.csv").exists():
-        try:
-            reused = json.loads(meta_path.read_text()).get("key") == key
-        except json.JSONDecodeError:
-            reused = False
+    try:
+        if json.loads(meta_path.read_text()).get("key") == key:
+            _, rows, _ = _read_cache(out_dir)
+            reused = True
+    except (OSError, ValueError, AttributeError):
+        pass  # no cache there yet, or not ours: build one
+    except _Damaged as e:
+        if not quiet:
+            print(f"cache {out_dir} is damaged ({e.why}): rebuilding it", file=sys.stderr)
 
-    if reused:
-        rows = _rows_from_manifest(out_dir)
-        n_images = len(np.load(images_path, mmap_mode="r"))
-    else:
-        rows, n_images = _build(paths, images_path, size, color, workers, quiet)
-        _atomic_write_text(meta_path, json.dumps({"key": key}, indent=1))
-
-    kept = [r for r in rows if r.status == "kept"]
-    assignment = split_indices(
-        np.array([r.gender for r in kept]), np.array([r.age for r in kept]), fractions, seed
-    )
-    for r, s in zip(kept, assignment):
-        r.split = SPLITS[s]
-    _write_manifest(out_dir / "manifest.csv", rows)
-    summary = _summarise(
-        rows,
-        {
-            "image_shape": [n_images, size, size, 1 if color == "gray" else 3],
-            "size": size,
-            "color": color,
-            "seed": seed,
-            "split_fractions": list(fractions),
-            "data_dirs": [str(Path(d).resolve()) for d in data_dirs],
-            "cache_dir": str(out_dir),
-            "reused": reused,
-            "seconds": round(time.perf_counter() - t0, 2),
-        },
-    )
-    _atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    created = not out_dir.exists()
+    tmp_images = None
+    try:
+        if not reused:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            rows, tmp_images = _build(paths, out_dir, size, color, workers, quiet)
+        kept = [r for r in rows if r.status == "kept"]
+        if not kept:
+            raise _nothing_usable(rows)
+        assignment = split_indices(
+            np.array([r.gender for r in kept]), np.array([r.age for r in kept]), fractions, seed
+        )
+        for r, s in zip(kept, assignment):
+            r.split = SPLITS[s]
+        # cache.json marks a complete cache: it goes first and comes back last, so that a run
+        # killed in between leaves a cache that open_cache refuses and the next run rebuilds
+        meta_path.unlink(missing_ok=True)
+        if tmp_images is not None:
+            os.replace(tmp_images, images_path)
+        _write_manifest(out_dir / "manifest.csv", rows)
+        shape = [len(kept), size, size, channels]
+        summary = _summarise(
+            rows,
+            {
+                "image_shape": shape,
+                "size": size,
+                "color": color,
+                "seed": seed,
+                "split_fractions": list(fractions),
+                "data_dirs": [str(Path(d).resolve()) for d in data_dirs],
+                "cache_dir": str(out_dir),
+                "reused": reused,
+                "seconds": round(time.perf_counter() - t0, 2),
+            },
+        )
+        _atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        _atomic_write_text(meta_path, json.dumps({"key": key, "shape": shape}, indent=1))
+    except BaseException:
+        if tmp_images is not None:
+            tmp_images.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only when empty: nothing was written
+        raise
     return summary
 
 
+def _nothing_usable(rows: list[_Row]) -> DataError:
+    bad = [r for r in rows if r.status != "kept"]
+    first = f"{Path(bad[0].path).name} ({bad[0].status})"
+    more = f" and {len(bad) - 1:,} more" if len(bad) > 1 else ""
+    if all(r.status.startswith("unparsable") for r in bad):
+        return DataError(
+            f"none of the {len(rows):,} image files has a UTKFace name "
+            f"(age_gender_race_datetime.jpg, e.g. 26_1_2_20170116174525125.jpg.chip.jpg): "
+            f"{first}{more}"
+        )
+    counts = Counter(r.status.split(":")[0] for r in bad)
+    why = ", ".join(f"{n:,} {reason}" for reason, n in counts.most_common())
+    return DataError(f"none of the {len(rows):,} image files is usable ({why}): {first}{more}")
+
+
 def _build(
-    paths: list[Path], images_path: Path, size: int, color: str, workers: int, quiet: bool
-) -> tuple[list[_Row], int]:
+    paths: list[Path], out_dir: Path, size: int, color: str, workers: int, quiet: bool
+) -> tuple[list[_Row], Path]:
+    """Rows for ``paths`` and a temporary .npy in ``out_dir`` holding the kept images."""
     rows = [_Row(str(p)) for p in paths]
     parsed: list[_Row] = []
     for r in rows:
@@ -495,6 +632,8 @@ def _build(
             parsed.append(r)
         except ValueError as e:
             r.status = f"unparsable: {e}"
+    if not parsed:  # before hashing and decoding nothing
+        raise _nothing_usable(rows)
 
     # Hash every parsed file: byte-identical copies (UTKFace has hundreds, the Kaggle layout
     # holds every image two or three times) must count as one image on one side of the split.
@@ -525,35 +664,41 @@ def _build(
 
     # Decode each unique image once, straight into a memory-mapped .npy that workers share.
     channels = 1 if color == "gray" else 3
-    tmp = images_path.with_name(f"images.tmp{os.getpid()}.npy")
-    arr = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.uint8, shape=(len(unique), size, size, channels)
-    )
-    del arr
-    chunks = _chunks(len(unique), 256)
-    jobs = [(str(tmp), c.start, [unique[i].path for i in c], size, color) for c in chunks]
-    decoded = _pool_map(_decode_chunk, jobs, [len(c) for c in chunks], workers, "decoding", quiet)
-    failures = dict(x for part in decoded for x in part)
-    good = [i for i in range(len(unique)) if i not in failures]
-    for i, reason in failures.items():
-        for m in groups[unique[i].content_hash]:
-            m.status = reason
-    if failures:  # compact so that images.npy holds kept images only
-        src = np.load(tmp, mmap_mode="r")
-        tmp2 = images_path.with_name(f"images.tmp{os.getpid()}b.npy")
-        dst = np.lib.format.open_memmap(
-            tmp2, mode="w+", dtype=np.uint8, shape=(len(good), *src.shape[1:])
+    tmp = out_dir / f"images.tmp{os.getpid()}.npy"
+    tmp2 = out_dir / f"images.tmp{os.getpid()}b.npy"
+    try:
+        arr = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(unique), size, size, channels)
         )
-        for c in _chunks(len(good), 1024):
-            dst[c.start : c.stop] = src[good[c.start : c.stop]]
-        dst.flush()
-        del dst, src
-        os.replace(tmp2, tmp)
+        del arr
+        chunks = _chunks(len(unique), 256)
+        jobs = [(str(tmp), c.start, [unique[i].path for i in c], size, color) for c in chunks]
+        sizes = [len(c) for c in chunks]
+        decoded = _pool_map(_decode_chunk, jobs, sizes, workers, "decoding", quiet)
+        failures = dict(x for part in decoded for x in part)
+        good = [i for i in range(len(unique)) if i not in failures]
+        for i, reason in failures.items():
+            for m in groups[unique[i].content_hash]:
+                m.status = reason
+        if failures:  # compact so that images.npy holds kept images only
+            src = np.load(tmp, mmap_mode="r")
+            dst = np.lib.format.open_memmap(
+                tmp2, mode="w+", dtype=np.uint8, shape=(len(good), *src.shape[1:])
+            )
+            for c in _chunks(len(good), 1024):
+                dst[c.start : c.stop] = src[good[c.start : c.stop]]
+            dst.flush()
+            del dst, src
+            os.replace(tmp2, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        tmp2.unlink(missing_ok=True)
     for new, old in enumerate(good):
         unique[old].index = new
         unique[old].status = "kept"
-    os.replace(tmp, images_path)
-    return rows, len(good)
+    return rows, tmp
 
 
 # --------------------------------------------------------------------------- reading a cache
@@ -611,21 +756,15 @@ def open_cache(path: str | os.PathLike) -> Cache:
             f"{path} is not a prepared cache (no images.npy and manifest.csv): "
             "run `agegender prepare DATA_DIR --out CACHE_DIR` first"
         )
-    images = np.load(root / "images.npy", mmap_mode="r")
-    kept = sorted(
-        (r for r in read_manifest(root) if r["status"] == "kept"), key=lambda r: int(r["index"])
-    )
-    if len(kept) != len(images) or any(int(r["index"]) != i for i, r in enumerate(kept)):
-        raise DataError(f"{path}: manifest.csv does not match images.npy; run prepare again")
-    summary_path = root / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    images, rows, summary = _read_cache(root)
+    kept = sorted((r for r in rows if r.status == "kept"), key=lambda r: r.index)
     return Cache(
         root=root,
         images=images,
-        age=np.array([int(r["age"]) for r in kept], dtype=np.int64),
-        gender=np.array([int(r["gender"]) for r in kept], dtype=np.int64),
-        race=np.array([int(r["race"]) for r in kept], dtype=np.int64),
-        split=np.array([r["split"] for r in kept]),
-        paths=[r["path"] for r in kept],
+        age=np.array([r.age for r in kept], dtype=np.int64),
+        gender=np.array([r.gender for r in kept], dtype=np.int64),
+        race=np.array([r.race for r in kept], dtype=np.int64),
+        split=np.array([r.split for r in kept]),
+        paths=[r.path for r in kept],
         summary=summary,
     )

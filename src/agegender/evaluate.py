@@ -13,8 +13,10 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -183,6 +185,7 @@ class _Loaded(NamedTuple):
     checkpoint: Path
     split: str  # "all" for a plain image folder
     source: str  # where the images came from, for people
+    skipped: dict[str, Any] | None = None  # a plain folder's files left out, see _skipped
 
 
 def _run_cache(model_spec: str | os.PathLike) -> Path:
@@ -207,6 +210,36 @@ def _run_cache(model_spec: str | os.PathLike) -> Path:
             f"{run}/config.toml names the cache {cache}, which does not exist; give --data"
         )
     return cache
+
+
+def _skipped(cache_dir: Path) -> dict[str, Any] | None:
+    """The files of a plain image folder that :func:`prepare` left out: how many, of how many,
+    by reason, and the first few with their reasons (bad files before duplicates)."""
+    from agegender.data import read_manifest
+
+    rows = read_manifest(cache_dir)
+    left_out = sorted(
+        (r for r in rows if r["status"] != "kept"),
+        key=lambda r: r["status"].startswith("duplicate"),
+    )
+    if not left_out:
+        return None
+    return {
+        "n": len(left_out),
+        "of": len(rows),
+        "by_reason": dict(Counter(r["status"].split(":")[0] for r in left_out).most_common()),
+        "examples": [f"{Path(r['path']).name} ({r['status']})" for r in left_out[:3]],
+    }
+
+
+def _skipped_line(skipped: dict[str, Any], root: Path) -> str:
+    why = ", ".join(f"{n:,} {reason}" for reason, n in skipped["by_reason"].items())
+    names = ", ".join(e.split(" (", 1)[0] for e in skipped["examples"])
+    more = ", ..." if skipped["n"] > len(skipped["examples"]) else ""
+    return (
+        f"skipped {skipped['n']:,} of {skipped['of']:,} image files in {root} ({why}): "
+        f"{names}{more}"
+    )
 
 
 def _load(
@@ -237,6 +270,7 @@ def _load(
     color = meta["data_config"]["color"]
 
     root = _run_cache(model_spec) if data is None else Path(data)
+    skipped = None
     if is_cache(root):
         cache = open_cache(root)
         rows = cache.indices(None if split == "all" else split)
@@ -246,6 +280,9 @@ def _load(
         cache = open_cache(work_dir / "cache")
         rows = cache.indices(None)
         split, source = "all", f"{root} (all usable images)"
+        skipped = _skipped(work_dir / "cache")
+        if skipped:  # said here, since the folder's manifest goes with the temporary cache
+            print(f"agegender: {_skipped_line(skipped, root)}", file=sys.stderr)
     if len(rows) == 0:
         where = f"the {split} split of {root}" if split != "all" else str(root)
         raise DataError(f"{where} holds no usable images")
@@ -271,6 +308,7 @@ def _load(
         checkpoint,
         split,
         source,
+        skipped,
     )
 
 
@@ -452,6 +490,15 @@ def _report(m: dict[str, Any]) -> str:
         f"{'flip TTA' if m['tta'] else 'no TTA'}; device {m['device']}"
         f"{' (bf16)' if m['amp'] else ''}.",
     ]
+    if m.get("skipped"):
+        sk = m["skipped"]
+        why = ", ".join(f"{n:,} {reason}" for reason, n in sk["by_reason"].items())
+        lines += [
+            "",
+            f"Skipped {sk['n']:,} of the folder's {sk['of']:,} image files ({why}), e.g. "
+            + "; ".join(f"`{e}`" for e in sk["examples"])
+            + ".",
+        ]
     summary = [
         ["gender accuracy", f"{m['gender_accuracy']:.2%}"],
         ["age MAE (years)", f"{m['age_mae']:.2f}"],
@@ -631,6 +678,7 @@ def evaluate(
         epoch=d.meta.get("epoch"),
         data=d.source,
         split=d.split,
+        skipped=d.skipped,
         tta=tta,
         amp=bf16,
         device=device_name(dev),
@@ -670,6 +718,23 @@ def format_summary(metrics: dict[str, Any], out_dir: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
+def _figure_path(out: str | os.PathLike) -> Path:
+    """Where :func:`show` writes for ``--out``: a folder gets ``grid.png`` inside it, a name
+    without an extension gets ``.png`` (as matplotlib would add, but then said)."""
+    path = Path(out)
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
+        return path / "grid.png"
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise DataError(
+            f"--out {out}: matplotlib cannot write {path.suffix} files; give a file ending in "
+            f"one of {', '.join('.' + f for f in sorted(formats))}"
+        )
+    return path
+
+
 def show(
     model_spec: str | os.PathLike,
     data: str | os.PathLike | None,
@@ -680,7 +745,8 @@ def show(
     tta: bool | None = None,
     device: str = "auto",
 ) -> Path:
-    """Draw ``n`` random faces (5 per row) titled ``true 34 F / pred 31 F``; returns ``out``.
+    """Draw ``n`` random faces (5 per row) titled ``true 34 F / pred 31 F``; returns the file
+    written: ``out``, ``out/grid.png`` for a folder, or ``out.png`` when it has no extension.
 
     A title is green when the predicted gender is right and the age is off by at most
     :data:`GOOD_AGE_ERROR` years, red otherwise. ``data`` is resolved as in :func:`evaluate`.
@@ -690,6 +756,7 @@ def show(
 
     if n < 1:
         raise DataError(f"n must be >= 1, got {n}")
+    path = _figure_path(out)  # before the model and the data are loaded
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="agegender-show-") as tmp:
         d = _load(model_spec, data, split, dev, Path(tmp))
@@ -718,7 +785,6 @@ def show(
             color="tab:green" if good else "tab:red",
         )
     fig.suptitle(f"{d.meta['model']['name']} on {d.source}", fontsize=10)
-    path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path

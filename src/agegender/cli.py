@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color", choices=("gray", "rgb"), default="gray", help="colour mode")
     p.add_argument("--seed", type=int_in(0), default=42, help="seed of the train/val/test split")
     p.add_argument("--split", default="0.7,0.1,0.2", help="train,val,test fractions")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.add_argument("--workers", type=int_in(0), default=0, help="processes (0 = CPU count, max 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = add(

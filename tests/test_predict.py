@@ -208,8 +208,9 @@ def test_table_output_and_exit_0(models, tmp_path, capsys):
         (["{tmp}/no/such.jpg"], "no such file or directory"),
         (["{tmp}/empty"], "no images under"),
         (["{tmp}/empty/notes.txt", "--model", "{tmp}/no-model.safetensors"], "no such model"),
+        (["{tmp}/empty/notes.txt", "--device", "foo"], "--device: unknown device 'foo'"),
     ],
-    ids=["no-such-path", "no-images", "no-such-model"],
+    ids=["no-such-path", "no-images", "no-such-model", "unknown-device"],
 )
 def test_user_errors_exit_2_with_one_line(models, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -220,6 +221,14 @@ def test_user_errors_exit_2_with_one_line(models, tmp_path, capsys, argv, messag
     assert main(["predict", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "train." not in err  # predict has no recipe: its messages name its own options
+
+
+def test_train_device_message_names_the_recipe_key():
+    from agegender.train import resolve_device
+
+    with pytest.raises(AgeGenderError, match=r"train\.device: unknown device 'foo'"):
+        resolve_device("foo")
 
 
 def test_unknown_option_exits_2(tmp_path):

@@ -182,7 +182,7 @@ class Predictor:
         if backend == "torch":
             if amp not in ("auto", "bf16", "off"):
                 raise AgeGenderError(f"unknown amp {amp!r}; valid: auto, bf16, off")
-            dev = resolve_device(device)
+            dev = resolve_device(device, option="--device")
             net = net.to(dev)
             if dev.type == "cpu":  # oneDNN's bf16 convolutions (AMX) want NHWC
                 net = net.to(memory_format=torch.channels_last)

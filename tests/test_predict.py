@@ -242,6 +242,70 @@ def test_unknown_option_exits_2(tmp_path):
     assert "unrecognized arguments: --bogus" in run.stderr
 
 
+def _two_photos(folder: Path) -> dict[Path, bytes]:
+    folder.mkdir()
+    for k, name in enumerate(("a.jpg", "b.jpg")):
+        Image.fromarray(synthetic_face(k)).save(folder / name, quality=90)
+    return {p: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{d}/b.jpg", "--output", "{d}/a.jpg"], "is not a .jsonl or .json file"),
+        (["{d}", "--output", "{d}/a.jpg"], "is one of the input images"),
+        (["{d}", "--output", "{d}/../ow/./b.jpg"], "is one of the input images"),
+        (["{d}/a.jpg", "--output", "{d}/a.jpg"], "is one of the input images"),
+        (["{d}/a.jpg", "--output", "{d}"], "is a folder"),
+        (["{d}", "--annotate", "{d}"], "would overwrite the input"),
+        (["{d}", "--annotate", "{d}/../ow"], "would overwrite the input"),
+    ],
+    ids=["existing-jpg", "input", "input-respelled", "same-file", "folder", "ann-same", "ann-resp"],
+)
+def test_outputs_never_replace_an_input(models, tmp_path, capsys, args, message):
+    """Refused before the model loads: every photo keeps its bytes, nothing is written."""
+    originals = _two_photos(tmp_path / "ow")
+    argv = [a.format(d=tmp_path / "ow") for a in args]
+    assert main(["predict", *argv, "--model", str(models["dldl"]), "--aligned"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in (tmp_path / "ow").iterdir()} == originals
+
+
+def test_output_replaces_old_results_whole_or_not_at_all(models, tmp_path, monkeypatch):
+    _two_photos(tmp_path / "ow")
+    out = tmp_path / "pred.jsonl"
+    out.write_text("old results\n")
+    argv = ["predict", str(tmp_path / "ow"), "--model", str(models["dldl"]), "--aligned"]
+    assert main([*argv, "--output", str(out), "--quiet"]) == 0  # a .jsonl is replaced
+    assert [Path(r["path"]).name for r in read_jsonl(out)] == ["a.jpg", "b.jpg"]
+    before = out.read_bytes()
+    calls = []
+
+    def interrupted(self, images, aligned=False, workers=2):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return [[] for _ in images]
+
+    monkeypatch.setattr(Predictor, "predict_batch", interrupted)
+    argv += ["--output", str(out), "--batch-size", "1", "--quiet"]
+    assert main(argv) == 130  # interrupted in the second batch
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ow", "pred.jsonl"]  # no .tmp left
+
+
+def test_annotated_names_stay_apart(models, tmp_path):
+    for folder, name in (("x", "Face.jpg"), ("y", "face.png"), ("z", "face.jpg")):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(synthetic_face(0)).save(tmp_path / folder / name)
+    ann = tmp_path / "ann"
+    paths = [str(tmp_path / d) for d in "xyz"]
+    argv = ["predict", *paths, "--model", str(models["dldl"]), "--aligned", "--quiet"]
+    assert main([*argv, "--annotate", str(ann)]) == 0
+    assert sorted(p.name for p in ann.iterdir()) == ["Face.jpg", "face-2.jpg", "face-3.jpg"]
+
+
 # --------------------------------------------------------------------------- real faces
 
 

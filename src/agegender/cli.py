@@ -366,8 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (recursive)")
     p.add_argument("--model", default="default", help="default, a run folder or a checkpoint")
     p.add_argument("--aligned", action="store_true", help="images are aligned face crops")
-    p.add_argument("--output", metavar="FILE.jsonl", help="one JSON object per image")
-    p.add_argument("--annotate", metavar="DIR", help="write images with boxes and labels")
+    p.add_argument(
+        "--output",
+        metavar="FILE.jsonl",
+        help="one JSON object per image, moved into place when the run ends; an existing file "
+        "is replaced only if it ends in .jsonl or .json and is not an input",
+    )
+    p.add_argument(
+        "--annotate",
+        metavar="DIR",
+        help="write each image with boxes and labels to DIR/NAME.jpg (refused if that would "
+        "replace an input image)",
+    )
     p.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from agegender.checkpoint import BUNDLED, load_checkpoint, resolve_checkpoint
+from agegender.checkpoint import BUNDLED, atomic_replace, load_checkpoint, resolve_checkpoint
 from agegender.data import IMAGE_SUFFIXES, load_face, open_image, upright_size
 from agegender.errors import AgeGenderError, DataError
 
@@ -356,6 +356,54 @@ def annotate(image: ImageInput, faces: list[Face]) -> Image.Image:
     return img
 
 
+OUTPUT_SUFFIXES = (".jsonl", ".json")  # what --output may replace when the file exists
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    """Identity of an existing file (device, inode), which sees through links and spellings."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _check_output(output: Path, inputs: dict[tuple[int, int], Path]) -> None:
+    """Refuse an ``--output`` whose writing would destroy an input or an unrelated file."""
+    if output.is_dir():
+        raise DataError(f"--output {output} is a folder; give a file such as {output}/pred.jsonl")
+    key = _file_key(output)
+    if key in inputs:
+        raise DataError(f"--output {output} is one of the input images ({inputs[key]})")
+    if key is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise DataError(
+            f"--output {output} exists and is not a .jsonl or .json file: not replacing it"
+        )
+
+
+def _annotated_paths(
+    files: list[Path], folder: Path, inputs: dict[tuple[int, int], Path]
+) -> list[Path]:
+    """Where each file's annotated copy goes, refusing any that would replace an input."""
+    targets, taken = [], set()
+    for path in files:
+        # a/x.jpg and b/x.png must not overwrite each other (nor X.jpg on a case-blind disk)
+        name, k = path.stem, 1
+        while name.lower() in taken:
+            k += 1
+            name = f"{path.stem}-{k}"
+        taken.add(name.lower())
+        target = folder / f"{name}.jpg"
+        key = _file_key(target)
+        if key in inputs:
+            raise DataError(
+                f"--annotate {folder} would overwrite the input {inputs[key]}; "
+                "choose a folder without input images"
+            )
+        targets.append(target)
+    return targets
+
+
 def predict_files(
     paths: list[str | os.PathLike],
     model: str = "default",
@@ -369,10 +417,21 @@ def predict_files(
     quiet: bool = False,
     amp: str = "auto",
 ) -> int:
-    """The ``agegender predict`` command; returns the exit code (0 all read, 1 some failed)."""
+    """The ``agegender predict`` command; returns the exit code (0 all read, 1 some failed).
+
+    ``output`` is written to a temporary file beside it and moved into place when the run ends,
+    so an interrupted run leaves the previous file whole. An ``output`` or annotated image that
+    would replace an input image, or an existing ``output`` that is not ``.jsonl``/``.json``,
+    is refused with a :class:`~agegender.errors.DataError` before anything is written.
+    """
     from tqdm import tqdm
 
     files = find_images(paths)
+    inputs = {key: p for p in files if (key := _file_key(p)) is not None}
+    out_path = Path(output) if output else None
+    if out_path is not None:
+        _check_output(out_path, inputs)
+    targets = _annotated_paths(files, Path(annotate_dir), inputs) if annotate_dir else []
     predictor = Predictor.load(
         model,
         device=device,
@@ -381,14 +440,14 @@ def predict_files(
         detector=None if aligned else "yunet",
         amp=amp,
     )
-    out_f = None
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        out_f = open(output, "w")  # noqa: SIM115 - written batch by batch
+    out_f, tmp = None, None
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        out_f = open(tmp, "w")  # noqa: SIM115 - written batch by batch
     if annotate_dir:
         Path(annotate_dir).mkdir(parents=True, exist_ok=True)
     failed = 0
-    written: set[str] = set()
     bar = tqdm(
         total=len(files),
         unit="img",
@@ -397,10 +456,11 @@ def predict_files(
         disable=quiet or len(files) < 2,
         leave=False,
     )
+    done = False
     try:
         for s in range(0, len(files), batch_size):
             chunk = files[s : s + batch_size]
-            for path, res in zip(chunk, predictor.predict_batch(chunk, aligned)):
+            for i, (path, res) in enumerate(zip(chunk, predictor.predict_batch(chunk, aligned))):
                 error = None
                 faces: list[Face] = []
                 if isinstance(res, Exception):
@@ -414,18 +474,17 @@ def predict_files(
                 else:
                     _print_table(path, faces, error)
                 if annotate_dir and error is None:
-                    # a/x.jpg and b/x.png must not overwrite each other
-                    name, k = path.stem, 1
-                    while name in written:
-                        k += 1
-                        name = f"{path.stem}-{k}"
-                    written.add(name)
-                    annotate(path, faces).save(Path(annotate_dir) / f"{name}.jpg", quality=90)
+                    annotate(path, faces).save(targets[s + i], quality=90)
             bar.update(len(chunk))
+        done = True
     finally:
         bar.close()
         if out_f:
             out_f.close()
+            if done:
+                atomic_replace(tmp, out_path)
+            else:  # the previous results stay as they were, and no half file is left
+                tmp.unlink(missing_ok=True)
     if failed:
         print(
             f"agegender predict: {failed} of {len(files)} images could not be read", file=sys.stderr

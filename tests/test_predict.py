@@ -242,6 +242,17 @@ def test_unknown_option_exits_2(tmp_path):
     assert "unrecognized arguments: --bogus" in run.stderr
 
 
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_batch_size_below_1_exits_2(models, tmp_path, capsys, size):
+    Image.fromarray(synthetic_face(0)).save(tmp_path / "a.png")
+    out = tmp_path / "pred.jsonl"
+    argv = ["predict", str(tmp_path / "a.png"), "--model", str(models["dldl"]), "--aligned"]
+    assert main([*argv, "--batch-size", size, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size must be at least 1" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
 def _two_photos(folder: Path) -> dict[Path, bytes]:
     folder.mkdir()
     for k, name in enumerate(("a.jpg", "b.jpg")):

@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="runtime")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help=amp_help)
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (1 or more)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from agegender.checkpoint import BUNDLED, atomic_replace, load_checkpoint, resolve_checkpoint
 from agegender.data import IMAGE_SUFFIXES, load_face, open_image, upright_size
-from agegender.errors import AgeGenderError, DataError
+from agegender.errors import AgeGenderError, ConfigError, DataError
 
 ASTRONAUT = Path(__file__).parent / "assets" / "astronaut.jpg"
 Z90 = 1.6448536269514722  # two-sided 90 % interval of a normal distribution
@@ -426,6 +426,8 @@ def predict_files(
     """
     from tqdm import tqdm
 
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     files = find_images(paths)
     inputs = {key: p for p in files if (key := _file_key(p)) is not None}
     out_path = Path(output) if output else None

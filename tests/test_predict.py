@@ -509,6 +509,22 @@ def test_predict_batch_yields_errors_in_place(predictor, tmp_path):
     assert predictor.predict_batch([blank, b""])[0] == []
 
 
+@pytest.mark.parametrize("bad", [None, 123, [b"x"], {"a": 1}], ids=["none", "int", "list", "dict"])
+def test_wrong_input_type_is_a_type_error(predictor, bad):
+    for aligned in (False, True):
+        with pytest.raises(TypeError, match="path, bytes, a binary file object, a PIL image"):
+            predictor.predict(bad, aligned=aligned)
+    good = synthetic_face(0)
+    results = predictor.predict_batch([good, bad, good], aligned=True)
+    assert isinstance(results[1], TypeError) and type(bad).__name__ in str(results[1])
+    assert len(results[0]) == len(results[2]) == 1
+
+
+def test_predict_batch_refuses_a_single_image(predictor, tmp_path):
+    with pytest.raises(TypeError, match="sequence of images"):
+        predictor.predict_batch(str(tmp_path / "a.jpg"))
+
+
 def test_predictor_without_detector_needs_aligned(models):
     p = Predictor.load(models["regression"], detector=None)
     assert p.color == "rgb" and p.size == 64 and p.tta is False

@@ -34,6 +34,8 @@ ASTRONAUT = Path(__file__).parent / "assets" / "astronaut.jpg"
 Z90 = 1.6448536269514722  # two-sided 90 % interval of a normal distribution
 
 ImageInput = str | os.PathLike | bytes | IO[bytes] | Image.Image | np.ndarray
+# what locate() accepts besides file objects (anything with .read)
+_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
 
 
 @dataclass(frozen=True)
@@ -239,10 +241,16 @@ class Predictor:
     def locate(self, image: ImageInput, aligned: bool = False) -> tuple[np.ndarray, list, list]:
         """Decode ``image`` and find its faces: ``(model inputs (N, S, S, C), boxes, scores)``.
 
-        Raises ``ValueError`` (one line) for data that is not a usable image.
+        Raises ``ValueError`` (one line) for data that is not a usable image and ``TypeError``
+        for an ``image`` of no accepted type.
         """
         from agegender.detect import align_face, load_rgb
 
+        if not isinstance(image, _IMAGE_TYPES) and not hasattr(image, "read"):
+            raise TypeError(
+                "image must be a path, bytes, a binary file object, a PIL image or an RGB "
+                f"array, got {type(image).__name__}"
+            )
         if aligned:
             if isinstance(image, (np.ndarray, Image.Image)):
                 rgb = load_rgb(image)
@@ -282,12 +290,15 @@ class Predictor:
     ) -> list[list[Face] | Exception]:
         """:meth:`predict` over many images: decoding and detection run in ``workers``
         threads, the network sees all their faces in batches. A bad image yields its
-        ``ValueError``/``AgeGenderError`` in its place instead of stopping the batch."""
+        ``ValueError``/``AgeGenderError``/``OSError`` (or ``TypeError`` for an item of no
+        accepted type) in its place instead of stopping the batch."""
+        if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
+            raise TypeError("predict_batch takes a sequence of images; use predict for one")
 
         def locate(img):
             try:
                 return self.locate(img, aligned)
-            except (ValueError, AgeGenderError, OSError) as e:
+            except (ValueError, TypeError, AgeGenderError, OSError) as e:
                 return e
 
         with ThreadPoolExecutor(max(workers, 1)) as pool:

@@ -90,8 +90,15 @@ class _TorchBackend:
         )
 
 
+class _OnnxLoadError(Exception):
+    """ONNX Runtime could not build a session from a file (its one-line reason)."""
+
+
 class _OnnxBackend:
-    """ONNX Runtime on the exported graph (uint8 NCHW in, age/p_female/age_std out)."""
+    """ONNX Runtime on the exported graph (uint8 NCHW in, age/p_female/age_std out).
+
+    Raises :class:`_OnnxLoadError` when the file is not a loadable model.
+    """
 
     def __init__(self, path: Path, threads: int | None) -> None:
         try:
@@ -103,7 +110,11 @@ class _OnnxBackend:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # InvalidProtobuf, NoSuchFile, Fail...: no common base class
+            lines = str(e).strip().splitlines()
+            raise _OnnxLoadError(lines[-1] if lines else type(e).__name__) from None
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, faces: np.ndarray, tta: bool) -> dict[str, np.ndarray]:
@@ -196,9 +207,23 @@ class Predictor:
             if onnx_path is None and path == BUNDLED:  # the package folder may be read-only
                 cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                 onnx_file = cache / "agegender" / f"default-{path.stat().st_size}.onnx"
-            if not onnx_file.is_file() or onnx_file.stat().st_mtime < path.stat().st_mtime:
+            fresh = not onnx_file.is_file() or onnx_file.stat().st_mtime < path.stat().st_mtime
+            if fresh:
                 export_onnx(path, onnx_file)
-            runner = _OnnxBackend(onnx_file, threads)
+            try:
+                runner = _OnnxBackend(onnx_file, threads)
+            except _OnnxLoadError as e:
+                if fresh:
+                    raise AgeGenderError(f"cannot load the ONNX model {onnx_file}: {e}") from None
+                # a cached file damaged after its export (a killed copy, a full disk) is newer
+                # than the checkpoint, so the mtime check would keep it forever: rebuild it once
+                export_onnx(path, onnx_file)  # written atomically
+                try:
+                    runner = _OnnxBackend(onnx_file, threads)
+                except _OnnxLoadError as e:
+                    raise AgeGenderError(
+                        f"cannot load the ONNX model {onnx_file}, even exported again: {e}"
+                    ) from None
         else:
             raise AgeGenderError(f"unknown backend {backend!r}; valid: torch, onnx")
         det = None

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from agegender.checkpoint import BUNDLED, atomic_replace, load_checkpoint, resolve_checkpoint
-from agegender.data import IMAGE_SUFFIXES, load_face, open_image, upright_size
+from agegender.data import IMAGE_SUFFIXES, load_face, upright_size
 from agegender.errors import AgeGenderError, ConfigError, DataError
 
 ASTRONAUT = Path(__file__).parent / "assets" / "astronaut.jpg"
@@ -269,7 +269,7 @@ class Predictor:
         Raises ``ValueError`` (one line) for data that is not a usable image and ``TypeError``
         for an ``image`` of no accepted type.
         """
-        from agegender.detect import align_face, load_rgb
+        from agegender.detect import align_face, load_photo, open_photo
 
         if not isinstance(image, _IMAGE_TYPES) and not hasattr(image, "read"):
             raise TypeError(
@@ -278,20 +278,20 @@ class Predictor:
             )
         if aligned:
             if isinstance(image, (np.ndarray, Image.Image)):
-                rgb = load_rgb(image)
-                h, w = rgb.shape[:2]
+                rgb, (w, h) = load_photo(image)
                 face = self._model_input(rgb)
             else:
                 # a file: decoded as training decoded the cache (JPEG luma in draft mode, no
                 # RGB detour), which is also twice as fast
                 if isinstance(image, (bytes, bytearray, memoryview)):
                     image = io.BytesIO(bytes(image))
-                img = open_image(image)
+                img = open_photo(image)
                 w, h = upright_size(img)
                 face = load_face(img, self.size, self.color)
             # a copy: load_face's array is read-only, which torch.as_tensor warns about
             return face[None].copy(), [(0.0, 0.0, float(w), float(h))], [1.0]
-        rgb = load_rgb(image)
+        # a photo of more than 40 MP is decoded shrunk: boxes are scaled back to its full size
+        rgb, (w, h) = load_photo(image)
         if self.detector is None:
             raise AgeGenderError("this predictor has no face detector: pass aligned=True")
         found = self.detector.detect_faces(rgb)
@@ -299,7 +299,9 @@ class Predictor:
         crops = [self._model_input(align_face(rgb, f, 200)) for f in found]
         channels = 1 if self.color == "gray" else 3
         arr = np.stack(crops) if crops else np.zeros((0, self.size, self.size, channels), np.uint8)
-        return arr, [f.box for f in found], [f.score for f in found]
+        sx, sy = w / rgb.shape[1], h / rgb.shape[0]
+        boxes = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in (f.box for f in found)]
+        return arr, boxes, [f.score for f in found]
 
     def predict(self, image: ImageInput, aligned: bool = False) -> list[Face]:
         """Every face in ``image`` with its age and gender, best detection first.
@@ -366,12 +368,18 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def annotate(image: ImageInput, faces: list[Face]) -> Image.Image:
-    """The image (EXIF-upright) with each face's box and label drawn."""
+    """The image (EXIF-upright) with each face's box and label drawn.
+
+    A photo of more than 40 MP is drawn shrunk, as :func:`agegender.detect.load_photo`
+    decodes it (the boxes, in full-size pixels, are scaled to it).
+    """
     from PIL import ImageDraw, ImageFont
 
-    from agegender.detect import load_rgb
+    from agegender.detect import load_photo
 
-    img = Image.fromarray(load_rgb(image))
+    rgb, (w, h) = load_photo(image)
+    img = Image.fromarray(rgb)
+    sx, sy = img.width / w, img.height / h
     draw = ImageDraw.Draw(img)
     side = max(img.size)
     width = max(2, side // 300)
@@ -381,12 +389,13 @@ def annotate(image: ImageInput, faces: list[Face]) -> Image.Image:
         font = ImageFont.load_default()
     for f in faces:
         color = (230, 60, 120) if f.gender == "female" else (40, 120, 230)
-        draw.rectangle(f.box, outline=color, width=width)
+        box = (f.box[0] * sx, f.box[1] * sy, f.box[2] * sx, f.box[3] * sy)
+        draw.rectangle(box, outline=color, width=width)
         text = f.label()
-        x0, y0 = f.box[0], f.box[1]
+        x0, y0 = box[0], box[1]
         tb = draw.textbbox((x0, y0), text, font=font)
         th = tb[3] - tb[1] + 2 * width
-        top = y0 - th if y0 - th >= 0 else f.box[3]
+        top = y0 - th if y0 - th >= 0 else box[3]
         draw.rectangle((x0, top, x0 + tb[2] - tb[0] + 2 * width, top + th), fill=color)
         draw.text((x0 + width, top + width - (tb[1] - y0)), text, fill="white", font=font)
     return img

@@ -25,7 +25,9 @@ from agegender.detect import (
     crop_faces,
     get_detector,
     list_detectors,
+    load_photo,
     load_rgb,
+    open_photo,
 )
 from agegender.errors import AgeGenderError, ConfigError
 
@@ -296,6 +298,51 @@ def test_load_rgb_refuses_bad_data(tmp_path):
         load_rgb(buf.getvalue()[: len(buf.getvalue()) // 2])
     with pytest.raises(ValueError, match="uint8"):
         load_rgb(np.zeros((2, 2, 3), np.float64))
+
+
+def _jpeg(rgb: np.ndarray, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=95, **save)
+    return buf.getvalue()
+
+
+def test_load_photo_shrinks_by_a_whole_factor_and_gives_the_full_size():
+    stored = np.zeros((300, 400, 3), np.uint8)
+    stored[:, :200] = (255, 0, 0)  # left half red, right half blue
+    stored[:, 200:] = (0, 0, 255)
+    # JPEG: 1/2 by the decoder (draft), then 1/2 by averaging; PNG: 1/3 by averaging
+    png = _png(Image.fromarray(stored))
+    for data, shape in ((_jpeg(stored), (75, 100, 3)), (png, (100, 134, 3))):
+        rgb, full = load_photo(data, work_pixels=20_000)
+        assert rgb.shape == shape and full == (400, 300)
+        assert rgb[shape[0] // 2, 5, 0] > 200 and rgb[shape[0] // 2, -5, 2] > 200
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned: the full size is the upright one
+    rgb, full = load_photo(_jpeg(stored, exif=exif.tobytes()), work_pixels=20_000)
+    assert rgb.shape == (100, 75, 3) and full == (300, 400)
+    # at or under work_pixels: exactly what load_rgb gives
+    data = _jpeg(stored)
+    rgb, full = load_photo(data, work_pixels=120_000)
+    assert full == (400, 300) and np.array_equal(rgb, load_rgb(data))
+    # a caller's PIL image is shrunk, not changed
+    img = Image.open(io.BytesIO(data))
+    rgb, full = load_photo(img, work_pixels=20_000)
+    assert rgb.shape == (100, 134, 3) and full == (400, 300) and img.size == (400, 300)
+
+
+def test_load_photo_refuses_too_large_from_the_header(tmp_path):
+    over = tmp_path / "over.png"
+    bomb_png(over, side=12_500)  # 156 MP: under PIL's own refusal, over ours
+    with pytest.raises(ValueError, match=r"^image too large \(156 MP > 150 MP\)$"):
+        load_photo(over)
+    bomb = tmp_path / "bomb.png"
+    bomb_png(bomb)  # 400 MP: PIL itself refuses it, said the same way
+    with pytest.raises(ValueError, match=r"^image too large \(400 MP > 150 MP\)$"):
+        open_photo(bomb)
+    with pytest.raises(ValueError, match=r"^image too large \(1\.0 MP > 0\.4 MP\)$"):
+        load_photo(Image.new("L", (1000, 1000)), max_pixels=400_000)
+    with pytest.raises(ValueError, match=r"^not an image"):
+        load_photo(b"not an image")
 
 
 # --------------------------------------------------------------------------- alignment geometry

@@ -22,6 +22,7 @@ import torch
 from agegender.checkpoint import load_checkpoint, save_checkpoint
 from agegender.cli import main
 from agegender.data import load_face
+from agegender.errors import AgeGenderError
 from agegender.export import ExportWrapper
 from agegender.models import create_model
 from agegender.predict import Predictor
@@ -225,3 +226,41 @@ def test_onnx_predictor_gives_the_same_faces(exported, head, tta):
 def test_recipe_tta_is_followed(exported):
     assert exported["dldl"]["torch"].tta is True and exported["dldl"]["onnx_predictor"].tta is True
     assert exported["regression"]["onnx_predictor"].tta is False
+
+
+def _copy_checkpoint(e: dict, folder: Path) -> Path:
+    folder.mkdir()
+    for src in (e["ckpt"], e["ckpt"].with_suffix(".json")):
+        (folder / src.name).write_bytes(src.read_bytes())
+    return folder / e["ckpt"].name
+
+
+def test_a_damaged_cached_onnx_is_exported_again(exported, tmp_path):
+    e = exported["regression"]
+    ckpt = _copy_checkpoint(e, tmp_path / "run")
+    cached = ckpt.with_suffix(".onnx")
+    cached.write_text("x\n")  # newer than the checkpoint, so the mtime check trusts it
+    p = Predictor.load(ckpt, backend="onnx", detector=None, threads=2)
+    onnx.checker.check_model(onnx.load(str(cached)))
+    assert not list(cached.parent.glob("*.tmp"))
+    faces = random_faces(3, 3)
+    ref = e["onnx_predictor"].backend(faces, False)
+    assert_close(p.backend(faces, False), ref, HEADS["regression"])
+
+
+def test_an_onnx_that_stays_broken_is_one_clear_error(exported, tmp_path, monkeypatch):
+    import agegender.export
+
+    ckpt = _copy_checkpoint(exported["regression"], tmp_path / "run")
+    ckpt.with_suffix(".onnx").write_text("x\n")
+    calls = []
+
+    def broken_export(model, out, opset=18):
+        calls.append(out)
+        Path(out).write_text("still not a model\n")
+        return Path(out)
+
+    monkeypatch.setattr(agegender.export, "export_onnx", broken_export)
+    with pytest.raises(AgeGenderError, match=r"cannot load the ONNX model .*even exported again"):
+        Predictor.load(ckpt, backend="onnx", detector=None)
+    assert len(calls) == 1  # rebuilt once, not in a loop

@@ -25,7 +25,7 @@ from agegender.cli import main
 from agegender.detect import load_rgb
 from agegender.errors import AgeGenderError
 from agegender.models import create_model
-from agegender.predict import ASTRONAUT, Face, Predictor
+from agegender.predict import ASTRONAUT, Face, Predictor, annotate
 from agegender.synthetic import draw_face
 
 cv2.setNumThreads(1)  # the tests run beside other work; one thread is plenty for these sizes
@@ -67,7 +67,7 @@ def write_bad_files(folder: Path, jpeg: bytes) -> dict[str, str]:
         "empty.jpg": "not an image",
         "text.jpg": "not an image",
         "truncated.jpg": "corrupt image",
-        "bomb.png": "decompression bomb",
+        "bomb.png": "image too large (400 MP > 150 MP)",
     }
 
 
@@ -208,8 +208,9 @@ def test_table_output_and_exit_0(models, tmp_path, capsys):
         (["{tmp}/no/such.jpg"], "no such file or directory"),
         (["{tmp}/empty"], "no images under"),
         (["{tmp}/empty/notes.txt", "--model", "{tmp}/no-model.safetensors"], "no such model"),
+        (["{tmp}/empty/notes.txt", "--device", "foo"], "--device: unknown device 'foo'"),
     ],
-    ids=["no-such-path", "no-images", "no-such-model"],
+    ids=["no-such-path", "no-images", "no-such-model", "unknown-device"],
 )
 def test_user_errors_exit_2_with_one_line(models, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -220,6 +221,14 @@ def test_user_errors_exit_2_with_one_line(models, tmp_path, capsys, argv, messag
     assert main(["predict", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "train." not in err  # predict has no recipe: its messages name its own options
+
+
+def test_train_device_message_names_the_recipe_key():
+    from agegender.train import resolve_device
+
+    with pytest.raises(AgeGenderError, match=r"train\.device: unknown device 'foo'"):
+        resolve_device("foo")
 
 
 def test_unknown_option_exits_2(tmp_path):
@@ -231,6 +240,81 @@ def test_unknown_option_exits_2(tmp_path):
     )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "unrecognized arguments: --bogus" in run.stderr
+
+
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_batch_size_below_1_exits_2(models, tmp_path, capsys, size):
+    Image.fromarray(synthetic_face(0)).save(tmp_path / "a.png")
+    out = tmp_path / "pred.jsonl"
+    argv = ["predict", str(tmp_path / "a.png"), "--model", str(models["dldl"]), "--aligned"]
+    assert main([*argv, "--batch-size", size, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size must be at least 1" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def _two_photos(folder: Path) -> dict[Path, bytes]:
+    folder.mkdir()
+    for k, name in enumerate(("a.jpg", "b.jpg")):
+        Image.fromarray(synthetic_face(k)).save(folder / name, quality=90)
+    return {p: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{d}/b.jpg", "--output", "{d}/a.jpg"], "is not a .jsonl or .json file"),
+        (["{d}", "--output", "{d}/a.jpg"], "is one of the input images"),
+        (["{d}", "--output", "{d}/../ow/./b.jpg"], "is one of the input images"),
+        (["{d}/a.jpg", "--output", "{d}/a.jpg"], "is one of the input images"),
+        (["{d}/a.jpg", "--output", "{d}"], "is a folder"),
+        (["{d}", "--annotate", "{d}"], "would overwrite the input"),
+        (["{d}", "--annotate", "{d}/../ow"], "would overwrite the input"),
+    ],
+    ids=["existing-jpg", "input", "input-respelled", "same-file", "folder", "ann-same", "ann-resp"],
+)
+def test_outputs_never_replace_an_input(models, tmp_path, capsys, args, message):
+    """Refused before the model loads: every photo keeps its bytes, nothing is written."""
+    originals = _two_photos(tmp_path / "ow")
+    argv = [a.format(d=tmp_path / "ow") for a in args]
+    assert main(["predict", *argv, "--model", str(models["dldl"]), "--aligned"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in (tmp_path / "ow").iterdir()} == originals
+
+
+def test_output_replaces_old_results_whole_or_not_at_all(models, tmp_path, monkeypatch):
+    _two_photos(tmp_path / "ow")
+    out = tmp_path / "pred.jsonl"
+    out.write_text("old results\n")
+    argv = ["predict", str(tmp_path / "ow"), "--model", str(models["dldl"]), "--aligned"]
+    assert main([*argv, "--output", str(out), "--quiet"]) == 0  # a .jsonl is replaced
+    assert [Path(r["path"]).name for r in read_jsonl(out)] == ["a.jpg", "b.jpg"]
+    before = out.read_bytes()
+    calls = []
+
+    def interrupted(self, images, aligned=False, workers=2):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return [[] for _ in images]
+
+    monkeypatch.setattr(Predictor, "predict_batch", interrupted)
+    argv += ["--output", str(out), "--batch-size", "1", "--quiet"]
+    assert main(argv) == 130  # interrupted in the second batch
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ow", "pred.jsonl"]  # no .tmp left
+
+
+def test_annotated_names_stay_apart(models, tmp_path):
+    for folder, name in (("x", "Face.jpg"), ("y", "face.png"), ("z", "face.jpg")):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(synthetic_face(0)).save(tmp_path / folder / name)
+    ann = tmp_path / "ann"
+    paths = [str(tmp_path / d) for d in "xyz"]
+    argv = ["predict", *paths, "--model", str(models["dldl"]), "--aligned", "--quiet"]
+    assert main([*argv, "--annotate", str(ann)]) == 0
+    assert sorted(p.name for p in ann.iterdir()) == ["Face.jpg", "face-2.jpg", "face-3.jpg"]
 
 
 # --------------------------------------------------------------------------- real faces
@@ -415,7 +499,7 @@ def test_predict_batch_yields_errors_in_place(predictor, tmp_path):
             assert isinstance(r, ValueError | AgeGenderError) and "\n" not in str(r)
         else:
             assert isinstance(r, list) and len(r) == 1 and isinstance(r[0], Face)
-    assert "decompression bomb" in str(results[3]) and "no such file" in str(results[4])
+    assert "image too large" in str(results[3]) and "no such file" in str(results[4])
     # batching changes nothing: each image alone gives the same faces
     alone = predictor.predict(good[2], aligned=True)[0]
     assert results[5][0].age == pytest.approx(alone.age, abs=1e-4)
@@ -423,6 +507,42 @@ def test_predict_batch_yields_errors_in_place(predictor, tmp_path):
     # an image without a face is [] in detection mode, not an error
     blank = np.full((240, 320, 3), 128, np.uint8)
     assert predictor.predict_batch([blank, b""])[0] == []
+
+
+@pytest.mark.parametrize("bad", [None, 123, [b"x"], {"a": 1}], ids=["none", "int", "list", "dict"])
+def test_wrong_input_type_is_a_type_error(predictor, bad):
+    for aligned in (False, True):
+        with pytest.raises(TypeError, match="path, bytes, a binary file object, a PIL image"):
+            predictor.predict(bad, aligned=aligned)
+    good = synthetic_face(0)
+    results = predictor.predict_batch([good, bad, good], aligned=True)
+    assert isinstance(results[1], TypeError) and type(bad).__name__ in str(results[1])
+    assert len(results[0]) == len(results[2]) == 1
+
+
+def test_predict_batch_refuses_a_single_image(predictor, tmp_path):
+    with pytest.raises(TypeError, match="sequence of images"):
+        predictor.predict_batch(str(tmp_path / "a.jpg"))
+
+
+def test_a_64_mp_photo_is_read(predictor, request, tmp_path):
+    """Phones take 50 MP+ photos: decoded shrunk, with boxes in the full photo's pixels."""
+    real = _has_utkface(request)
+    face = good_faces(request, 1, real)[0]
+    canvas = np.full((8000, 8000, 3), 128, np.uint8)
+    canvas[3000:5000, 1000:3000] = cv2.resize(face, (2000, 2000))
+    path = tmp_path / "big.jpg"
+    Image.fromarray(canvas).save(path, quality=80)
+    del canvas
+    (aligned,) = predictor.predict(path, aligned=True)
+    assert aligned.box == (0.0, 0.0, 8000.0, 8000.0)
+    (faces,) = predictor.predict_batch([path])
+    assert isinstance(faces, list)
+    if real:
+        assert len(faces) == 1
+        x0, y0, x1, y1 = faces[0].box
+        assert 800 < x0 < x1 < 3200 and 2800 < y0 < y1 < 5200  # where the face is, full size
+    assert annotate(path, faces).size == (4000, 4000)  # drawn on the shrunk photo
 
 
 def test_predictor_without_detector_needs_aligned(models):

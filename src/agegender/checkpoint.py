@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from agegender.errors import AgeGenderError
+from agegender.errors import AgeGenderError, DataError
 from agegender.models import create_model
 
 FORMAT = "agegender-checkpoint"
@@ -68,28 +68,45 @@ def save_checkpoint(
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The sidecar metadata of a checkpoint (from ``.json``, else from the weights' header)."""
+    """The sidecar metadata of a checkpoint (from ``.json``, else from the weights' header).
+
+    Raises :class:`~agegender.errors.DataError` naming the file when the metadata is not JSON or
+    lacks the model's description (``model`` with its ``name``, ``data_config``).
+    """
     path = Path(path)
     if not path.is_file():
         raise AgeGenderError(f"no such checkpoint: {path}")
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
-        meta = json.loads(sidecar.read_text())
+        source = sidecar
+        try:
+            meta = json.loads(sidecar.read_text())
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise DataError(f"corrupt checkpoint metadata {sidecar}: not JSON ({e})") from None
     else:
+        source = path
         try:
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("agegender", "{}"))
         except Exception as e:
-            raise AgeGenderError(f"{path} is not a safetensors checkpoint: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise AgeGenderError(f"{path} is not an agegender checkpoint (no model description)")
+            raise DataError(f"{path} is not a safetensors checkpoint: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{source} is not an agegender checkpoint (no model description)")
+    model, data_config = meta.get("model"), meta.get("data_config")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise DataError(f"corrupt checkpoint metadata {source}: no model name")
+    if not isinstance(data_config, dict) or not {"input_size", "color"} <= data_config.keys():
+        raise DataError(f"corrupt checkpoint metadata {source}: no data_config (input_size, color)")
     return meta
 
 
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from a checkpoint alone; returns ``(model in eval mode, metadata)``."""
+    """Rebuild the model from a checkpoint alone; returns ``(model in eval mode, metadata)``.
+
+    A corrupt sidecar or weights file raises :class:`~agegender.errors.DataError` naming it.
+    """
     meta = read_meta(path)
     cfg = dict(meta["model"])
     model = create_model(cfg.pop("name"), **cfg)
@@ -97,13 +114,17 @@ def load_checkpoint(
 
     try:
         state = load_file(str(path), device="cpu")
-    except Exception as e:
-        raise AgeGenderError(f"cannot read weights from {path}: {e}") from None
+    except Exception as e:  # truncated or overwritten: safetensors' own error types vary
+        raise DataError(f"corrupt checkpoint weights {path}: {e}") from None
     reference = model.state_dict()
     state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # same names, other shapes: weights from another configuration
+        msg = str(e).strip().splitlines()[-1].strip()
+        raise DataError(f"{path} does not match model {meta['model']['name']}: {msg}") from None
     if missing or unexpected:
-        raise AgeGenderError(
+        raise DataError(
             f"{path} does not match model {meta['model']['name']}: "
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )

@@ -382,13 +382,24 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         _cmd_predict,
         "Estimate age and gender of every face in photos (files or folders): detect, align "
-        "to UTKFace's geometry, predict. Exit 0 when every image was read, 1 when some failed.",
+        "to UTKFace's geometry, predict. Photos of up to 150 MP are read (those over 40 MP shrunk "
+        "while decoding). Exit 0 when every image was read, 1 when some failed.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (recursive)")
     p.add_argument("--model", default="default", help="default, a run folder or a checkpoint")
     p.add_argument("--aligned", action="store_true", help="images are aligned face crops")
-    p.add_argument("--output", metavar="FILE.jsonl", help="one JSON object per image")
-    p.add_argument("--annotate", metavar="DIR", help="write images with boxes and labels")
+    p.add_argument(
+        "--output",
+        metavar="FILE.jsonl",
+        help="one JSON object per image, moved into place when the run ends; an existing file "
+        "is replaced only if it ends in .jsonl or .json and is not an input",
+    )
+    p.add_argument(
+        "--annotate",
+        metavar="DIR",
+        help="write each image with boxes and labels to DIR/NAME.jpg (refused if that would "
+        "replace an input image)",
+    )
     p.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
@@ -397,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="runtime")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help=amp_help)
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (1 or more)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

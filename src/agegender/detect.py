@@ -25,6 +25,7 @@ import inspect
 import io
 import math
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,10 +37,11 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from agegender.data import MAX_PIXELS, open_image
+from agegender.data import MAX_PIXELS, open_image, upright_size
 from agegender.errors import AgeGenderError, ConfigError
 
 __all__ = [
+    "MAX_PHOTO_PIXELS",
     "MODEL_SHA256",
     "UTKFACE_TEMPLATE_200",
     "YUNET_MODEL",
@@ -53,7 +55,9 @@ __all__ = [
     "crop_faces",
     "get_detector",
     "list_detectors",
+    "load_photo",
     "load_rgb",
+    "open_photo",
 ]
 
 Point = tuple[float, float]
@@ -574,10 +578,26 @@ def load_rgb(src: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         img = src
     else:
         img = open_image(src, max_pixels)
+    return _decode_rgb(img, own=img is not src)
+
+
+def _decode_rgb(
+    img: Image.Image, shrink: int = 1, checked: bool = False, own: bool = False
+) -> np.ndarray:
+    """An opened image -> upright RGB uint8 ``(H, W, 3)``, box-averaged by ``shrink`` last.
+
+    ``checked``: the size was already checked against a limit of ours, so PIL's warning (from
+    89 MP on, which some decoders give again while loading) is not an error. ``own``: ``img``
+    is not the caller's, so it may be turned upright in place instead of copied.
+    """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = ImageOps.exif_transpose(img)
+            action = "ignore" if checked else "error"
+            warnings.simplefilter(action, Image.DecompressionBombWarning)
+            if own:
+                ImageOps.exif_transpose(img, in_place=True)
+            else:
+                img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 # 16-bit: scaled to 8 bits exactly as load_face does, not clipped at 255 by PIL
                 arr = np.clip(np.asarray(img, dtype=np.float32), 0, None)
@@ -585,7 +605,11 @@ def load_rgb(src: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             if "A" in img.getbands() or "transparency" in img.info:
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, img.convert("RGBA"))
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            if img.mode != "RGB":  # convert() copies even to the same mode
+                img = img.convert("RGB")
+            if shrink > 1:  # after the conversion: averaging palette indices would be wrong
+                img = img.reduce(shrink)
+            arr = np.asarray(img, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"decompression bomb: {e}") from None
     except (OSError, SyntaxError, EOFError) as e:  # truncated or corrupt data
@@ -594,3 +618,80 @@ def load_rgb(src: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"corrupt image: decoded to shape {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+# --------------------------------------------------------------------------- large photos
+
+#: Largest photo :func:`open_photo` and :func:`load_photo` accept: today's 50-108 MP phone
+#: photos with room to spare, refused above from the header alone, before any pixel is decoded.
+MAX_PHOTO_PIXELS = 150_000_000
+
+
+def _too_large(pixels: int, limit: int) -> str:
+    def mp(n: int) -> str:
+        return f"{n / 1e6:.0f}" if n >= 10e6 else f"{n / 1e6:.1f}"
+
+    return f"image too large ({mp(pixels)} MP > {mp(limit)} MP)"
+
+
+def open_photo(
+    src: str | os.PathLike | IO[bytes], max_pixels: int = MAX_PHOTO_PIXELS
+) -> Image.Image:
+    """Open a photo lazily (its header only), like :func:`agegender.data.open_image` but with
+    a photo's limit: more than ``max_pixels`` raises ``ValueError("image too large (N MP > M
+    MP)")``. PIL refuses more than ``2 * Image.MAX_IMAGE_PIXELS`` (179 MP) whatever the limit.
+    """
+    if Image.MAX_IMAGE_PIXELS:
+        max_pixels = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)
+    with warnings.catch_warnings():
+        # PIL warns from 89 MP on; the limit that applies is ours, checked below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = open_image(src, max_pixels=2**62)
+        except ValueError as e:
+            # PIL's own refusal (from 179 MP) gives the size only inside its message
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            if not str(e).startswith("decompression bomb") or found is None:
+                raise
+            raise ValueError(_too_large(int(found[1]), max_pixels)) from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ValueError(_too_large(w * h, max_pixels))
+    return img
+
+
+def load_photo(
+    src: ImageSource, max_pixels: int = MAX_PHOTO_PIXELS, work_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`load_rgb` for photos of up to ``max_pixels``, decoded at ``work_pixels`` at most.
+
+    Returns ``(RGB uint8 (h, w, 3), (W, H))``: the upright image, shrunk by a whole factor when
+    it has more than ``work_pixels`` (JPEGs by the decoder itself, in draft mode, so a 64 MP
+    photo never exists at full size in memory), and the upright size of the full image, which
+    coordinates found on the array are scaled to. Images of up to ``work_pixels`` and arrays
+    come back as :func:`load_rgb` gives them. Faces are found on a 640 px image and cropped at
+    200 px, so the shrunk image loses nothing they need.
+
+    Raises ``ValueError`` with a one-line reason, ``"image too large (N MP > M MP)"`` above
+    ``max_pixels``.
+    """
+    if isinstance(src, np.ndarray):
+        rgb = load_rgb(src)
+        return rgb, (rgb.shape[1], rgb.shape[0])
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        src = io.BytesIO(bytes(src))
+    if isinstance(src, Image.Image):
+        if src.width * src.height > max_pixels:
+            raise ValueError(_too_large(src.width * src.height, max_pixels))
+        img = src
+    else:
+        img = open_photo(src, max_pixels)
+    full = upright_size(img)
+    w, h = img.size
+    if w * h > work_pixels and img is not src and img.format in ("JPEG", "MPO"):
+        # the decoder's DCT scaling (1/2, 1/4, 1/8): the biggest that keeps w // k pixels
+        k = math.ceil(math.sqrt(w * h / work_pixels))
+        img.draft(img.mode, (max(w // k, 1), max(h // k, 1)))
+        w, h = img.size
+    shrink = math.ceil(math.sqrt(w * h / work_pixels)) if w * h > work_pixels else 1
+    return _decode_rgb(img, shrink, checked=True, own=img is not src), full

@@ -26,14 +26,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from agegender.checkpoint import BUNDLED, load_checkpoint, resolve_checkpoint
-from agegender.data import IMAGE_SUFFIXES, load_face, open_image, upright_size
-from agegender.errors import AgeGenderError, DataError
+from agegender.checkpoint import BUNDLED, atomic_replace, load_checkpoint, resolve_checkpoint
+from agegender.data import IMAGE_SUFFIXES, load_face, upright_size
+from agegender.errors import AgeGenderError, ConfigError, DataError
 
 ASTRONAUT = Path(__file__).parent / "assets" / "astronaut.jpg"
 Z90 = 1.6448536269514722  # two-sided 90 % interval of a normal distribution
 
 ImageInput = str | os.PathLike | bytes | IO[bytes] | Image.Image | np.ndarray
+# what locate() accepts besides file objects (anything with .read)
+_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,15 @@ class _TorchBackend:
         )
 
 
+class _OnnxLoadError(Exception):
+    """ONNX Runtime could not build a session from a file (its one-line reason)."""
+
+
 class _OnnxBackend:
-    """ONNX Runtime on the exported graph (uint8 NCHW in, age/p_female/age_std out)."""
+    """ONNX Runtime on the exported graph (uint8 NCHW in, age/p_female/age_std out).
+
+    Raises :class:`_OnnxLoadError` when the file is not a loadable model.
+    """
 
     def __init__(self, path: Path, threads: int | None) -> None:
         try:
@@ -101,7 +110,11 @@ class _OnnxBackend:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # InvalidProtobuf, NoSuchFile, Fail...: no common base class
+            lines = str(e).strip().splitlines()
+            raise _OnnxLoadError(lines[-1] if lines else type(e).__name__) from None
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, faces: np.ndarray, tta: bool) -> dict[str, np.ndarray]:
@@ -182,7 +195,7 @@ class Predictor:
         if backend == "torch":
             if amp not in ("auto", "bf16", "off"):
                 raise AgeGenderError(f"unknown amp {amp!r}; valid: auto, bf16, off")
-            dev = resolve_device(device)
+            dev = resolve_device(device, option="--device")
             net = net.to(dev)
             if dev.type == "cpu":  # oneDNN's bf16 convolutions (AMX) want NHWC
                 net = net.to(memory_format=torch.channels_last)
@@ -194,9 +207,23 @@ class Predictor:
             if onnx_path is None and path == BUNDLED:  # the package folder may be read-only
                 cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                 onnx_file = cache / "agegender" / f"default-{path.stat().st_size}.onnx"
-            if not onnx_file.is_file() or onnx_file.stat().st_mtime < path.stat().st_mtime:
+            fresh = not onnx_file.is_file() or onnx_file.stat().st_mtime < path.stat().st_mtime
+            if fresh:
                 export_onnx(path, onnx_file)
-            runner = _OnnxBackend(onnx_file, threads)
+            try:
+                runner = _OnnxBackend(onnx_file, threads)
+            except _OnnxLoadError as e:
+                if fresh:
+                    raise AgeGenderError(f"cannot load the ONNX model {onnx_file}: {e}") from None
+                # a cached file damaged after its export (a killed copy, a full disk) is newer
+                # than the checkpoint, so the mtime check would keep it forever: rebuild it once
+                export_onnx(path, onnx_file)  # written atomically
+                try:
+                    runner = _OnnxBackend(onnx_file, threads)
+                except _OnnxLoadError as e:
+                    raise AgeGenderError(
+                        f"cannot load the ONNX model {onnx_file}, even exported again: {e}"
+                    ) from None
         else:
             raise AgeGenderError(f"unknown backend {backend!r}; valid: torch, onnx")
         det = None
@@ -239,26 +266,32 @@ class Predictor:
     def locate(self, image: ImageInput, aligned: bool = False) -> tuple[np.ndarray, list, list]:
         """Decode ``image`` and find its faces: ``(model inputs (N, S, S, C), boxes, scores)``.
 
-        Raises ``ValueError`` (one line) for data that is not a usable image.
+        Raises ``ValueError`` (one line) for data that is not a usable image and ``TypeError``
+        for an ``image`` of no accepted type.
         """
-        from agegender.detect import align_face, load_rgb
+        from agegender.detect import align_face, load_photo, open_photo
 
+        if not isinstance(image, _IMAGE_TYPES) and not hasattr(image, "read"):
+            raise TypeError(
+                "image must be a path, bytes, a binary file object, a PIL image or an RGB "
+                f"array, got {type(image).__name__}"
+            )
         if aligned:
             if isinstance(image, (np.ndarray, Image.Image)):
-                rgb = load_rgb(image)
-                h, w = rgb.shape[:2]
+                rgb, (w, h) = load_photo(image)
                 face = self._model_input(rgb)
             else:
                 # a file: decoded as training decoded the cache (JPEG luma in draft mode, no
                 # RGB detour), which is also twice as fast
                 if isinstance(image, (bytes, bytearray, memoryview)):
                     image = io.BytesIO(bytes(image))
-                img = open_image(image)
+                img = open_photo(image)
                 w, h = upright_size(img)
                 face = load_face(img, self.size, self.color)
             # a copy: load_face's array is read-only, which torch.as_tensor warns about
             return face[None].copy(), [(0.0, 0.0, float(w), float(h))], [1.0]
-        rgb = load_rgb(image)
+        # a photo of more than 40 MP is decoded shrunk: boxes are scaled back to its full size
+        rgb, (w, h) = load_photo(image)
         if self.detector is None:
             raise AgeGenderError("this predictor has no face detector: pass aligned=True")
         found = self.detector.detect_faces(rgb)
@@ -266,7 +299,9 @@ class Predictor:
         crops = [self._model_input(align_face(rgb, f, 200)) for f in found]
         channels = 1 if self.color == "gray" else 3
         arr = np.stack(crops) if crops else np.zeros((0, self.size, self.size, channels), np.uint8)
-        return arr, [f.box for f in found], [f.score for f in found]
+        sx, sy = w / rgb.shape[1], h / rgb.shape[0]
+        boxes = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in (f.box for f in found)]
+        return arr, boxes, [f.score for f in found]
 
     def predict(self, image: ImageInput, aligned: bool = False) -> list[Face]:
         """Every face in ``image`` with its age and gender, best detection first.
@@ -282,12 +317,15 @@ class Predictor:
     ) -> list[list[Face] | Exception]:
         """:meth:`predict` over many images: decoding and detection run in ``workers``
         threads, the network sees all their faces in batches. A bad image yields its
-        ``ValueError``/``AgeGenderError`` in its place instead of stopping the batch."""
+        ``ValueError``/``AgeGenderError``/``OSError`` (or ``TypeError`` for an item of no
+        accepted type) in its place instead of stopping the batch."""
+        if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
+            raise TypeError("predict_batch takes a sequence of images; use predict for one")
 
         def locate(img):
             try:
                 return self.locate(img, aligned)
-            except (ValueError, AgeGenderError, OSError) as e:
+            except (ValueError, TypeError, AgeGenderError, OSError) as e:
                 return e
 
         with ThreadPoolExecutor(max(workers, 1)) as pool:
@@ -330,12 +368,18 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def annotate(image: ImageInput, faces: list[Face]) -> Image.Image:
-    """The image (EXIF-upright) with each face's box and label drawn."""
+    """The image (EXIF-upright) with each face's box and label drawn.
+
+    A photo of more than 40 MP is drawn shrunk, as :func:`agegender.detect.load_photo`
+    decodes it (the boxes, in full-size pixels, are scaled to it).
+    """
     from PIL import ImageDraw, ImageFont
 
-    from agegender.detect import load_rgb
+    from agegender.detect import load_photo
 
-    img = Image.fromarray(load_rgb(image))
+    rgb, (w, h) = load_photo(image)
+    img = Image.fromarray(rgb)
+    sx, sy = img.width / w, img.height / h
     draw = ImageDraw.Draw(img)
     side = max(img.size)
     width = max(2, side // 300)
@@ -345,15 +389,64 @@ def annotate(image: ImageInput, faces: list[Face]) -> Image.Image:
         font = ImageFont.load_default()
     for f in faces:
         color = (230, 60, 120) if f.gender == "female" else (40, 120, 230)
-        draw.rectangle(f.box, outline=color, width=width)
+        box = (f.box[0] * sx, f.box[1] * sy, f.box[2] * sx, f.box[3] * sy)
+        draw.rectangle(box, outline=color, width=width)
         text = f.label()
-        x0, y0 = f.box[0], f.box[1]
+        x0, y0 = box[0], box[1]
         tb = draw.textbbox((x0, y0), text, font=font)
         th = tb[3] - tb[1] + 2 * width
-        top = y0 - th if y0 - th >= 0 else f.box[3]
+        top = y0 - th if y0 - th >= 0 else box[3]
         draw.rectangle((x0, top, x0 + tb[2] - tb[0] + 2 * width, top + th), fill=color)
         draw.text((x0 + width, top + width - (tb[1] - y0)), text, fill="white", font=font)
     return img
+
+
+OUTPUT_SUFFIXES = (".jsonl", ".json")  # what --output may replace when the file exists
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    """Identity of an existing file (device, inode), which sees through links and spellings."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _check_output(output: Path, inputs: dict[tuple[int, int], Path]) -> None:
+    """Refuse an ``--output`` whose writing would destroy an input or an unrelated file."""
+    if output.is_dir():
+        raise DataError(f"--output {output} is a folder; give a file such as {output}/pred.jsonl")
+    key = _file_key(output)
+    if key in inputs:
+        raise DataError(f"--output {output} is one of the input images ({inputs[key]})")
+    if key is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise DataError(
+            f"--output {output} exists and is not a .jsonl or .json file: not replacing it"
+        )
+
+
+def _annotated_paths(
+    files: list[Path], folder: Path, inputs: dict[tuple[int, int], Path]
+) -> list[Path]:
+    """Where each file's annotated copy goes, refusing any that would replace an input."""
+    targets, taken = [], set()
+    for path in files:
+        # a/x.jpg and b/x.png must not overwrite each other (nor X.jpg on a case-blind disk)
+        name, k = path.stem, 1
+        while name.lower() in taken:
+            k += 1
+            name = f"{path.stem}-{k}"
+        taken.add(name.lower())
+        target = folder / f"{name}.jpg"
+        key = _file_key(target)
+        if key in inputs:
+            raise DataError(
+                f"--annotate {folder} would overwrite the input {inputs[key]}; "
+                "choose a folder without input images"
+            )
+        targets.append(target)
+    return targets
 
 
 def predict_files(
@@ -369,10 +462,23 @@ def predict_files(
     quiet: bool = False,
     amp: str = "auto",
 ) -> int:
-    """The ``agegender predict`` command; returns the exit code (0 all read, 1 some failed)."""
+    """The ``agegender predict`` command; returns the exit code (0 all read, 1 some failed).
+
+    ``output`` is written to a temporary file beside it and moved into place when the run ends,
+    so an interrupted run leaves the previous file whole. An ``output`` or annotated image that
+    would replace an input image, or an existing ``output`` that is not ``.jsonl``/``.json``,
+    is refused with a :class:`~agegender.errors.DataError` before anything is written.
+    """
     from tqdm import tqdm
 
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     files = find_images(paths)
+    inputs = {key: p for p in files if (key := _file_key(p)) is not None}
+    out_path = Path(output) if output else None
+    if out_path is not None:
+        _check_output(out_path, inputs)
+    targets = _annotated_paths(files, Path(annotate_dir), inputs) if annotate_dir else []
     predictor = Predictor.load(
         model,
         device=device,
@@ -381,14 +487,14 @@ def predict_files(
         detector=None if aligned else "yunet",
         amp=amp,
     )
-    out_f = None
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        out_f = open(output, "w")  # noqa: SIM115 - written batch by batch
+    out_f, tmp = None, None
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        out_f = open(tmp, "w")  # noqa: SIM115 - written batch by batch
     if annotate_dir:
         Path(annotate_dir).mkdir(parents=True, exist_ok=True)
     failed = 0
-    written: set[str] = set()
     bar = tqdm(
         total=len(files),
         unit="img",
@@ -397,10 +503,11 @@ def predict_files(
         disable=quiet or len(files) < 2,
         leave=False,
     )
+    done = False
     try:
         for s in range(0, len(files), batch_size):
             chunk = files[s : s + batch_size]
-            for path, res in zip(chunk, predictor.predict_batch(chunk, aligned)):
+            for i, (path, res) in enumerate(zip(chunk, predictor.predict_batch(chunk, aligned))):
                 error = None
                 faces: list[Face] = []
                 if isinstance(res, Exception):
@@ -414,18 +521,17 @@ def predict_files(
                 else:
                     _print_table(path, faces, error)
                 if annotate_dir and error is None:
-                    # a/x.jpg and b/x.png must not overwrite each other
-                    name, k = path.stem, 1
-                    while name in written:
-                        k += 1
-                        name = f"{path.stem}-{k}"
-                    written.add(name)
-                    annotate(path, faces).save(Path(annotate_dir) / f"{name}.jpg", quality=90)
+                    annotate(path, faces).save(targets[s + i], quality=90)
             bar.update(len(chunk))
+        done = True
     finally:
         bar.close()
         if out_f:
             out_f.close()
+            if done:
+                atomic_replace(tmp, out_path)
+            else:  # the previous results stay as they were, and no half file is left
+                tmp.unlink(missing_ok=True)
     if failed:
         print(
             f"agegender predict: {failed} of {len(files)} images could not be read", file=sys.stderr

@@ -63,8 +63,9 @@ HISTORY_COLUMNS = (
 # --------------------------------------------------------------------------- setup
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu."""
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu. ``option`` names the setting in error messages
+    (``train.device`` for a recipe, ``--device`` for the commands that take the flag)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -74,9 +75,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device: unknown device {name!r}") from None
+        raise ConfigError(
+            f"{option}: unknown device {name!r}; valid: auto, cpu, cuda, cuda:N, mps"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA GPU is available")
+        raise ConfigError(f"{option}={name} but no CUDA GPU is available")
     return device
 
 

@@ -661,7 +661,7 @@ def evaluate(
             f"--out {out} is a training run folder: write the evaluation elsewhere, "
             f"e.g. --out {out / 'eval'}"
         )
-    dev = resolve_device(device)
+    dev = resolve_device(device, option="--device")
     bf16 = use_amp(dev, amp)
     with tempfile.TemporaryDirectory(prefix="agegender-eval-") as tmp:
         d = _load(model_spec, data, split, dev, Path(tmp))
@@ -757,7 +757,7 @@ def show(
     if n < 1:
         raise DataError(f"n must be >= 1, got {n}")
     path = _figure_path(out)  # before the model and the data are loaded
-    dev = resolve_device(device)
+    dev = resolve_device(device, option="--device")
     with tempfile.TemporaryDirectory(prefix="agegender-show-") as tmp:
         d = _load(model_spec, data, split, dev, Path(tmp))
     tta = _default_tta(d.meta) if tta is None else tta

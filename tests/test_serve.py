@@ -163,6 +163,23 @@ def test_limits(predictor):
         assert r.status_code == 413 and "at most 2" in r.json()["detail"]
 
 
+def test_batch_answers_an_oversized_file_in_its_own_result(predictor):
+    app = create_app(predictor=predictor, max_upload_mb=0.02, max_batch=3)
+    big = ASTRONAUT.read_bytes()  # ~ 30 kB > 20 kB
+    small = encode(Image.new("L", (100, 100), 90), "PNG")
+    files = [("images", (n, d)) for n, d in [("a.png", small), ("big.jpg", big), ("b.png", small)]]
+    with TestClient(app) as c:
+        r = c.post("/api/predict/batch", files=files)
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert [x["status"] for x in results] == [200, 413, 200]
+        assert "upload too large" in results[1]["error"] and results[1]["faces"] == []
+        assert results[0]["error"] is None and results[2]["faces"] == []
+        # only a request over max_batch files' worth in total is refused whole
+        r = c.post("/api/predict/batch", files=[("images", ("x.jpg", b"\0" * 200_000))])
+        assert r.status_code == 413 and "per request" in r.json()["detail"]
+
+
 def test_batch_reports_each_image(client):
     files = [
         ("images", ("astronaut.jpg", ASTRONAUT.read_bytes())),

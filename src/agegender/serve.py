@@ -6,8 +6,9 @@ once at start-up and shared by every request (the same object the CLI and the Py
 - ``POST /api/predict``: multipart field ``image`` (JPEG, PNG or WebP), optional form field
   ``aligned=true``; answers ``{"faces": [...], "width": W, "height": H, "ms": float}`` with the
   same face objects as ``agegender predict --output``.
-- ``POST /api/predict/batch``: several ``images`` fields; one result per image, and a bad image
-  gets its ``error`` and ``status`` without failing the others.
+- ``POST /api/predict/batch``: up to ``max_batch`` ``images`` fields; one result per image, and a
+  bad image (an oversized one included) gets its ``error`` and ``status`` without failing the
+  others. Only a request over ``max_batch`` files' worth of bytes in total is refused whole.
 - ``GET /health``, ``GET /docs`` (OpenAPI) and ``GET /``: a single self-contained page (no build
   step, no CDN) to pick, drop or photograph an image and see the faces labelled.
 
@@ -160,19 +161,21 @@ class _Batcher:
 
 class _BodyLimit:
     """ASGI middleware: refuse request bodies over a size limit with 413 while they stream in,
-    before they are parsed or spooled to disk (uvicorn itself has no limit)."""
+    before they are parsed or spooled to disk (uvicorn itself has no limit). ``limit(path)`` is
+    ``(bytes, message)``, or None for no limit."""
 
-    def __init__(self, app: Any, limit: Callable[[str], int | None], message: str) -> None:
-        self.app, self.limit, self.message = app, limit, message
+    def __init__(self, app: Any, limit: Callable[[str], tuple[int, str] | None]) -> None:
+        self.app, self.limit = app, limit
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        limit = self.limit(scope["path"]) if scope["type"] == "http" else None
-        if limit is None:
+        found = self.limit(scope["path"]) if scope["type"] == "http" else None
+        if found is None:
             return await self.app(scope, receive, send)
+        limit, too_large = found
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await _send_json(send, 413, self.message)
+            return await _send_json(send, 413, too_large)
         received = 0
 
         async def limited() -> dict:
@@ -182,7 +185,7 @@ class _BodyLimit:
                 received += len(message.get("body", b""))
                 if received > limit:
                     # raised inside the route's body parsing: FastAPI answers it as a 413
-                    raise HTTPException(413, self.message)
+                    raise HTTPException(413, too_large)
             return message
 
         await self.app(scope, limited, send)
@@ -229,7 +232,9 @@ def create_app(
             several competing ones; use more with the ONNX backend or a GPU.
         queue: requests that may wait for a thread; beyond ``workers + queue`` in flight the
             service answers 503 with ``Retry-After``.
-        max_upload_mb: largest accepted file; a batch request may carry ``max_batch`` of them.
+        max_upload_mb: largest accepted file; a larger one in a batch gets its own 413 result.
+        max_batch: files per batch request; a batch body over ``max_batch * max_upload_mb`` is
+            refused whole with 413.
         max_pixels: largest accepted image (width x height), checked before decoding.
     """
     from agegender import __version__
@@ -255,15 +260,19 @@ def create_app(
     )
     app.state.predictor = predictor
 
-    def body_limit(path: str) -> int | None:
+    def body_limit(path: str) -> tuple[int, str] | None:
         # multipart framing adds a few hundred bytes per part; 64 kB of slack is plenty
         if path == "/api/predict":
-            return max_bytes + 65536
+            return max_bytes + 65536, _too_large(max_bytes)
         if path == "/api/predict/batch":
-            return max_batch * max_bytes + 65536
+            total = max_batch * max_bytes
+            return total + 65536, (
+                f"batch too large: the limit is {total / 1e6:g} MB per request "
+                f"({max_batch} images of {max_bytes / 1e6:g} MB)"
+            )
         return None
 
-    app.add_middleware(_BodyLimit, limit=body_limit, message=_too_large(max_bytes))
+    app.add_middleware(_BodyLimit, limit=body_limit)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -305,7 +314,7 @@ def create_app(
     async def read(upload: UploadFile) -> bytes:
         data = await upload.read(max_bytes + 1)
         if len(data) > max_bytes:
-            raise HTTPException(413, _too_large(max_bytes))
+            raise ImageError(413, _too_large(max_bytes))
         return data
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -340,7 +349,11 @@ def create_app(
     ) -> dict[str, Any]:
         """Every face in one image: box, age (with a 90 % interval), gender, p_female.
         ``ms`` is the server's time on the batch the image went through."""
-        (result,) = await batcher.submit([(await read(image), aligned)])
+        try:
+            data = await read(image)
+        except ImageError as e:
+            raise HTTPException(e.status, e.detail) from None
+        (result,) = await batcher.submit([(data, aligned)])
         if isinstance(result, ImageError):
             raise HTTPException(result.status, result.detail)
         if isinstance(result, Exception):
@@ -355,10 +368,20 @@ def create_app(
         """Several images; each result has ``error``/``status`` set when that image failed."""
         if len(images) > max_batch:
             raise HTTPException(413, f"too many images: at most {max_batch} per request")
-        datas = [await read(f) for f in images]
+        answers: list[Any] = []  # an oversized file's error, or None until it is predicted
+        items = []
+        for upload in images:
+            try:
+                items.append((await read(upload), aligned))
+                answers.append(None)
+            except ImageError as e:
+                answers.append(e)
         start = time.perf_counter()
+        # a batch of only oversized files never takes a place in the queue
+        predicted = iter(await batcher.submit(items) if items else [])
+        answers = [next(predicted) if a is None else a for a in answers]
         results = []
-        for upload, res in zip(images, await batcher.submit([(d, aligned) for d in datas])):
+        for upload, res in zip(images, answers):
             if isinstance(res, ImageError):
                 res = {"faces": [], "error": res.detail, "status": res.status}
             elif isinstance(res, Exception):

@@ -163,6 +163,30 @@ def test_limits(predictor):
         assert r.status_code == 413 and "at most 2" in r.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--workers", "0"], "workers must be 1 or more, got 0"),
+        (["--queue", "-1"], "queue must be 0 or more, got -1"),
+        (["--max-upload-mb", "0"], "max_upload_mb must be a positive number of MB, got 0.0"),
+        (["--max-upload-mb", "nan"], "max_upload_mb must be a positive number of MB, got nan"),
+    ],
+)
+def test_serve_cli_bad_options_are_one_line(capsys, args, words):
+    from agegender.cli import main
+
+    assert main(["serve", *args]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"agegender serve: error: {words}\n" and out == ""
+
+
+def test_create_app_bad_limits_are_config_errors(predictor):
+    from agegender.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_batch must be 1 or more, got 0"):
+        create_app(predictor=predictor, max_batch=0)
+
+
 def test_batch_answers_an_oversized_file_in_its_own_result(predictor):
     app = create_app(predictor=predictor, max_upload_mb=0.02, max_batch=3)
     big = ASTRONAUT.read_bytes()  # ~ 30 kB > 20 kB

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -39,6 +40,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from agegender.data import MAX_PIXELS
+from agegender.errors import ConfigError
 from agegender.predict import Predictor
 
 MAX_UPLOAD_MB = 10.0
@@ -209,6 +211,24 @@ async def _send_json(send: Callable, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _check_options(
+    workers: int = 1,
+    queue: int = 16,
+    max_upload_mb: float = MAX_UPLOAD_MB,
+    max_batch: int = MAX_BATCH,
+    **_: Any,
+) -> None:
+    """Refuse limits the service cannot run with, before the model is loaded."""
+    if workers < 1:
+        raise ConfigError(f"workers must be 1 or more, got {workers}")
+    if queue < 0:
+        raise ConfigError(f"queue must be 0 or more, got {queue}")
+    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
+        raise ConfigError(f"max_upload_mb must be a positive number of MB, got {max_upload_mb}")
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be 1 or more, got {max_batch}")
+
+
 def create_app(
     model: str | os.PathLike = "default",
     *,
@@ -239,8 +259,7 @@ def create_app(
     """
     from agegender import __version__
 
-    if workers < 1 or queue < 0 or max_upload_mb <= 0 or max_batch < 1:
-        raise ValueError("workers >= 1, queue >= 0, max_upload_mb > 0 and max_batch >= 1")
+    _check_options(workers, queue, max_upload_mb, max_batch)
     if predictor is None:
         predictor = Predictor.load(model, device=device, backend=backend, tta=tta, amp=amp)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="agegender")

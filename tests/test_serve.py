@@ -170,6 +170,8 @@ def test_limits(predictor):
         (["--queue", "-1"], "queue must be 0 or more, got -1"),
         (["--max-upload-mb", "0"], "max_upload_mb must be a positive number of MB, got 0.0"),
         (["--max-upload-mb", "nan"], "max_upload_mb must be a positive number of MB, got nan"),
+        (["--port", "99999"], "port must be 0-65535 (0: any free port), got 99999"),
+        (["--port", "-1"], "port must be 0-65535 (0: any free port), got -1"),
     ],
 )
 def test_serve_cli_bad_options_are_one_line(capsys, args, words):
@@ -178,6 +180,17 @@ def test_serve_cli_bad_options_are_one_line(capsys, args, words):
     assert main(["serve", *args]) == 2
     out, err = capsys.readouterr()
     assert err == f"agegender serve: error: {words}\n" and out == ""
+
+
+def test_serve_cli_port_in_use_is_refused_before_announcing(capsys):
+    from agegender.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"agegender serve: error: port {port} is in use: pick another with --port\n"
+    assert "serving on" not in out
 
 
 def test_create_app_bad_limits_are_config_errors(predictor):

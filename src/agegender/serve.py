@@ -23,15 +23,17 @@ bomb. No face is not an error: ``faces`` is ``[]``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import logging
 import math
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -419,9 +421,46 @@ def serve(
     log_level: str = "info",
     **kwargs: Any,
 ) -> None:
-    """Load the model, then serve :func:`create_app` with uvicorn until interrupted."""
+    """Load the model, then serve :func:`create_app` with uvicorn until interrupted.
+
+    Bad options and a port that cannot be bound raise :class:`ConfigError` before the model is
+    loaded, and before the address is announced. ``port=0`` takes any free port.
+    """
     import uvicorn
 
-    app = create_app(**kwargs)
-    print(f"agegender: serving on http://{host}:{port}/ (API docs at /docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    _check_options(**kwargs)
+    sock = _bind(host, port)
+    try:
+        app = create_app(**kwargs)
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
+        server = uvicorn.Server(config)
+        url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+        print(f"agegender: serving on {url} (API docs at /docs)", flush=True)
+        with suppress(KeyboardInterrupt):  # a clean stop, as uvicorn.run treats it
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:  # uvicorn logged why (a failing lifespan), as uvicorn.run exits
+        raise SystemExit(3)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``(host, port)`` for uvicorn to listen on. Binding here, not in uvicorn,
+    turns a busy port into one line and exit 2 instead of a log line and exit 3 after the model
+    has loaded and the address was announced."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port must be 0-65535 (0: any free port), got {port}")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # as uvicorn binds: a port left in TIME_WAIT by the previous run is free, a listening one not
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} is in use: pick another with --port") from None
+        if e.errno == errno.EACCES:
+            raise ConfigError(f"no permission to use port {port} (below 1024 needs root)") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock

@@ -163,6 +163,60 @@ def test_limits(predictor):
         assert r.status_code == 413 and "at most 2" in r.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--workers", "0"], "workers must be 1 or more, got 0"),
+        (["--queue", "-1"], "queue must be 0 or more, got -1"),
+        (["--max-upload-mb", "0"], "max_upload_mb must be a positive number of MB, got 0.0"),
+        (["--max-upload-mb", "nan"], "max_upload_mb must be a positive number of MB, got nan"),
+        (["--port", "99999"], "port must be 0-65535 (0: any free port), got 99999"),
+        (["--port", "-1"], "port must be 0-65535 (0: any free port), got -1"),
+    ],
+)
+def test_serve_cli_bad_options_are_one_line(capsys, args, words):
+    from agegender.cli import main
+
+    assert main(["serve", *args]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"agegender serve: error: {words}\n" and out == ""
+
+
+def test_serve_cli_port_in_use_is_refused_before_announcing(capsys):
+    from agegender.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"agegender serve: error: port {port} is in use: pick another with --port\n"
+    assert "serving on" not in out
+
+
+def test_create_app_bad_limits_are_config_errors(predictor):
+    from agegender.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_batch must be 1 or more, got 0"):
+        create_app(predictor=predictor, max_batch=0)
+
+
+def test_batch_answers_an_oversized_file_in_its_own_result(predictor):
+    app = create_app(predictor=predictor, max_upload_mb=0.02, max_batch=3)
+    big = ASTRONAUT.read_bytes()  # ~ 30 kB > 20 kB
+    small = encode(Image.new("L", (100, 100), 90), "PNG")
+    files = [("images", (n, d)) for n, d in [("a.png", small), ("big.jpg", big), ("b.png", small)]]
+    with TestClient(app) as c:
+        r = c.post("/api/predict/batch", files=files)
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert [x["status"] for x in results] == [200, 413, 200]
+        assert "upload too large" in results[1]["error"] and results[1]["faces"] == []
+        assert results[0]["error"] is None and results[2]["faces"] == []
+        # only a request over max_batch files' worth in total is refused whole
+        r = c.post("/api/predict/batch", files=[("images", ("x.jpg", b"\0" * 200_000))])
+        assert r.status_code == 413 and "per request" in r.json()["detail"]
+
+
 def test_batch_reports_each_image(client):
     files = [
         ("images", ("astronaut.jpg", ASTRONAUT.read_bytes())),

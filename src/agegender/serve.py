@@ -6,8 +6,9 @@ once at start-up and shared by every request (the same object the CLI and the Py
 - ``POST /api/predict``: multipart field ``image`` (JPEG, PNG or WebP), optional form field
   ``aligned=true``; answers ``{"faces": [...], "width": W, "height": H, "ms": float}`` with the
   same face objects as ``agegender predict --output``.
-- ``POST /api/predict/batch``: several ``images`` fields; one result per image, and a bad image
-  gets its ``error`` and ``status`` without failing the others.
+- ``POST /api/predict/batch``: up to ``max_batch`` ``images`` fields; one result per image, and a
+  bad image (an oversized one included) gets its ``error`` and ``status`` without failing the
+  others. Only a request over ``max_batch`` files' worth of bytes in total is refused whole.
 - ``GET /health``, ``GET /docs`` (OpenAPI) and ``GET /``: a single self-contained page (no build
   step, no CDN) to pick, drop or photograph an image and see the faces labelled.
 
@@ -22,14 +23,17 @@ bomb. No face is not an error: ``faces`` is ``[]``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import logging
+import math
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,6 +42,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from agegender.data import MAX_PIXELS
+from agegender.errors import ConfigError
 from agegender.predict import Predictor
 
 MAX_UPLOAD_MB = 10.0
@@ -160,19 +165,21 @@ class _Batcher:
 
 class _BodyLimit:
     """ASGI middleware: refuse request bodies over a size limit with 413 while they stream in,
-    before they are parsed or spooled to disk (uvicorn itself has no limit)."""
+    before they are parsed or spooled to disk (uvicorn itself has no limit). ``limit(path)`` is
+    ``(bytes, message)``, or None for no limit."""
 
-    def __init__(self, app: Any, limit: Callable[[str], int | None], message: str) -> None:
-        self.app, self.limit, self.message = app, limit, message
+    def __init__(self, app: Any, limit: Callable[[str], tuple[int, str] | None]) -> None:
+        self.app, self.limit = app, limit
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        limit = self.limit(scope["path"]) if scope["type"] == "http" else None
-        if limit is None:
+        found = self.limit(scope["path"]) if scope["type"] == "http" else None
+        if found is None:
             return await self.app(scope, receive, send)
+        limit, too_large = found
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await _send_json(send, 413, self.message)
+            return await _send_json(send, 413, too_large)
         received = 0
 
         async def limited() -> dict:
@@ -182,7 +189,7 @@ class _BodyLimit:
                 received += len(message.get("body", b""))
                 if received > limit:
                     # raised inside the route's body parsing: FastAPI answers it as a 413
-                    raise HTTPException(413, self.message)
+                    raise HTTPException(413, too_large)
             return message
 
         await self.app(scope, limited, send)
@@ -204,6 +211,24 @@ async def _send_json(send: Callable, status: int, detail: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _check_options(
+    workers: int = 1,
+    queue: int = 16,
+    max_upload_mb: float = MAX_UPLOAD_MB,
+    max_batch: int = MAX_BATCH,
+    **_: Any,
+) -> None:
+    """Refuse limits the service cannot run with, before the model is loaded."""
+    if workers < 1:
+        raise ConfigError(f"workers must be 1 or more, got {workers}")
+    if queue < 0:
+        raise ConfigError(f"queue must be 0 or more, got {queue}")
+    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
+        raise ConfigError(f"max_upload_mb must be a positive number of MB, got {max_upload_mb}")
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be 1 or more, got {max_batch}")
 
 
 def create_app(
@@ -229,13 +254,14 @@ def create_app(
             several competing ones; use more with the ONNX backend or a GPU.
         queue: requests that may wait for a thread; beyond ``workers + queue`` in flight the
             service answers 503 with ``Retry-After``.
-        max_upload_mb: largest accepted file; a batch request may carry ``max_batch`` of them.
+        max_upload_mb: largest accepted file; a larger one in a batch gets its own 413 result.
+        max_batch: files per batch request; a batch body over ``max_batch * max_upload_mb`` is
+            refused whole with 413.
         max_pixels: largest accepted image (width x height), checked before decoding.
     """
     from agegender import __version__
 
-    if workers < 1 or queue < 0 or max_upload_mb <= 0 or max_batch < 1:
-        raise ValueError("workers >= 1, queue >= 0, max_upload_mb > 0 and max_batch >= 1")
+    _check_options(workers, queue, max_upload_mb, max_batch)
     if predictor is None:
         predictor = Predictor.load(model, device=device, backend=backend, tta=tta, amp=amp)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="agegender")
@@ -255,15 +281,19 @@ def create_app(
     )
     app.state.predictor = predictor
 
-    def body_limit(path: str) -> int | None:
+    def body_limit(path: str) -> tuple[int, str] | None:
         # multipart framing adds a few hundred bytes per part; 64 kB of slack is plenty
         if path == "/api/predict":
-            return max_bytes + 65536
+            return max_bytes + 65536, _too_large(max_bytes)
         if path == "/api/predict/batch":
-            return max_batch * max_bytes + 65536
+            total = max_batch * max_bytes
+            return total + 65536, (
+                f"batch too large: the limit is {total / 1e6:g} MB per request "
+                f"({max_batch} images of {max_bytes / 1e6:g} MB)"
+            )
         return None
 
-    app.add_middleware(_BodyLimit, limit=body_limit, message=_too_large(max_bytes))
+    app.add_middleware(_BodyLimit, limit=body_limit)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -305,7 +335,7 @@ def create_app(
     async def read(upload: UploadFile) -> bytes:
         data = await upload.read(max_bytes + 1)
         if len(data) > max_bytes:
-            raise HTTPException(413, _too_large(max_bytes))
+            raise ImageError(413, _too_large(max_bytes))
         return data
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -340,7 +370,11 @@ def create_app(
     ) -> dict[str, Any]:
         """Every face in one image: box, age (with a 90 % interval), gender, p_female.
         ``ms`` is the server's time on the batch the image went through."""
-        (result,) = await batcher.submit([(await read(image), aligned)])
+        try:
+            data = await read(image)
+        except ImageError as e:
+            raise HTTPException(e.status, e.detail) from None
+        (result,) = await batcher.submit([(data, aligned)])
         if isinstance(result, ImageError):
             raise HTTPException(result.status, result.detail)
         if isinstance(result, Exception):
@@ -355,10 +389,20 @@ def create_app(
         """Several images; each result has ``error``/``status`` set when that image failed."""
         if len(images) > max_batch:
             raise HTTPException(413, f"too many images: at most {max_batch} per request")
-        datas = [await read(f) for f in images]
+        answers: list[Any] = []  # an oversized file's error, or None until it is predicted
+        items = []
+        for upload in images:
+            try:
+                items.append((await read(upload), aligned))
+                answers.append(None)
+            except ImageError as e:
+                answers.append(e)
         start = time.perf_counter()
+        # a batch of only oversized files never takes a place in the queue
+        predicted = iter(await batcher.submit(items) if items else [])
+        answers = [next(predicted) if a is None else a for a in answers]
         results = []
-        for upload, res in zip(images, await batcher.submit([(d, aligned) for d in datas])):
+        for upload, res in zip(images, answers):
             if isinstance(res, ImageError):
                 res = {"faces": [], "error": res.detail, "status": res.status}
             elif isinstance(res, Exception):
@@ -377,9 +421,46 @@ def serve(
     log_level: str = "info",
     **kwargs: Any,
 ) -> None:
-    """Load the model, then serve :func:`create_app` with uvicorn until interrupted."""
+    """Load the model, then serve :func:`create_app` with uvicorn until interrupted.
+
+    Bad options and a port that cannot be bound raise :class:`ConfigError` before the model is
+    loaded, and before the address is announced. ``port=0`` takes any free port.
+    """
     import uvicorn
 
-    app = create_app(**kwargs)
-    print(f"agegender: serving on http://{host}:{port}/ (API docs at /docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    _check_options(**kwargs)
+    sock = _bind(host, port)
+    try:
+        app = create_app(**kwargs)
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
+        server = uvicorn.Server(config)
+        url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+        print(f"agegender: serving on {url} (API docs at /docs)", flush=True)
+        with suppress(KeyboardInterrupt):  # a clean stop, as uvicorn.run treats it
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:  # uvicorn logged why (a failing lifespan), as uvicorn.run exits
+        raise SystemExit(3)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``(host, port)`` for uvicorn to listen on. Binding here, not in uvicorn,
+    turns a busy port into one line and exit 2 instead of a log line and exit 3 after the model
+    has loaded and the address was announced."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port must be 0-65535 (0: any free port), got {port}")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # as uvicorn binds: a port left in TIME_WAIT by the previous run is free, a listening one not
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} is in use: pick another with --port") from None
+        if e.errno == errno.EACCES:
+            raise ConfigError(f"no permission to use port {port} (below 1024 needs root)") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock

@@ -241,7 +241,7 @@ def test_errors(ckpt, cache64, tmp_path):
     assert not (tmp_path / "e").exists()
     run = tmp_path / "run"  # a training run's metrics.json is not the evaluation's to replace
     run.mkdir()
-    (run / "history.csv").write_text("epoch\n1\n")
+    (run / "best.safetensors").write_bytes(b"")
     (run / "metrics.json").write_text("{}")
     with pytest.raises(DataError, match=r"is a training run folder.*--out .*run/eval"):
         evaluate(ckpt, cache64, out_dir=run)

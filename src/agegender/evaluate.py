@@ -655,7 +655,7 @@ def evaluate(
     if timing and timing_reps < 1:
         raise DataError(f"timing reps must be >= 1, got {timing_reps}")
     out = Path(out_dir)
-    if (out / "history.csv").is_file() or (out / "last.state.pt").is_file():
+    if (out / "best.safetensors").is_file() or (out / "last.state.pt").is_file():
         # its metrics.json is the training's, which sweeps and reports read
         raise DataError(
             f"--out {out} is a training run folder: write the evaluation elsewhere, "

@@ -63,6 +63,7 @@ fi
 # 5. Speed, on an idle machine (README's Speed section; JSON in reports/speed/)
 if [ -z "${SKIP_SPEED:-}" ]; then
   mkdir -p reports/speed
+  .venv/bin/python benchmarks/prepare_speed.py "$DATA" --drop-caches > reports/speed/prepare.json  # as root
   .venv/bin/python benchmarks/predict_speed.py --n 200 --threads 2 --json reports/speed/predict_tta.json
   .venv/bin/python benchmarks/predict_speed.py --n 200 --threads 2 --no-tta --json reports/speed/predict_no_tta.json
   .venv/bin/python benchmarks/train_throughput.py --threads 2 --steps 8 --repeats 2 --count-ops --json reports/speed/train_throughput.json

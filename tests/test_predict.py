@@ -303,7 +303,9 @@ def test_output_replaces_old_results_whole_or_not_at_all(models, tmp_path, monke
     argv += ["--output", str(out), "--batch-size", "1", "--quiet"]
     assert main(argv) == 130  # interrupted in the second batch
     assert out.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ow", "pred.jsonl"]  # no .tmp left
+    # the first batch's results are kept beside it, and no .tmp is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ow", "pred.jsonl", "pred.jsonl.partial"]
+    assert [Path(r["path"]).name for r in read_jsonl(tmp_path / "pred.jsonl.partial")] == ["a.jpg"]
 
 
 def test_annotated_names_stay_apart(models, tmp_path):

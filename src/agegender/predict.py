@@ -465,7 +465,8 @@ def predict_files(
     """The ``agegender predict`` command; returns the exit code (0 all read, 1 some failed).
 
     ``output`` is written to a temporary file beside it and moved into place when the run ends,
-    so an interrupted run leaves the previous file whole. An ``output`` or annotated image that
+    so an interrupted run leaves the previous file whole (and what it found in
+    ``OUTPUT.partial``). An ``output`` or annotated image that
     would replace an input image, or an existing ``output`` that is not ``.jsonl``/``.json``,
     is refused with a :class:`~agegender.errors.DataError` before anything is written.
     """
@@ -530,8 +531,12 @@ def predict_files(
             out_f.close()
             if done:
                 atomic_replace(tmp, out_path)
-            else:  # the previous results stay as they were, and no half file is left
-                tmp.unlink(missing_ok=True)
+            elif tmp.stat().st_size:  # the previous results stay whole; the new ones so far too
+                partial = out_path.with_name(out_path.name + ".partial")
+                os.replace(tmp, partial)
+                print(f"agegender predict: the results so far are in {partial}", file=sys.stderr)
+            else:
+                tmp.unlink()
     if failed:
         print(
             f"agegender predict: {failed} of {len(files)} images could not be read", file=sys.stderr

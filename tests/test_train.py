@@ -165,6 +165,46 @@ def test_graph_train_forward_captures_on_copies_and_puts_batchnorm_back(monkeypa
         assert torch.equal(copy, original) and copy.data_ptr() != original.data_ptr()
 
 
+def test_train_forward_fits_make_graphed_callables_contract(monkeypatch):
+    """torch.cuda.make_graphed_callables' own checks and autograd wiring, run on the CPU with
+    the CUDA pieces stubbed (a capture runs its body once, a replay does nothing): no hooks, no
+    buffer that wants a gradient, tensors in and out, and a backward that reaches every
+    parameter of the model and of the learnt loss weights."""
+    import contextlib
+
+    import torch.cuda.graphs as graphs
+
+    class Graph:
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None, **kw):
+        yield
+
+    for module in (torch.cuda, graphs):
+        monkeypatch.setattr(module, "CUDAGraph", Graph)
+        monkeypatch.setattr(module, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(graphs, "graph_pool_handle", lambda: None)
+
+    cfg = load_config(SMOKE, ["data.size=64", "loss.uncertainty=true"])
+    model = train_mod.build_model(cfg, 64, "gray")
+    weights = train_mod.UncertaintyWeights()
+    forward = train_mod.TrainForward(cfg, model, weights, amp=True)
+    gen = torch.Generator().manual_seed(0)
+    faces = torch.randint(0, 256, (8, 1, 64, 64), dtype=torch.uint8, generator=gen)
+    batch = (faces, torch.rand(8, 7, generator=gen), torch.full((8,), 30.0), torch.ones(8))
+    graphed = train_mod.graph_train_forward(forward, batch)
+    loss, mae, correct = graphed(*batch)
+    assert loss.requires_grad and mae.shape == correct.shape == ()
+    loss.backward()
+    params = [*model.parameters(), *weights.parameters()]
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in params)
+
+
 def test_overfits_32_synthetic_faces(tmp_path):
     """The study's network must drive the training loss down on a tiny set it can memorise."""
     make_dataset(tmp_path / "faces", n=48, size=64, seed=3)

@@ -241,7 +241,7 @@ def test_train_errors(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("override", "says"),
     [
-        ("data.size=0", "data.size must be 32-1024"),
+        ("data.size=0", "data.size must be 16-1024"),
         ("train.threads=-1", "train.threads must be >= 0"),
         ("train.eval_batch_size=0", "train.eval_batch_size must be >= 1"),
         ("model.dropout=5", "model.dropout must be below 1"),

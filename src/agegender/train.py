@@ -122,7 +122,7 @@ def check_config(cfg: Config) -> None:
         (t.weight_decay < 0, "train.weight_decay must be >= 0"),
         (t.compile_mode not in COMPILE_MODES, f"train.compile_mode must be one of "
          f"{', '.join(COMPILE_MODES)}"),
-        (not 32 <= d.size <= 1024, "data.size must be 32-1024 pixels"),
+        (not 16 <= d.size <= 1024, "data.size must be 16-1024 pixels (as prepare --size)"),
         (d.limit < 0, "data.limit must be >= 0 (0 = all)"),
         (d.split_seed < 0, "data.split_seed must be >= 0"),
         (m.dropout >= 1, "model.dropout must be below 1 (< 0 = the model's default)"),

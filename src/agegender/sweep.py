@@ -152,7 +152,10 @@ def run_sweep(
     # Every run's recipe, as it will train, checked before hours of training
     configs = {r.name: load_config(sweep.base, _overrides(sweep, r, str(data), root, out, forced))
                for r in runs}  # fmt: skip
+    from agegender.train import check_config
+
     for name, cfg in configs.items():
+        check_config(cfg)
         if not cfg.data.root and not is_cache(cfg.data.cache):
             raise DataError(f"{cfg.data.cache} is not a prepared cache (run: {name})")
     _check_earlier_runs(out, configs)

@@ -18,7 +18,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
     """An argparse ``type``: an integer in ``[lo, hi]``, else argparse's one-line error."""
 
     def parse(text: str) -> int:
@@ -263,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="CACHE_DIR", help="where to write the cache")
     p.add_argument("--size", type=int, default=128, help="side of the square images, in pixels")
     p.add_argument("--color", choices=("gray", "rgb"), default="gray", help="colour mode")
-    p.add_argument("--seed", type=int_in(0), default=42, help="seed of the train/val/test split")
+    p.add_argument("--seed", type=_int_in(0), default=42, help="seed of the train/val/test split")
     p.add_argument("--split", default="0.7,0.1,0.2", help="train,val,test fractions")
-    p.add_argument("--workers", type=int_in(0), default=0, help="processes (0 = CPU count, max 8)")
+    p.add_argument("--workers", type=_int_in(0), default=0, help="processes (0 = CPU count, max 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = add(
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("cache", metavar="CACHE_DIR", help="a cache written by `agegender prepare`")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the plots")
-    p.add_argument("--seed", type=int_in(0), default=0, help="which samples to show")
+    p.add_argument("--seed", type=_int_in(0), default=0, help="which samples to show")
 
     p = add(
         "train",
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("summary", _cmd_summary, "Print a Keras-like table of a model's layers.")
     p.add_argument("model", metavar="MODEL", help="a registered model name")
-    p.add_argument("--size", type=int_in(32, 1024), default=128, help="input side in pixels")
+    p.add_argument("--size", type=_int_in(32, 1024), default=128, help="input side in pixels")
     p.add_argument("--color", choices=("gray", "rgb"), default="gray", help="input colour")
     p.add_argument("--age-head", default=None, help="age head (resnet-mt: regression|dldl|coral)")
 
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", choices=("train", "val", "test", "all"), default="test", help=split_help
     )
     p.add_argument("--n", type=int, default=25, help="number of faces (5 per row)")
-    p.add_argument("--seed", type=int_in(0), default=0, help="which faces to show")
+    p.add_argument("--seed", type=_int_in(0), default=0, help="which faces to show")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help=tta_help)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument(
@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo-output", help="where to write the results")
     p.add_argument("--synthetic", action="store_true", help="the synthetic data demo")
-    p.add_argument("--n", type=int_in(10, 100_000), default=200, help="number of synthetic faces")
+    p.add_argument("--n", type=_int_in(10, 100_000), default=200, help="number of synthetic faces")
 
     p = add(
         "serve",

@@ -168,8 +168,9 @@ def test_limits(predictor):
     [
         (["--workers", "0"], "workers must be 1 or more, got 0"),
         (["--queue", "-1"], "queue must be 0 or more, got -1"),
-        (["--max-upload-mb", "0"], "max_upload_mb must be a positive number of MB, got 0.0"),
-        (["--max-upload-mb", "nan"], "max_upload_mb must be a positive number of MB, got nan"),
+        (["--max-upload-mb", "0"], "max_upload_mb must be 0.001 MB (1 kB) or more, got 0.0"),
+        (["--max-upload-mb", "nan"], "max_upload_mb must be 0.001 MB (1 kB) or more, got nan"),
+        (["--max-upload-mb", "1e-7"], "max_upload_mb must be 0.001 MB (1 kB) or more, got 1e-07"),
         (["--port", "99999"], "port must be 0-65535 (0: any free port), got 99999"),
         (["--port", "-1"], "port must be 0-65535 (0: any free port), got -1"),
     ],

@@ -225,8 +225,9 @@ def _check_options(
         raise ConfigError(f"workers must be 1 or more, got {workers}")
     if queue < 0:
         raise ConfigError(f"queue must be 0 or more, got {queue}")
-    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
-        raise ConfigError(f"max_upload_mb must be a positive number of MB, got {max_upload_mb}")
+    # a limit under 1 kB would refuse every image (the smallest JPEG face is larger)
+    if not (math.isfinite(max_upload_mb) and max_upload_mb >= 0.001):
+        raise ConfigError(f"max_upload_mb must be 0.001 MB (1 kB) or more, got {max_upload_mb}")
     if max_batch < 1:
         raise ConfigError(f"max_batch must be 1 or more, got {max_batch}")
 

@@ -49,6 +49,27 @@ def test_every_sweep_runs_reduced(sweep, cache96, synthetic_dir, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.log")} == logs
 
 
+@pytest.mark.slow
+def test_a_run_prepared_from_root_keeps_the_caches_split(synthetic_dir, tmp_path):
+    cache = tmp_path / "cache"
+    prepare([synthetic_dir], cache, size=64, seed=3, quiet=True, workers=1)
+    smoke = Path(__file__).parents[1] / "configs" / "smoke.toml"
+    (tmp_path / "s.toml").write_text(
+        f'base = "{smoke}"\n[[run]]\nname = "gray"\n[[run]]\nname = "rgb"\n'
+        'overrides = ["data.root={root}", "data.color=rgb"]\n'
+    )
+    out = tmp_path / "out"
+    table = run_sweep(tmp_path / "s.toml", cache, out, root=str(synthetic_dir), epochs=1,
+                      limit=32, quiet=True)  # fmt: skip
+
+    def split(cache_dir):
+        rows = csv.DictReader((cache_dir / "manifest.csv").open())
+        return {(r["path"], r["split"]) for r in rows if r["status"] == "kept"}
+
+    assert split(out / "rgb" / "cache") == split(cache)
+    assert "data.split_seed=3" in table.read_text()  # the table says so
+
+
 def test_bad_sweeps(tmp_path):
     (tmp_path / "s.toml").write_text('base = "nope.toml"\n[[run]]\nname = "a"\n')
     with pytest.raises(ConfigError, match="no such recipe"):

@@ -142,6 +142,16 @@ def run_sweep(
     for item in extra or []:
         key, _, value = item.partition("=")
         forced[key] = value
+    # A run that prepares its own cache from --root (another colour or size) has to split as
+    # the --data cache was split, or it is tested on other images than the rest of the table
+    seed = _split_seed(data)
+    own = [o for r in sweep.runs for o in (*sweep.overrides, *r.overrides)]
+    if (
+        seed is not None
+        and any(o.startswith("data.root=") for o in own)
+        and not any(o.startswith("data.split_seed=") for o in own)
+    ):
+        forced.setdefault("data.split_seed", seed)
     names = [r.name for r in sweep.runs]
     if set(only or []) - set(names):
         raise ConfigError(
@@ -190,6 +200,14 @@ def run_sweep(
     if failures:
         raise ConfigError(f"{len(failures)} run(s) failed: {', '.join(failures)} (logs in {out})")
     return table
+
+
+def _split_seed(data: str | os.PathLike) -> int | None:
+    """The split seed a prepared cache was made with (None: not a cache, or not recorded)."""
+    try:
+        return int(json.loads((Path(data) / "summary.json").read_text())["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 _NOT_RECIPE = ("train.threads", "run.out")

@@ -49,10 +49,10 @@ $AG show default --data $CACHE --split test --out reports/default/grid.png
 cp runs/default-cpu/curves.png runs/default-cpu/history.csv reports/default/
 
 # 4. The study's tables, SHORTENED for a CPU: the whole train split, 5 epochs, 96 px
-#    (seed-cnn-5conv needs >= 94 px; 2 runs at once, ~85 min); ours (resnet-mt, 4x slower):
+#    (seed-cnn-5conv needs >= 94 px; 2 runs at once, ~100 min); ours (resnet-mt, 4x slower):
 #    4,000 training images, 5 epochs (~25 min). Every run is tested on the full test split.
 if [ -z "${SKIP_SWEEPS:-}" ]; then
-  for s in optimizer learning_rate batch_size architecture regularization loss_weights; do
+  for s in seeds optimizer learning_rate batch_size architecture regularization loss_weights; do
     $AG sweep sweeps/$s.toml --data $CACHE --epochs 5 --set data.size=96 \
       --parallel 2 --out runs/sweep-cpu/$s --quiet
   done

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 SECTIONS = [
+    ("seeds", "How far a run moves with its seed alone: read every table below against it."),
     ("optimizer", "The study compares SGD, RMSprop and Adam at learning rate 1e-3 and picks Adam."),
     ("learning_rate", "The study's learning-rate table, Adam."),
     ("batch_size", "The study's batch-size table, with our time per epoch and peak memory."),

@@ -14,8 +14,10 @@
 # default-compiled: the same with train.compile=true train.compile_mode=reduce-overhead.
 # sweep: sweeps/default_recipe.toml (recipe variants around the default), 8 runs at once
 #   (SWEEP_ONLY="a b" SWEEP_PARALLEL=4 SWEEP_TIMEOUT=300 for fewer).
-# study: the study's six tables at full length, 128 px (reports/reproduce.sh runs them
-#   shortened on a CPU), SWEEP_PARALLEL runs at once; STUDY="optimizer ..." for fewer.
+# study: the study's six tables and the seed spread at full length, 128 px (reports/reproduce.sh
+#   runs them shortened on a CPU), and ours.toml but its rgb and 160 px runs (they prepare from
+#   the JPEGs, which are not carried); SWEEP_PARALLEL runs at once; STUDY="optimizer ..." for
+#   fewer.
 # Results go to $OUT (default out/gpu): small JSON/CSV/Markdown files and one log per stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,9 +82,11 @@ for stage in "$@"; do
         (cd /tmp/runs && tar czf "$OUT/sweep.tgz" --exclude='*.safetensors' \
             --exclude='*.pt' --exclude='*.png' sweep) ;;
     study)
-        for s in ${STUDY:-optimizer learning_rate batch_size architecture regularization loss_weights}; do
+        for s in ${STUDY:-seeds optimizer learning_rate batch_size architecture regularization loss_weights ours}; do
+            only=()
+            [ $s = ours ] && only=(--only seed-cnn resnet-mt 64px 96px head-regression head-coral)
             timeout $(cap 600) $PY -m agegender sweep sweeps/$s.toml --data $CACHE \
-                --out /tmp/runs/study/$s --parallel ${SWEEP_PARALLEL:-8}
+                --out /tmp/runs/study/$s --parallel ${SWEEP_PARALLEL:-8} "${only[@]}"
         done
         (cd /tmp/runs && tar czf "$OUT/study.tgz" --exclude='*.safetensors' \
             --exclude='*.pt' --exclude='*.png' study) ;;

@@ -378,8 +378,7 @@ def main() -> None:
     p.add_argument("--model-card", default="MODEL_CARD.md")
     p.add_argument(
         "--reduced",
-        default="the whole train split, 5 epochs, 96 px; ours: 4,000 training images, "
-        "5 epochs, 128 px",
+        default="the whole train split, 5 epochs, 96 px (the study: 128 px)",
     )
     args = p.parse_args()
     lines = [HEADER]
@@ -395,15 +394,14 @@ def main() -> None:
         "settings after a short training, not at the study's 30 epochs: in 5 epochs no run has "
         "started to overfit, and the plateau schedule and early stopping (patience 5) never "
         "act, so the regularisation table cannot show the gap the study describes (the "
-        "full-length runs above do: +7.1 % for the study's code, +1.7 % with the "
-        "regularisation). On a GPU, drop `--limit/--epochs` from `reports/reproduce.sh` "
-        "(`--parallel 8` fits all runs of a sweep on one H100).",
+        "full-length runs above show it, in their train-val gap). On a lent GPU, `bash "
+        "benchmarks/gpu_session.sh study` runs every table at full length, 8 runs at once.",
         "",
     ]
     for name, text in SECTIONS:
         f = Path(args.sweeps) / name / "results.md"
         if not f.is_file():
-            lines += [f"### {name}", "", "(not run yet)", ""]
+            lines += [f"### {name}", "", text, "", "(not run yet: it needs a lent GPU)", ""]
             continue
         table = f.read_text().strip().splitlines()
         lines += [table[0], "", text, "", *table[1:], ""]

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agegender.config import Config, load_config, read_toml, to_dict
-from agegender.data import is_cache
+from agegender.data import is_cache, open_cache
 from agegender.errors import ConfigError, DataError
 
 DEFAULT_COLUMNS = (
@@ -203,11 +203,8 @@ def run_sweep(
 
 
 def _split_seed(data: str | os.PathLike) -> int | None:
-    """The split seed a prepared cache was made with (None: not a cache, or not recorded)."""
-    try:
-        return int(json.loads((Path(data) / "summary.json").read_text())["seed"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """The split seed the ``--data`` cache was prepared with (None: not a cache)."""
+    return open_cache(data).summary.get("seed") if is_cache(data) else None
 
 
 _NOT_RECIPE = ("train.threads", "run.out")

@@ -45,10 +45,10 @@ import torch
 from PIL import Image
 
 from agegender.data import parse_name
-from agegender.detect import load_rgb
 from agegender.errors import AgeGenderError
-from agegender.inference import device_name
+from agegender.images import decode_rgb
 from agegender.predict import Predictor
+from agegender.torch_runtime import device_name
 
 GROUP_SIDES = (180, 250, 200, 230, 190, 240)  # as tests/test_predict.py's group photo
 GROUP_RUNS = 10
@@ -111,7 +111,7 @@ def group_photo(data: Path, out: Path) -> Path:
     files = sorted(data.glob("*.jpg"))
     canvas = np.full((886, 1280, 3), 200, np.uint8)
     for k, side in enumerate(GROUP_SIDES):
-        img = load_rgb(files[(k * 1531) % len(files)])
+        img = decode_rgb(files[(k * 1531) % len(files)])
         col, row = k % 3, k // 3
         x, y = col * 426 + (426 - side) // 2, row * 443 + (443 - side) // 2
         canvas[y : y + side, x : x + side] = cv2.resize(img, (side, side))

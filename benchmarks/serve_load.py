@@ -30,8 +30,8 @@ import httpx
 import torch
 from PIL import Image
 
-from agegender.inference import device_name
 from agegender.predict import ASTRONAUT
+from agegender.torch_runtime import device_name
 
 
 def faces(data: str | None, n: int, seed: int) -> tuple[list[bytes], str]:

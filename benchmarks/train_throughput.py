@@ -1,6 +1,7 @@
-"""Training images/second through the real training step: :func:`agegender.train.train_one_epoch`
-(batch augmentation on the device, bf16 autocast where fast, channels_last, optimizer and
-scheduler steps, no host sync inside the step) on random uint8 faces held on the device.
+"""Training images/second through the real training step,
+:func:`agegender.commands.train.train_one_epoch` (batch augmentation on the device, bf16
+autocast where fast, channels_last, optimizer and scheduler steps, no host sync inside the
+step) on random uint8 faces held on the device.
 
     python benchmarks/train_throughput.py --models seed-cnn resnet-mt --batch-sizes 32 128 512 \
         --threads 2 --steps 20 [--amp off] [--compile [--compile-mode reduce-overhead]] \
@@ -28,21 +29,16 @@ import warnings
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from agegender.config import load_config
-from agegender.inference import device_name
-from agegender.train import (
+from agegender.commands.train import (
     Data,
-    TrainForward,
     build_model,
-    build_optimizer,
-    build_scheduler,
-    graph_train_forward,
-    param_groups,
-    resolve_device,
-    to_channels_last,
+    build_run,
     train_one_epoch,
-    use_amp,
+    wrap_for_training,
 )
+from agegender.config import load_config
+from agegender.optim import build_scheduler
+from agegender.torch_runtime import device_name, resolve_device, use_amp
 
 _NO_WORK = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
             torch.ops.aten.detach.default}  # fmt: skip
@@ -105,31 +101,22 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
     overrides += [f"train.amp={args.amp}", f"train.compile={str(args.compile).lower()}"]
     overrides.append(f"train.compile_mode={args.compile_mode}")
     overrides.append(f"train.cuda_graphs={str(args.cuda_graphs).lower()}")
-    if name.startswith("seed-cnn"):
-        overrides.append("model.age_head=regression")
+    overrides.append('model.age_head=""')  # each model's own head: dldl for resnet-mt
     cfg = load_config(args.recipe, overrides)
     amp = use_amp(device, cfg.train.amp)
     channels = 1 if cfg.data.color == "gray" else 3
-    model = build_model(cfg, args.size, cfg.data.color).to(device)
-    if cfg.train.channels_last:
-        model = to_channels_last(model)
-    opt = build_optimizer(cfg, param_groups(model, None, cfg.train.weight_decay))
-    train_model = torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model
-    forward = TrainForward(cfg, train_model, None, amp)
-    if cfg.train.cuda_graphs:
-        d = fake_data(batch, args.size, channels, device)
-        sample = (d.x["train"], torch.rand(batch, 7, device=device))
-        forward = graph_train_forward(forward, (*sample, d.age["train"], d.gender["train"]))
-    gen = torch.Generator(device=device)
-    gen.manual_seed(0)
+    model = build_model(cfg, device)
+    # the run's optimizer, streams and step (compiled, or captured as CUDA graphs on a sample)
+    run = build_run(cfg, model, fake_data(batch, args.size, channels, device), device, amp, None)
+    run.quiet = True
+    wrap_for_training(run, fake_data(batch, args.size, channels, device))
 
     def epoch(steps: int, data: Data | None = None) -> float:
         if data is None:
             data = fake_data(batch * steps, args.size, channels, device)
-        sched, per_step = build_scheduler(cfg, opt, steps)
+        run.sched, run.per_step = build_scheduler(cfg, run.opt, steps)
         t0 = time.perf_counter()
-        run = (cfg, train_model, data, opt, sched, per_step, None, device, amp, gen, 1)
-        out = train_one_epoch(*run, quiet=True, forward=forward)
+        out = train_one_epoch(run, data, 1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return out["images"] / (time.perf_counter() - t0)

@@ -33,8 +33,8 @@ from agegender.detect import (
     align_face,
     alignment_matrix,
     get_detector,
-    load_rgb,
 )
+from agegender.images import decode_rgb
 
 LANDMARKS = ("right eye", "left eye", "nose tip", "right mouth", "left mouth")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/UTKFace"
@@ -120,7 +120,7 @@ def main() -> None:
     t0 = time.perf_counter()
     counts, points, boxes, scores, sizes = [], [], [], [], set()
     for f in geometry_files:
-        img = load_rgb(f)
+        img = decode_rgb(f)
         sizes.add(img.shape)
         faces = detector.detect_faces(img)
         counts.append(len(faces))
@@ -184,7 +184,7 @@ def main() -> None:
     diffs, corrs, shift_diffs, scales, angles, shifts, misses = [], [], [], [], [], [], 0
     originals, round_trips, base_faces = [], [], []
     for f in check_files:
-        img = load_rgb(f)
+        img = decode_rgb(f)
         faces = detector.detect_faces(img)
         if not faces:
             misses += 1

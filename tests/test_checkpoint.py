@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from agegender.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from agegender.cli import main
+from agegender.commands.cli import main
 from agegender.errors import DataError
 from agegender.models import create_model
 from agegender.predict import Predictor

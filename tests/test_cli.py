@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from agegender.cli import main
+from agegender.commands.cli import main
 
 
 def test_prepare_and_explore(synthetic_dir, tmp_path, capsys):
@@ -24,7 +24,7 @@ def test_prepare_and_explore(synthetic_dir, tmp_path, capsys):
     ("argv", "message"),
     [
         (["prepare", "/no/such/folder", "--out", "{tmp}/c"], "no such file or directory"),
-        (["prepare", "{tmp}/empty", "--out", "{tmp}/c"], "no .jpg/.jpeg/.png files"),
+        (["prepare", "{tmp}/empty", "--out", "{tmp}/c"], "no image files (.jpg, .jpeg, .png"),
         (["prepare", "{tmp}/IMG_0001.jpg", "--out", "{tmp}/c"], "has a UTKFace name"),
         (["explore", "{tmp}/empty", "--out", "{tmp}/e"], "not a prepared cache"),
         (["explore", "/no/such/cache", "--out", "{tmp}/e"], "no such cache directory"),
@@ -49,11 +49,11 @@ def test_unusable_output_path_is_one_line_and_exit_2(synthetic_dir, tmp_path, ca
     assert err.startswith("agegender prepare: error: Not a directory: ") and err.count("\n") == 1
     assert str(tmp_path / "afile") in err
 
-    def broken(args):
+    def broken(cache_dir, out_dir, seed=0):
         raise OSError("no path here")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("agegender.cli._cmd_explore", broken)
+        mp.setattr("agegender.commands.explore.explore", broken)
         with pytest.raises(OSError, match="no path here"):
             main(["explore", str(tmp_path), "--out", str(tmp_path / "e")])
 

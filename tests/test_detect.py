@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import bomb_png
+from conftest import bomb_png, collage
 from PIL import Image
 
 from agegender.detect import (
@@ -25,11 +25,9 @@ from agegender.detect import (
     crop_faces,
     get_detector,
     list_detectors,
-    load_photo,
-    load_rgb,
-    open_photo,
 )
 from agegender.errors import AgeGenderError, ConfigError
+from agegender.images import decode_rgb, load_photo, open_photo
 
 cv2.setNumThreads(1)  # the tests run beside other work; one thread is plenty for these sizes
 
@@ -42,7 +40,7 @@ def detector() -> YuNetDetector:
 def utk_images(utkface_dir: Path, n: int, step: int = 997) -> list[np.ndarray]:
     """``n`` different real aligned 200x200 crops, spread over the folder."""
     files = sorted(utkface_dir.glob("*.jpg"))
-    return [load_rgb(files[(i * step) % len(files)]) for i in range(n)]
+    return [decode_rgb(files[(i * step) % len(files)]) for i in range(n)]
 
 
 def rotate_into(img: np.ndarray, angle: float, canvas: tuple[int, int], at: tuple[int, int]):
@@ -117,14 +115,7 @@ def test_one_face_on_aligned_crops(detector, utkface_dir):
 
 
 def test_collage_of_six_faces(detector, utkface_dir):
-    faces_in = utk_images(utkface_dir, 6, step=1531)
-    canvas = np.full((886, 1280, 3), 200, np.uint8)
-    cells = []
-    for k, (img, side) in enumerate(zip(faces_in, (180, 250, 200, 230, 190, 240))):
-        col, row = k % 3, k // 3
-        x, y = col * 426 + (426 - side) // 2, row * 443 + (443 - side) // 2
-        canvas[y : y + side, x : x + side] = cv2.resize(img, (side, side))
-        cells.append((col, row))
+    canvas, cells = collage(utk_images(utkface_dir, 6, step=1531))
     faces = detector.detect_faces(canvas)
     assert len(faces) == 6
     assert [f.score for f in faces] == sorted((f.score for f in faces), reverse=True)
@@ -229,37 +220,37 @@ def _png(img: Image.Image, **kw) -> bytes:
 def test_load_rgb_modes(tmp_path):
     rgba = Image.new("RGBA", (4, 3), (255, 0, 0, 255))
     rgba.putpixel((0, 0), (0, 0, 0, 0))  # transparent: composited over white
-    out = load_rgb(_png(rgba))
+    out = decode_rgb(_png(rgba))
     assert out.shape == (3, 4, 3) and out.dtype == np.uint8
     assert out[0, 0].tolist() == [255, 255, 255] and out[1, 1].tolist() == [255, 0, 0]
 
-    gray = load_rgb(Image.new("L", (5, 2), 77))
+    gray = decode_rgb(Image.new("L", (5, 2), 77))
     assert gray.shape == (2, 5, 3) and (gray == 77).all()
 
     pal = Image.new("P", (3, 3), 1)
     pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
-    assert load_rgb(_png(pal))[1, 1].tolist() == [10, 20, 30]
+    assert decode_rgb(_png(pal))[1, 1].tolist() == [10, 20, 30]
 
     deep = Image.fromarray(np.array([[0, 1000], [2000, 4000]], np.uint16))
     assert deep.mode == "I;16"
     path = tmp_path / "deep.png"
     deep.save(path)
-    assert load_rgb(path)[:, :, 0].tolist() == [[0, 63], [127, 255]]  # scaled by the maximum
+    assert decode_rgb(path)[:, :, 0].tolist() == [[0, 63], [127, 255]]  # scaled by the maximum
 
-    cmyk = load_rgb(Image.new("CMYK", (2, 2), (0, 255, 255, 0)))
+    cmyk = decode_rgb(Image.new("CMYK", (2, 2), (0, 255, 255, 0)))
     assert cmyk[0, 0].tolist() == [255, 0, 0]
 
     la = Image.new("LA", (2, 2), (0, 0))
-    assert load_rgb(la)[0, 0].tolist() == [255, 255, 255]
+    assert decode_rgb(la)[0, 0].tolist() == [255, 255, 255]
 
     arr = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
-    assert load_rgb(arr) is arr  # already what detection wants: not copied
-    assert load_rgb(arr[:, :, 0]).shape == (2, 2, 3)
-    assert load_rgb(arr[:, :, :1]).shape == (2, 2, 3)
+    assert decode_rgb(arr) is arr  # already what detection wants: not copied
+    assert decode_rgb(arr[:, :, 0]).shape == (2, 2, 3)
+    assert decode_rgb(arr[:, :, :1]).shape == (2, 2, 3)
     four = np.zeros((2, 2, 4), np.uint8)
-    assert (load_rgb(four) == 255).all()  # fully transparent -> white
+    assert (decode_rgb(four) == 255).all()  # fully transparent -> white
     with open(path, "rb") as f:
-        assert load_rgb(f).shape == (2, 2, 3)
+        assert decode_rgb(f).shape == (2, 2, 3)
 
 
 @pytest.mark.parametrize("orientation,expected_shape", [(6, (40, 20, 3)), (3, (20, 40, 3))])
@@ -271,7 +262,7 @@ def test_load_rgb_applies_exif_orientation(orientation, expected_shape):
     exif[0x0112] = orientation
     buf = io.BytesIO()
     Image.fromarray(stored).save(buf, "JPEG", quality=95, exif=exif.tobytes())
-    out = load_rgb(buf.getvalue())
+    out = decode_rgb(buf.getvalue())
     assert out.shape == expected_shape
     if orientation == 6:  # shown turned 90 degrees clockwise: the left half ends up on top
         assert out[2, 10, 0] > 200 and out[-3, 10, 2] > 200
@@ -283,21 +274,21 @@ def test_load_rgb_refuses_bad_data(tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb_png(bomb)
     with pytest.raises(ValueError, match=r"^decompression bomb: .*(20000x20000|400000000)"):
-        load_rgb(bomb)
+        decode_rgb(bomb)
     with pytest.raises(ValueError, match=r"^decompression bomb"):
-        load_rgb(bomb.read_bytes())
+        decode_rgb(bomb.read_bytes())
     with pytest.raises(ValueError, match=r"^decompression bomb"):
-        load_rgb(Image.new("L", (100, 100)), max_pixels=5_000)
+        decode_rgb(Image.new("L", (100, 100)), max_pixels=5_000)
     with pytest.raises(ValueError, match=r"^not an image \(unknown format\)$"):
-        load_rgb(b"this is not an image at all" * 10)
+        decode_rgb(b"this is not an image at all" * 10)
     with pytest.raises(ValueError, match=r"^no such file$"):
-        load_rgb(tmp_path / "missing.jpg")
+        decode_rgb(tmp_path / "missing.jpg")
     buf = io.BytesIO()
     Image.fromarray(smooth_image(64, 64)).save(buf, "JPEG")
     with pytest.raises(ValueError, match=r"^corrupt image: "):
-        load_rgb(buf.getvalue()[: len(buf.getvalue()) // 2])
+        decode_rgb(buf.getvalue()[: len(buf.getvalue()) // 2])
     with pytest.raises(ValueError, match="uint8"):
-        load_rgb(np.zeros((2, 2, 3), np.float64))
+        decode_rgb(np.zeros((2, 2, 3), np.float64))
 
 
 def _jpeg(rgb: np.ndarray, **save) -> bytes:
@@ -320,10 +311,10 @@ def test_load_photo_shrinks_by_a_whole_factor_and_gives_the_full_size():
     exif[0x0112] = 6  # shown turned: the full size is the upright one
     rgb, full = load_photo(_jpeg(stored, exif=exif.tobytes()), work_pixels=20_000)
     assert rgb.shape == (100, 75, 3) and full == (300, 400)
-    # at or under work_pixels: exactly what load_rgb gives
+    # at or under work_pixels: exactly what decode_rgb gives
     data = _jpeg(stored)
     rgb, full = load_photo(data, work_pixels=120_000)
-    assert full == (400, 300) and np.array_equal(rgb, load_rgb(data))
+    assert full == (400, 300) and np.array_equal(rgb, decode_rgb(data))
     # a caller's PIL image is shrunk, not changed
     img = Image.open(io.BytesIO(data))
     rgb, full = load_photo(img, work_pixels=20_000)

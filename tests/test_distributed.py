@@ -100,8 +100,8 @@ def test_two_processes_train_one_model_and_resume_exactly(faces, tmp_path):
 NO_SYNC = """
 import sys
 from torch import nn
-import agegender.train
-from agegender.cli import main
+import agegender.commands.train
+from agegender.commands.cli import main
 
 class NoSync(nn.Module):
     def __init__(self, module, **kwargs):
@@ -111,7 +111,7 @@ class NoSync(nn.Module):
     def forward(self, x):
         return self.module(x)
 
-agegender.train.DistributedDataParallel = NoSync
+agegender.commands.train.DistributedDataParallel = NoSync
 raise SystemExit(main(sys.argv[1:]))
 """
 

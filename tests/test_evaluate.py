@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from agegender.checkpoint import save_checkpoint
-from agegender.cli import main
+from agegender.commands.cli import main
+from agegender.commands.evaluate import evaluate, show
 from agegender.config import load_config, to_toml
 from agegender.data import open_cache, prepare
 from agegender.errors import AgeGenderError, DataError
-from agegender.evaluate import compute_metrics, evaluate, show
+from agegender.metrics import compute_metrics
 from agegender.models import create_model
+from agegender.runtime import INTERVAL_Z
 
 PLOTS = ("confusion.png", "age_scatter.png", "mae_by_band.png", "reliability.png")
 KEYS = {
@@ -106,7 +108,7 @@ def test_compute_metrics_by_hand():
     assert sum(b["n"] for b in bins) == 5
     # half widths 1.645, 1.645, 3.29, 8.225, 16.45 vs errors 2, 0, 4, 10, 10
     assert m["age_interval"]["coverage"] == pytest.approx(2 / 5)
-    assert m["age_interval"]["mean_width"] == pytest.approx(2 * 1.645 * 3.8)
+    assert m["age_interval"]["mean_width"] == pytest.approx(2 * INTERVAL_Z * 3.8)
     json.dumps(m, allow_nan=False)  # empty groups are null, not NaN
 
 
@@ -229,7 +231,7 @@ def test_errors(ckpt, cache64, tmp_path):
         evaluate(tmp_path / "empty", cache64, out_dir=tmp_path / "e")
     with pytest.raises(DataError, match="no such data"):
         evaluate(ckpt, tmp_path / "missing", out_dir=tmp_path / "e")
-    with pytest.raises(DataError, match=r"no \.jpg"):
+    with pytest.raises(DataError, match=r"no image files \(\.jpg"):
         evaluate(ckpt, tmp_path / "empty", out_dir=tmp_path / "e")
     with pytest.raises(DataError, match="give --data"):
         evaluate(ckpt, out_dir=tmp_path / "e")
@@ -293,7 +295,7 @@ def test_cli_evaluate_and_show(ckpt, cache64, tmp_path, capsys):
     [
         ("{tmp}/no/model", "{cache}", "no such model"),
         ("{ckpt}", "{tmp}/no/data", "no such data"),
-        ("{ckpt}", "{tmp}/empty", "no .jpg/.jpeg/.png files"),
+        ("{ckpt}", "{tmp}/empty", "no image files (.jpg, .jpeg, .png"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(ckpt, cache64, tmp_path, capsys, model, data, message):

@@ -18,13 +18,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import make_checkpoint
 
-from agegender.checkpoint import load_checkpoint, save_checkpoint
-from agegender.cli import main
-from agegender.data import load_face
+from agegender.checkpoint import load_checkpoint
+from agegender.commands.cli import main
 from agegender.errors import AgeGenderError
-from agegender.export import ExportWrapper
-from agegender.models import create_model
+from agegender.images import face_config, load_face
+from agegender.onnx_export import ExportWrapper
 from agegender.predict import Predictor
 from agegender.synthetic import draw_face
 
@@ -32,14 +32,6 @@ AGE_TOL = 0.05  # years
 PROB_TOL = 1e-3
 
 HEADS = {"dldl": ("age", "p_female", "age_std"), "regression": ("age", "p_female")}
-
-
-def _checkpoint(path: Path, age_head: str, in_chans: int, tta: bool) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(1)
-    model = create_model("resnet-mt-small", img_size=64, age_head=age_head, in_chans=in_chans)
-    extra = {"epoch": 0, "metrics": {}, "config": {"train": {"tta": tta}}}
-    return save_checkpoint(path, model, extra)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +44,7 @@ def exported(tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("export")
     out: dict[str, dict] = {}
 
-    ckpt = _checkpoint(root / "dldl" / "model.safetensors", "dldl", 1, tta=True)
+    ckpt = make_checkpoint(root / "dldl" / "model.safetensors", "dldl", 1, tta=True, seed=1)
     onnx_file = root / "cli" / "dldl.onnx"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -71,7 +63,9 @@ def exported(tmp_path_factory) -> dict[str, dict]:
         "reexported": mtime is None or onnx_file.stat().st_mtime_ns != mtime,
     }
 
-    ckpt = _checkpoint(root / "regression" / "model.safetensors", "regression", 3, tta=False)
+    ckpt = make_checkpoint(
+        root / "regression" / "model.safetensors", "regression", 3, tta=False, seed=1
+    )
     beside = ckpt.with_suffix(".onnx")
     existed = beside.exists()
     out["regression"] = {
@@ -96,10 +90,11 @@ def face_crops(request: pytest.FixtureRequest, source: str, color: str) -> np.nd
         return random_faces(16, chans, seed=3)
     if source == "synthetic":
         imgs = [draw_face(20 + 9 * k, k % 2, k % 5, 200, seed=k) for k in range(6)]
-        return np.stack([load_face(img, 64, color) for img in imgs])
+        return np.stack([load_face(img, face_config(64, color)) for img in imgs])
     utk = request.getfixturevalue("utkface_dir")
     files = sorted(utk.glob("*.jpg"))
-    return np.stack([load_face(files[k * 2003 % len(files)], 64, color) for k in range(6)])
+    config = face_config(64, color)
+    return np.stack([load_face(files[k * 2003 % len(files)], config) for k in range(6)])
 
 
 def ort_session(path: Path) -> ort.InferenceSession:
@@ -249,7 +244,7 @@ def test_a_damaged_cached_onnx_is_exported_again(exported, tmp_path):
 
 
 def test_an_onnx_that_stays_broken_is_one_clear_error(exported, tmp_path, monkeypatch):
-    import agegender.export
+    import agegender.onnx_export
 
     ckpt = _copy_checkpoint(exported["regression"], tmp_path / "run")
     ckpt.with_suffix(".onnx").write_text("x\n")
@@ -260,7 +255,7 @@ def test_an_onnx_that_stays_broken_is_one_clear_error(exported, tmp_path, monkey
         Path(out).write_text("still not a model\n")
         return Path(out)
 
-    monkeypatch.setattr(agegender.export, "export_onnx", broken_export)
+    monkeypatch.setattr(agegender.onnx_export, "export_onnx", broken_export)
     with pytest.raises(AgeGenderError, match=r"cannot load the ONNX model .*even exported again"):
         Predictor.load(ckpt, backend="onnx", detector=None)
     assert len(calls) == 1  # rebuilt once, not in a loop

@@ -163,7 +163,7 @@ def test_none_kwargs_are_dropped() -> None:
     model = create_model("resnet-mt", age_head=None, in_chans=None, drop=None)
     assert model.config["age_head"] == "dldl"
     assert model.config["in_chans"] == 1
-    assert model.config["drop"] == 0.2
+    assert model.config["drop_rate"] == 0.2
 
 
 @pytest.mark.parametrize(

@@ -16,16 +16,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
-from conftest import bomb_png
+from conftest import bomb_png, collage, make_checkpoint
 from PIL import Image
 
-from agegender.checkpoint import BUNDLED, save_checkpoint
-from agegender.cli import main
-from agegender.detect import load_rgb
+from agegender.checkpoint import BUNDLED
+from agegender.commands.cli import main
+from agegender.draw import annotate
 from agegender.errors import AgeGenderError
-from agegender.models import create_model
-from agegender.predict import ASTRONAUT, Face, Predictor, annotate
+from agegender.images import decode_rgb
+from agegender.predict import ASTRONAUT, Face, Predictor
 from agegender.synthetic import draw_face
 
 cv2.setNumThreads(1)  # the tests run beside other work; one thread is plenty for these sizes
@@ -53,7 +52,7 @@ def good_faces(request: pytest.FixtureRequest, n: int, real: bool) -> list[np.nd
     """``n`` RGB faces: real UTKFace crops (skip if absent) or synthetic ones."""
     if real:
         utk = request.getfixturevalue("utkface_dir")
-        return [load_rgb(p) for p in utk_files(utk, n)]
+        return [decode_rgb(p) for p in utk_files(utk, n)]
     return [synthetic_face(k) for k in range(n)]
 
 
@@ -103,20 +102,13 @@ def check_face_dict(face: dict, keys: set[str]) -> None:
 # --------------------------------------------------------------------------- fixtures
 
 
-def _checkpoint(path: Path, age_head: str, in_chans: int, tta: bool) -> Path:
-    torch.manual_seed(0)
-    model = create_model("resnet-mt-small", img_size=64, age_head=age_head, in_chans=in_chans)
-    extra = {"epoch": 0, "metrics": {}, "config": {"train": {"tta": tta}}}
-    return save_checkpoint(path, model, extra)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """Untrained checkpoints: ``dldl`` (gray, tta in its recipe) and ``regression`` (RGB)."""
     root = tmp_path_factory.mktemp("models")
     return {
-        "dldl": _checkpoint(root / "dldl.safetensors", "dldl", 1, tta=True),
-        "regression": _checkpoint(root / "regression.safetensors", "regression", 3, tta=False),
+        "dldl": make_checkpoint(root / "dldl.safetensors", "dldl", 1, tta=True),
+        "regression": make_checkpoint(root / "regression.safetensors", "regression", 3, tta=False),
     }
 
 
@@ -206,7 +198,7 @@ def test_table_output_and_exit_0(models, tmp_path, capsys):
     ("argv", "message"),
     [
         (["{tmp}/no/such.jpg"], "no such file or directory"),
-        (["{tmp}/empty"], "no images under"),
+        (["{tmp}/empty"], "no image files (.jpg"),
         (["{tmp}/empty/notes.txt", "--model", "{tmp}/no-model.safetensors"], "no such model"),
         (["{tmp}/empty/notes.txt", "--device", "foo"], "--device: unknown device 'foo'"),
     ],
@@ -225,7 +217,7 @@ def test_user_errors_exit_2_with_one_line(models, tmp_path, capsys, argv, messag
 
 
 def test_train_device_message_names_the_recipe_key():
-    from agegender.train import resolve_device
+    from agegender.torch_runtime import resolve_device
 
     with pytest.raises(AgeGenderError, match=r"train\.device: unknown device 'foo'"):
         resolve_device("foo")
@@ -247,9 +239,11 @@ def test_batch_size_below_1_exits_2(models, tmp_path, capsys, size):
     Image.fromarray(synthetic_face(0)).save(tmp_path / "a.png")
     out = tmp_path / "pred.jsonl"
     argv = ["predict", str(tmp_path / "a.png"), "--model", str(models["dldl"]), "--aligned"]
-    assert main([*argv, "--batch-size", size, "--output", str(out)]) == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses it: a usage error
+        main([*argv, "--batch-size", size, "--output", str(out)])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "--batch-size must be at least 1" in err and err.count("\n") == 1
+    assert err.strip().endswith(f"argument --batch-size: must be >= 1, got {size}")
     assert not out.exists()
 
 
@@ -346,11 +340,11 @@ def test_real_aligned_crops(models, utkface_dir, tmp_path):
 def test_aligned_files_are_decoded_as_training_decoded_them(predictor, utkface_dir):
     """An aligned JPEG goes through the cache's own decoder (luma in draft mode), so its
     prediction equals the one on the image as `prepare` stored it, bit for bit."""
-    from agegender.data import load_face
-    from agegender.inference import predict_arrays
+    from agegender.images import face_config, load_face
+    from agegender.torch_runtime import predict_arrays
 
     files = utk_files(utkface_dir, 3)
-    cached = np.stack([load_face(f, predictor.size, predictor.color) for f in files])
+    cached = np.stack([load_face(f, face_config(predictor.size, predictor.color)) for f in files])
     expected = predict_arrays(predictor.model, cached, tta=predictor.tta, amp=predictor.backend.amp)
     for f, age in zip(files, expected["age"]):
         for src in (f, f.read_bytes()):
@@ -360,15 +354,7 @@ def test_aligned_files_are_decoded_as_training_decoded_them(predictor, utkface_d
 
 def group_photo(utkface_dir: Path) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """1280x886 grey canvas with six real faces of ~200 px, one per cell of a 3x2 grid."""
-    faces = [load_rgb(p) for p in utk_files(utkface_dir, 6, step=1531)]
-    canvas = np.full((886, 1280, 3), 200, np.uint8)
-    cells = []
-    for k, (img, side) in enumerate(zip(faces, (180, 250, 200, 230, 190, 240))):
-        col, row = k % 3, k // 3
-        x, y = col * 426 + (426 - side) // 2, row * 443 + (443 - side) // 2
-        canvas[y : y + side, x : x + side] = cv2.resize(img, (side, side))
-        cells.append((col, row))
-    return canvas, cells
+    return collage([decode_rgb(p) for p in utk_files(utkface_dir, 6, step=1531)])
 
 
 def test_group_photo_six_faces(predictor, utkface_dir):
@@ -439,7 +425,7 @@ def test_input_kinds(predictor, request, kind, tmp_path):
     rgb = good_faces(request, 1, real)[0].copy()
     rgb[0, 0] = 255  # a white pixel, so that 16-bit input is scaled by exactly 257
     src, shown = _as_input(kind, rgb, tmp_path)
-    decoded = load_rgb(io.BytesIO(src.getvalue()) if kind == "file-object" else src)
+    decoded = decode_rgb(io.BytesIO(src.getvalue()) if kind == "file-object" else src)
     assert decoded.shape == (200, 200, 3) and decoded.dtype == np.uint8
     # 16 bits -> 8 is a float scale, which may round a level down; everything else is exact
     assert np.abs(decoded.astype(int) - shown).max() <= (1 if kind == "pil-i16" else 0)

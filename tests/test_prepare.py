@@ -13,13 +13,13 @@ from agegender.data import (
     MANIFEST_COLUMNS,
     SPLITS,
     age_band,
-    load_face,
     open_cache,
     prepare,
     read_manifest,
     split_indices,
 )
 from agegender.errors import DataError
+from agegender.images import face_config, load_face
 from agegender.synthetic import draw_face
 
 
@@ -51,7 +51,7 @@ def test_prepare_synthetic(synthetic_dir, tmp_path):
     assert cache.color == "rgb" and cache.size == 32
     # each cached image is exactly what load_face gives for its file (the predict path)
     i = 17
-    assert np.array_equal(cache.images[i], load_face(cache.paths[i], 32, "rgb"))
+    assert np.array_equal(cache.images[i], load_face(cache.paths[i], face_config(32, "rgb")))
     assert json.loads((tmp_path / "summary.json").read_text())["kept"] == 120
     assert not list(tmp_path.glob("*tmp*")), "temporary files left behind"
 
@@ -141,7 +141,7 @@ def test_gray_cache_matches_load_face(synthetic_cache):
     cache = open_cache(synthetic_cache)
     assert cache.images.shape[1:] == (32, 32, 1)
     assert set(np.unique(cache.split)) <= set(SPLITS)
-    assert np.array_equal(cache.images[3], load_face(cache.paths[3], 32, "gray"))
+    assert np.array_equal(cache.images[3], load_face(cache.paths[3], face_config(32, "gray")))
 
 
 @pytest.mark.parametrize(
@@ -155,7 +155,7 @@ def test_bad_paths(tmp_path, dirs, message):
 
 def test_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"no \.jpg/\.jpeg/\.png files"):
+    with pytest.raises(DataError, match=r"no image files \(\.jpg, \.jpeg, \.png"):
         prepare([tmp_path / "empty"], tmp_path / "c", quiet=True)
 
 
@@ -180,7 +180,7 @@ def test_load_face_accepts_image_modes(mode):
     else:
         img = img.convert(mode)
     for color, channels in (("gray", 1), ("rgb", 3)):
-        arr = load_face(img, 40, color)
+        arr = load_face(img, face_config(40, color))
         assert arr.shape == (40, 40, channels) and arr.dtype == np.uint8
         assert arr.max() > 100  # 16-bit scaled, not clipped to white or black
 
@@ -188,7 +188,7 @@ def test_load_face_accepts_image_modes(mode):
 def test_load_face_center_crops_non_square():
     img = Image.new("L", (120, 60), 0)
     img.paste(255, (30, 0, 90, 60))  # the white centre square
-    assert load_face(img, 20, "gray").min() > 200
+    assert load_face(img, face_config(20, "gray")).min() > 200
 
 
 def test_load_face_honours_exif_orientation(tmp_path):
@@ -197,7 +197,7 @@ def test_load_face_honours_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 3  # rotated 180 degrees: the band must end up at the bottom
     img.save(tmp_path / "r.jpg", exif=exif)
-    arr = load_face(tmp_path / "r.jpg", 30, "gray")[:, :, 0]
+    arr = load_face(tmp_path / "r.jpg", face_config(30, "gray"))[:, :, 0]
     assert arr[-3:].mean() > 200 and arr[:3].mean() < 50
 
 

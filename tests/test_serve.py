@@ -14,8 +14,8 @@ from conftest import bomb_png
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from agegender.commands.serve import create_app, decode_upload
 from agegender.predict import ASTRONAUT, Predictor
-from agegender.serve import create_app, decode_upload
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_limits(predictor):
     ],
 )
 def test_serve_cli_bad_options_are_one_line(capsys, args, words):
-    from agegender.cli import main
+    from agegender.commands.cli import main
 
     assert main(["serve", *args]) == 2
     out, err = capsys.readouterr()
@@ -184,7 +184,7 @@ def test_serve_cli_bad_options_are_one_line(capsys, args, words):
 
 
 def test_serve_cli_port_in_use_is_refused_before_announcing(capsys):
-    from agegender.cli import main
+    from agegender.commands.cli import main
 
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
@@ -379,7 +379,7 @@ def test_batcher_never_strands_an_upload():
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from agegender.serve import _Batcher
+    from agegender.commands.serve import _Batcher
 
     async def main() -> int:
         with ThreadPoolExecutor(1) as pool:

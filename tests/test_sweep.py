@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from agegender.cli import main
+from agegender.commands.cli import main
+from agegender.commands.sweep import load_sweep, run_sweep
 from agegender.data import prepare
 from agegender.errors import ConfigError, DataError
-from agegender.sweep import load_sweep, run_sweep
 
 SWEEPS = sorted((Path(__file__).parents[1] / "sweeps").glob("*.toml"))
 

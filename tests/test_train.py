@@ -7,13 +7,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from agegender import train as train_mod
+from agegender.augment import augment
 from agegender.checkpoint import load_checkpoint
-from agegender.cli import main
+from agegender.commands import train as train_mod
+from agegender.commands.cli import main
+from agegender.commands.train import train
 from agegender.config import load_config
 from agegender.errors import ConfigError
+from agegender.losses import UncertaintyWeights
+from agegender.models import from_config
+from agegender.step import TrainForward, graph_train_forward
 from agegender.synthetic import make_dataset
-from agegender.train import train
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.toml"
 ARTEFACTS = {
@@ -29,23 +33,14 @@ ARTEFACTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def real_cache64(utkface_dir, tmp_path_factory):
-    from agegender.data import prepare
-
-    out = tmp_path_factory.mktemp("utk64")
-    prepare([utkface_dir], out, size=64, quiet=True)
-    return out
-
-
 def _smoke(cache, out, *extra):
     overrides = [f"data.cache={cache}", f"run.out={out}", "train.threads=2", *extra]
     return load_config(SMOKE, overrides)
 
 
 @pytest.mark.slow
-def test_smoke_run_on_real_images_writes_every_artefact(real_cache64, tmp_path):
-    out = train(_smoke(real_cache64, tmp_path / "run"), quiet=True)
+def test_smoke_run_writes_every_artefact(cache64, tmp_path):
+    out = train(_smoke(cache64, tmp_path / "run"), quiet=True)
     assert {p.name for p in out.iterdir()} >= ARTEFACTS
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert len(rows) == 1
@@ -63,9 +58,9 @@ def test_smoke_run_on_real_images_writes_every_artefact(real_cache64, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_a_killed_run_exactly(real_cache64, tmp_path, monkeypatch):
+def test_resume_continues_a_killed_run_exactly(cache64, tmp_path, monkeypatch):
     cfg = _smoke(
-        real_cache64,
+        cache64,
         tmp_path / "full",
         "train.epochs=2",
         "data.limit=256",
@@ -99,13 +94,13 @@ def test_resume_continues_a_killed_run_exactly(real_cache64, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(real_cache64, tmp_path):
+def test_compiled_training_matches_eager(cache64, tmp_path):
     """train.compile=true trains the same model as eager (to float rounding) and saves the
     plain model's weights, which load without torch.compile's wrapper."""
     common = ["data.limit=256", "train.amp=off", "train.tta=false"]
-    eager = train(_smoke(real_cache64, tmp_path / "eager", *common), quiet=True)
+    eager = train(_smoke(cache64, tmp_path / "eager", *common), quiet=True)
     compiled = train(
-        _smoke(real_cache64, tmp_path / "compiled", *common, "train.compile=true"), quiet=True
+        _smoke(cache64, tmp_path / "compiled", *common, "train.compile=true"), quiet=True
     )
     a, b = load_file(str(eager / "last.safetensors")), load_file(str(compiled / "last.safetensors"))
     assert a.keys() == b.keys()
@@ -115,7 +110,7 @@ def test_compiled_training_matches_eager(real_cache64, tmp_path):
     model, _ = load_checkpoint(compiled / "best.safetensors")
     assert model(torch.zeros(1, 1, 64, 64))["age"].shape == (1,)
     with pytest.raises(ConfigError, match=r"train\.compile_mode must be one of"):
-        train(_smoke(real_cache64, tmp_path / "bad", "train.compile_mode=fast"), quiet=True)
+        train(_smoke(cache64, tmp_path / "bad", "train.compile_mode=fast"), quiet=True)
 
 
 def test_cuda_graphs_refused_where_they_cannot_run(tmp_path, monkeypatch):
@@ -152,13 +147,13 @@ def test_graph_train_forward_captures_on_copies_and_puts_batchnorm_back(monkeypa
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", warm_up_only)
     cfg = load_config(SMOKE, ["data.size=64"])
-    model = train_mod.build_model(cfg, 64, "gray")
-    forward = train_mod.TrainForward(cfg, model, None, amp=False)
+    model = from_config(cfg.model, 64, "gray")
+    forward = TrainForward(cfg, model, None, amp=False)
     gen = torch.Generator().manual_seed(0)
     faces = torch.randint(0, 256, (8, 1, 64, 64), dtype=torch.uint8, generator=gen)
     batch = (faces, torch.rand(8, 7, generator=gen), torch.full((8,), 30.0), torch.ones(8))
     before = {k: v.clone() for k, v in model.named_buffers()}
-    assert train_mod.graph_train_forward(forward, batch) is forward
+    assert graph_train_forward(forward, batch) is forward
     assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
     assert before["stem.bn.num_batches_tracked"] == 0
     for copy, original in zip(seen["sample"], batch, strict=True):
@@ -191,13 +186,13 @@ def test_train_forward_fits_make_graphed_callables_contract(monkeypatch):
     monkeypatch.setattr(graphs, "graph_pool_handle", lambda: None)
 
     cfg = load_config(SMOKE, ["data.size=64", "loss.uncertainty=true"])
-    model = train_mod.build_model(cfg, 64, "gray")
-    weights = train_mod.UncertaintyWeights()
-    forward = train_mod.TrainForward(cfg, model, weights, amp=True)
+    model = from_config(cfg.model, 64, "gray")
+    weights = UncertaintyWeights()
+    forward = TrainForward(cfg, model, weights, amp=True)
     gen = torch.Generator().manual_seed(0)
     faces = torch.randint(0, 256, (8, 1, 64, 64), dtype=torch.uint8, generator=gen)
     batch = (faces, torch.rand(8, 7, generator=gen), torch.full((8,), 30.0), torch.ones(8))
-    graphed = train_mod.graph_train_forward(forward, batch)
+    graphed = graph_train_forward(forward, batch)
     loss, mae, correct = graphed(*batch)
     assert loss.requires_grad and mae.shape == correct.shape == ()
     loss.backward()
@@ -264,10 +259,10 @@ def test_recipe_that_is_not_text_is_a_config_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_run_is_never_overwritten_and_a_damaged_one_not_resumed(real_cache64, tmp_path, capsys):
-    run = train(_smoke(real_cache64, tmp_path / "run", "data.limit=128"), quiet=True)
+def test_a_run_is_never_overwritten_and_a_damaged_one_not_resumed(cache64, tmp_path, capsys):
+    run = train(_smoke(cache64, tmp_path / "run", "data.limit=128"), quiet=True)
     before = (run / "best.safetensors").read_bytes()
-    again = _smoke(real_cache64, run, "data.limit=128", "train.seed=5")
+    again = _smoke(cache64, run, "data.limit=128", "train.seed=5")
     with pytest.raises(ConfigError, match=r"already holds a run .*--resume"):
         train(again, quiet=True)
     assert (run / "best.safetensors").read_bytes() == before
@@ -319,21 +314,21 @@ def _aug(**kw):
 def test_augment_parameters_do_what_they_say():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(64, 1, 16, 16, generator=gen) - 0.5
-    same = train_mod.augment(x, _aug(), gen)
+    same = augment(x, _aug(), gen)
     assert same.shape == x.shape and same.dtype == x.dtype
     torch.testing.assert_close(same, x, atol=1e-5, rtol=0)  # nothing asked, nothing changed
 
-    flipped = train_mod.augment(x, _aug(flip=True), gen)
+    flipped = augment(x, _aug(flip=True), gen)
     mirror = [torch.allclose(f, m, atol=1e-5) for f, m in zip(flipped, x.flip(-1))]
     kept = [torch.allclose(f, o, atol=1e-5) for f, o in zip(flipped, x)]
     assert all(a or b for a, b in zip(mirror, kept)) and 10 < sum(mirror) < 54
 
-    shifted = train_mod.augment(x, _aug(brightness=0.2), gen) - x  # 0.2 of the 2-wide range
+    shifted = augment(x, _aug(brightness=0.2), gen) - x  # 0.2 of the 2-wide range
     per_image = shifted.mean(dim=(1, 2, 3))
     torch.testing.assert_close(shifted, per_image.view(-1, 1, 1, 1).expand_as(x), atol=1e-5, rtol=0)
     assert per_image.abs().max() <= 0.4 + 1e-6 and per_image.min() < -0.1 < 0.1 < per_image.max()
 
-    stretched = train_mod.augment(x, _aug(contrast=0.5), gen)  # the mean stays, the spread scales
+    stretched = augment(x, _aug(contrast=0.5), gen)  # the mean stays, the spread scales
     torch.testing.assert_close(
         stretched.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=1e-5, rtol=0
     )
@@ -342,7 +337,7 @@ def test_augment_parameters_do_what_they_say():
 
     # rotation and zoom turn and scale a ramp's gradient (measured away from the borders)
     ramp = torch.linspace(-0.5, 0.5, 32).expand(64, 1, 32, 32)
-    warped = train_mod.augment(ramp, _aug(rotate=20.0, scale=0.1), gen)[..., 8:24, 8:24]
+    warped = augment(ramp, _aug(rotate=20.0, scale=0.1), gen)[..., 8:24, 8:24]
     gx = (warped[..., :, 2:] - warped[..., :, :-2]).mean(dim=(1, 2, 3))
     gy = (warped[..., 2:, :] - warped[..., :-2, :]).mean(dim=(1, 2, 3))
     angle = torch.rad2deg(torch.atan2(gy, gx))
@@ -351,14 +346,14 @@ def test_augment_parameters_do_what_they_say():
     assert gain.min() >= 1 / 1.1 - 0.01 and gain.max() <= 1 / 0.9 + 0.01 and gain.std() > 0.02
 
     # a shift of at most 5 % of the side (32 px, where the ramp climbs 32/31) moves its centre
-    moved = train_mod.augment(ramp, _aug(shift=0.05), gen)[..., 8:24, 8:24].mean(dim=(1, 2, 3))
+    moved = augment(ramp, _aug(shift=0.05), gen)[..., 8:24, 8:24].mean(dim=(1, 2, 3))
     assert moved.abs().max() <= 0.05 * 32 / 31 + 1e-4 and moved.abs().max() > 0.04
 
     everything = load_config(None).aug
-    a = train_mod.augment(x * 3, everything, torch.Generator().manual_seed(1))
-    b = train_mod.augment(x * 3, everything, torch.Generator().manual_seed(1))
+    a = augment(x * 3, everything, torch.Generator().manual_seed(1))
+    b = augment(x * 3, everything, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.min() >= -1 and a.max() <= 1  # seeded, and clamped
     # the draws passed in (how a training step augments) are the ones it would have drawn
     draws = torch.rand(64, 7, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(train_mod.augment(x * 3, everything, draws=draws), a)
+    assert torch.equal(augment(x * 3, everything, draws=draws), a)
     assert not torch.allclose(a, (x * 3).clamp(-1, 1), atol=1e-2)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from agegender.checkpoint import BUNDLED, load_checkpoint, read_meta, save_checkpoint
-from agegender.evaluate import evaluate
+from agegender.commands.evaluate import evaluate
 
 
 def main() -> None:

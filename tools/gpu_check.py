@@ -33,11 +33,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from agegender import train as train_mod
 from agegender.checkpoint import load_checkpoint
-from agegender.cli import main as cli_main
+from agegender.commands import train as train_mod
+from agegender.commands.cli import main as cli_main
+from agegender.commands.train import train
 from agegender.config import load_config
-from agegender.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTEFACTS = (

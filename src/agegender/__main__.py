@@ -1,3 +1,3 @@
-from agegender.cli import main
+from agegender.commands.cli import main
 
 raise SystemExit(main())

@@ -3,7 +3,8 @@
 ``best.safetensors`` holds the weights; ``best.json`` beside it holds the model's name and
 constructor arguments, its data contract (input size, colour, mean/std), the epoch and the
 metrics. The same JSON is also stored in the safetensors header, so the weights file alone is
-enough. No pickle is ever loaded.
+enough. No pickle is ever loaded. Reading the description needs no torch: see
+:mod:`agegender.model_files`.
 """
 
 from __future__ import annotations
@@ -14,20 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from agegender.errors import AgeGenderError, DataError
-from agegender.models import create_model
+from agegender import fileio
+from agegender.errors import DataError
+from agegender.model_files import BUNDLED, FORMAT, VERSION, read_meta, resolve_checkpoint
+from agegender.models import LEGACY_ARGS, create_model
 
-FORMAT = "agegender-checkpoint"
-VERSION = 1
+__all__ = ["BUNDLED", "load_checkpoint", "read_meta", "resolve_checkpoint", "save_checkpoint"]
 
 
-def atomic_replace(tmp: Path, path: Path) -> None:
-    """Move a fully written ``tmp`` over ``path``: a killed write never leaves half a file."""
-    os.replace(tmp, path)
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile and DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
 
 
 def save_checkpoint(
@@ -41,8 +43,7 @@ def save_checkpoint(
     ``half`` stores float weights as fp16 (half the size; for bundling a final model).
     """
     path = Path(path)
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    model = unwrap(model)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -57,47 +58,10 @@ def save_checkpoint(
             v = v.half()
         state[k] = v
     text = json.dumps(meta, indent=1, default=str)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"agegender": text})
-    atomic_replace(tmp, path)
-    sidecar = path.with_suffix(".json")
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(text + "\n")
-    atomic_replace(tmp, sidecar)
+    with fileio.atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"agegender": text})
+    fileio.write_text(path.with_suffix(".json"), text + "\n")
     return path
-
-
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The sidecar metadata of a checkpoint (from ``.json``, else from the weights' header).
-
-    Raises :class:`~agegender.errors.DataError` naming the file when the metadata is not JSON or
-    lacks the model's description (``model`` with its ``name``, ``data_config``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise AgeGenderError(f"no such checkpoint: {path}")
-    sidecar = path.with_suffix(".json")
-    if sidecar.is_file():
-        source = sidecar
-        try:
-            meta = json.loads(sidecar.read_text())
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-            raise DataError(f"corrupt checkpoint metadata {sidecar}: not JSON ({e})") from None
-    else:
-        source = path
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = json.loads((f.metadata() or {}).get("agegender", "{}"))
-        except Exception as e:
-            raise DataError(f"{path} is not a safetensors checkpoint: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DataError(f"{source} is not an agegender checkpoint (no model description)")
-    model, data_config = meta.get("model"), meta.get("data_config")
-    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
-        raise DataError(f"corrupt checkpoint metadata {source}: no model name")
-    if not isinstance(data_config, dict) or not {"input_size", "color"} <= data_config.keys():
-        raise DataError(f"corrupt checkpoint metadata {source}: no data_config (input_size, color)")
-    return meta
 
 
 def load_checkpoint(
@@ -108,10 +72,8 @@ def load_checkpoint(
     A corrupt sidecar or weights file raises :class:`~agegender.errors.DataError` naming it.
     """
     meta = read_meta(path)
-    cfg = dict(meta["model"])
+    cfg = {LEGACY_ARGS.get(k, k): v for k, v in meta["model"].items()}
     model = create_model(cfg.pop("name"), **cfg)
-    from safetensors.torch import load_file
-
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:  # truncated or overwritten: safetensors' own error types vary
@@ -129,25 +91,3 @@ def load_checkpoint(
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return model.to(device).eval(), meta
-
-
-BUNDLED = Path(__file__).parent / "weights" / "default.safetensors"
-
-
-def resolve_checkpoint(spec: str | os.PathLike) -> Path:
-    """``default`` (the bundled model), a run folder (its ``best.safetensors``) or a file."""
-    if str(spec) == "default":
-        if not BUNDLED.is_file():
-            raise AgeGenderError(
-                "no bundled model in this installation; pass a run folder or a checkpoint"
-            )
-        return BUNDLED
-    path = Path(spec)
-    if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (path / name).is_file():
-                return path / name
-        raise AgeGenderError(f"{spec} is a folder without best.safetensors or last.safetensors")
-    if not path.is_file():
-        raise AgeGenderError(f"no such model: {spec} (give default, a run folder or a checkpoint)")
-    return path

@@ -86,7 +86,8 @@ class TrainConfig:
     amp: str = "auto"  # auto | bf16 | off: bf16 autocast (auto: on where it is fast)
     channels_last: bool = True  # NHWC memory layout (faster convs on GPUs and AMX CPUs)
     compile: bool = False  # torch.compile the model
-    # default | reduce-overhead (CUDA graphs: for small batches on a GPU) | max-autotune
+    # default | reduce-overhead (CUDA graphs for small batches on a GPU) | max-autotune |
+    # max-autotune-no-cudagraphs
     compile_mode: str = "default"
     # capture each step's forward and backward as CUDA graphs (one GPU, no compile)
     cuda_graphs: bool = False
@@ -117,6 +118,14 @@ CHOICES = {
     "train.optimizer": ("sgd", "rmsprop", "adam", "adamw"),
     "train.scheduler": ("none", "plateau", "onecycle", "cosine"),
     "train.amp": ("auto", "bf16", "off"),
+    # torch.compile's modes; reduce-overhead replays each step as CUDA graphs, which removes the
+    # per-kernel launch cost that bounds small batches on a GPU (on the CPU it compiles as default)
+    "train.compile_mode": (
+        "default",
+        "reduce-overhead",
+        "max-autotune",
+        "max-autotune-no-cudagraphs",
+    ),
 }
 
 
@@ -232,3 +241,33 @@ def to_toml(cfg: Config) -> str:
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
+
+
+def check_config(cfg: Config, models: list[str] | None = None) -> None:
+    """Raise a :class:`ConfigError` for values no run can use, before anything is written.
+
+    ``models``: the registered model names ``model.name`` must be one of (the caller passes
+    :func:`agegender.models.list_models`, which this torch-free module cannot import).
+    """
+    t, d, m = cfg.train, cfg.data, cfg.model
+    bad = [
+        (t.epochs < 1, "train.epochs must be >= 1"),
+        (t.batch_size < 1, "train.batch_size must be >= 1"),
+        (t.eval_batch_size < 1, "train.eval_batch_size must be >= 1"),
+        (t.lr <= 0, "train.lr must be > 0"),
+        (t.threads < 0, "train.threads must be >= 0 (0 = all cores)"),
+        (t.seed < 0, "train.seed must be >= 0"),
+        (t.grad_clip < 0, "train.grad_clip must be >= 0 (0 = off)"),
+        (t.early_stopping < 0, "train.early_stopping must be >= 0 (0 = off)"),
+        (not 0 <= t.warmup < 1, "train.warmup must be in [0, 1)"),
+        (t.weight_decay < 0, "train.weight_decay must be >= 0"),
+        (not 16 <= d.size <= 1024, "data.size must be 16-1024 pixels (as prepare --size)"),
+        (d.limit < 0, "data.limit must be >= 0 (0 = all)"),
+        (d.split_seed < 0, "data.split_seed must be >= 0"),
+        (m.dropout >= 1, "model.dropout must be below 1 (< 0 = the model's default)"),
+        (models is not None and m.name not in models, f"unknown model.name {m.name!r}; "
+         f"registered: {', '.join(models or [])}"),
+    ]  # fmt: skip
+    problems = [says for wrong, says in bad if wrong]
+    if problems:
+        raise ConfigError("; ".join(problems))

@@ -20,26 +20,23 @@ import os
 import re
 import sys
 import time
-import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from agegender import fileio
 from agegender.errors import DataError
+from agegender.images import COLORS, face_config, find_images, load_face
 
 GENDERS = ("male", "female")  # UTKFace: 0 = male, 1 = female
 RACES = ("White", "Black", "Asian", "Indian", "Others")  # UTKFace race codes 0..4
 AGE_RANGE = (1, 120)
 AGE_BANDS = ((0, 9), (10, 19), (20, 39), (40, 59), (60, 200))
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-COLORS = ("gray", "rgb")
 SPLITS = ("train", "val", "test")
-MAX_PIXELS = 40_000_000  # far above any face photo; refuses decompression bombs cheaply
 CACHE_VERSION = 1
 
 # age_gender_race_datetime, then the extension as it really occurs: ".jpg.chip.jpg",
@@ -103,100 +100,6 @@ def band_name(band: int) -> str:
     return f"{lo}+" if band == len(AGE_BANDS) - 1 else f"{lo}-{hi}"
 
 
-# --------------------------------------------------------------------------- decoding
-
-
-def open_image(src: str | os.PathLike | IO[bytes], max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open an image lazily, refusing decompression bombs before any pixel is decoded.
-
-    Raises ``ValueError`` with a one-line reason for files that are not usable images.
-    """
-    try:
-        img = Image.open(src)
-    except UnidentifiedImageError:  # an OSError too, so it goes first
-        raise ValueError("not an image (unknown format)") from None
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"decompression bomb: {e}") from None
-    except FileNotFoundError:
-        raise ValueError("no such file") from None
-    except OSError as e:
-        raise ValueError(f"corrupt image: {e}") from None
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ValueError(f"decompression bomb: {w}x{h} pixels exceeds {max_pixels:,}")
-    return img
-
-
-def upright_size(img: Image.Image) -> tuple[int, int]:
-    """``(width, height)`` of ``img`` as shown, after its EXIF orientation, read from the
-    header alone (no pixels decoded)."""
-    w, h = img.size
-    # orientations 5-8 turn the picture by 90 degrees
-    return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
-
-
-def load_face(
-    src: str | os.PathLike | IO[bytes] | Image.Image,
-    size: int,
-    color: str = "gray",
-    max_pixels: int = MAX_PIXELS,
-) -> np.ndarray:
-    """Decode one face image to a ``(size, size, C)`` uint8 array, the model's input geometry.
-
-    The centre square is kept (UTKFace crops are already square) and resized with PIL's
-    antialiasing bilinear filter. JPEGs are decoded in draft mode (reduced DCT, gray straight
-    from the luma channel), which is both faster and what training saw, so prediction must
-    decode through this function too.
-    """
-    if color not in COLORS:
-        raise ValueError(f"color must be one of {COLORS}, got {color!r}")
-    mode = "L" if color == "gray" else "RGB"
-    try:
-        img = src if isinstance(src, Image.Image) else open_image(src, max_pixels)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if img.format == "JPEG":
-                img.draft(mode, (size, size))
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit: scale to 8 bits instead of letting PIL clip at 255
-                arr = np.asarray(img, dtype=np.float32)
-                img = Image.fromarray((arr * (255.0 / max(arr.max(), 1.0))).astype(np.uint8))
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, img.convert("RGBA"))
-            img = img.convert(mode)
-            w, h = img.size
-            side = min(w, h)
-            if w != h:
-                left, top = (w - side) // 2, (h - side) // 2
-                img = img.crop((left, top, left + side, top + side))
-            if side != size:
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-    except OSError as e:  # truncated or corrupt data
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"corrupt image: {msg}") from None
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"decompression bomb: {e}") from None
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
-# --------------------------------------------------------------------------- scanning
-
-
-def scan(dirs: list[str | os.PathLike]) -> list[Path]:
-    """All image files (.jpg/.jpeg/.png, any case) under ``dirs``, recursively, sorted."""
-    found: set[Path] = set()
-    for d in dirs:
-        root = Path(d)
-        if not root.exists():
-            raise DataError(f"no such file or directory: {d}")
-        candidates = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
-        found.update(p.resolve() for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES)
-    return sorted(found)
-
-
 def _hash_file(path: Path) -> tuple[str, str | None]:
     try:
         data = path.read_bytes()
@@ -216,10 +119,11 @@ def _decode_chunk(
 ) -> list[tuple[int, str]]:
     """Decode ``paths`` into rows ``start...`` of the .npy at ``out``; return the failures."""
     images = np.load(out, mmap_mode="r+")
+    config = face_config(size, color)
     failures = []
     for i, path in enumerate(paths):
         try:
-            images[start + i] = load_face(path, size, color)
+            images[start + i] = load_face(path, config)
         except ValueError as e:
             failures.append((start + i, f"unreadable: {e}"))
         except Exception as e:  # one bad file must never stop the run
@@ -322,37 +226,23 @@ def _fingerprint(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only still there when interrupted
-
-
 def _write_manifest(path: Path, rows: list[_Row]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with tmp.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(MANIFEST_COLUMNS)
-            for r in rows:
-                w.writerow(
-                    [
-                        r.path,
-                        "" if r.age is None else r.age,
-                        "" if r.gender is None else r.gender,
-                        "" if r.race is None else r.race,
-                        r.content_hash,
-                        r.split,
-                        r.status,
-                        r.index,
-                    ]
-                )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with fileio.atomic_write(path, newline="") as f:
+        w = csv.writer(f)
+        w.writerow(MANIFEST_COLUMNS)
+        for r in rows:
+            w.writerow(
+                [
+                    r.path,
+                    "" if r.age is None else r.age,
+                    "" if r.gender is None else r.gender,
+                    "" if r.race is None else r.race,
+                    r.content_hash,
+                    r.split,
+                    r.status,
+                    r.index,
+                ]
+            )
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> list[dict[str, str]]:
@@ -518,7 +408,7 @@ def prepare(
     color: str = "gray",
     seed: int = 42,
     split: str | tuple[float, float, float] = (0.7, 0.1, 0.2),
-    workers: int | None = None,
+    workers: int = 0,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Scan, parse, de-duplicate, decode and split UTKFace images into a cache at ``out``.
@@ -537,9 +427,9 @@ def prepare(
         raise DataError(f"--size must be between 16 and 1024, got {size}")
     if not data_dirs:
         raise DataError("no data folder given")
-    paths = scan(data_dirs)
-    if not paths:
-        raise DataError(f"no .jpg/.jpeg/.png files under {', '.join(map(str, data_dirs))}")
+    # every file once, by its real path, sorted: the first of byte-identical copies is then
+    # the same whatever the order or spelling of the folders given
+    paths = sorted({p.resolve() for p in find_images(data_dirs)})
     out_dir = Path(out)
     images_path = out_dir / "images.npy"
     meta_path = out_dir / "cache.json"
@@ -576,7 +466,7 @@ def prepare(
         # killed in between leaves a cache that open_cache refuses and the next run rebuilds
         meta_path.unlink(missing_ok=True)
         if tmp_images is not None:
-            os.replace(tmp_images, images_path)
+            fileio.replace(tmp_images, images_path)
         _write_manifest(out_dir / "manifest.csv", rows)
         shape = [len(kept), size, size, channels]
         summary = _summarise(
@@ -593,8 +483,8 @@ def prepare(
                 "seconds": round(time.perf_counter() - t0, 2),
             },
         )
-        _atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        _atomic_write_text(meta_path, json.dumps({"key": key, "shape": shape}, indent=1))
+        fileio.write_json(out_dir / "summary.json", summary)
+        fileio.write_text(meta_path, json.dumps({"key": key, "shape": shape}, indent=1))
     except BaseException:
         if tmp_images is not None:
             tmp_images.unlink(missing_ok=True)
@@ -664,8 +554,8 @@ def _build(
 
     # Decode each unique image once, straight into a memory-mapped .npy that workers share.
     channels = 1 if color == "gray" else 3
-    tmp = out_dir / f"images.tmp{os.getpid()}.npy"
-    tmp2 = out_dir / f"images.tmp{os.getpid()}b.npy"
+    tmp = fileio.temp_path(out_dir / "images", ".npy")
+    tmp2 = fileio.temp_path(out_dir / "images-compact", ".npy")
     try:
         arr = np.lib.format.open_memmap(
             tmp, mode="w+", dtype=np.uint8, shape=(len(unique), size, size, channels)

@@ -3,8 +3,8 @@
 The age/gender models are trained on UTKFace's *aligned & cropped* 200x200 faces, so a photo has
 to be brought into that geometry before prediction. This module does it in three steps:
 
-1. :func:`load_rgb` decodes a file, bytes, a PIL image or an array into an RGB uint8 array,
-   applying the EXIF orientation and refusing decompression bombs;
+1. :func:`agegender.images.load_photo` decodes a file, bytes, a PIL image or an array into an
+   RGB uint8 array, applying the EXIF orientation and refusing what is too large;
 2. a detector (:func:`get_detector`, by default OpenCV's YuNet, vendored with the package: no
    download ever) returns one :class:`FacialArea` per face: box, score and five landmarks;
 3. :func:`align_face` maps the five landmarks onto :data:`UTKFACE_TEMPLATE_200`, the median
@@ -22,26 +22,21 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import math
 import os
-import re
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
 
-from agegender.data import MAX_PIXELS, open_image, upright_size
 from agegender.errors import AgeGenderError, ConfigError
+from agegender.images import as_rgb_array
 
 __all__ = [
-    "MAX_PHOTO_PIXELS",
     "MODEL_SHA256",
     "UTKFACE_TEMPLATE_200",
     "YUNET_MODEL",
@@ -55,15 +50,9 @@ __all__ = [
     "crop_faces",
     "get_detector",
     "list_detectors",
-    "load_photo",
-    "load_rgb",
-    "open_photo",
 ]
 
 Point = tuple[float, float]
-ImageSource = (
-    str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | Image.Image | np.ndarray
-)
 
 #: The vendored YuNet model: OpenCV Zoo's ``face_detection_yunet_2023mar_int8bq.onnx`` (MIT,
 #: see ``assets/YUNET_LICENSE.txt``), int8 block-quantised, 122,489 bytes.
@@ -307,7 +296,7 @@ class YuNetDetector:
         refinement passes. Faces rolled up to 30 degrees were all found in a test of 200 UTKFace
         faces on a 600x400 canvas, 96 % at 45 degrees, 79 % at 90.
         """
-        rgb = _as_rgb_array(img, "detect_faces")
+        rgb = as_rgb_array(img, "detect_faces")
         h, w = rgb.shape[:2]
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
         long_side = max(h, w)
@@ -486,7 +475,7 @@ def align_face(img: np.ndarray, face: FacialArea, size: int = 200) -> np.ndarray
     """
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
-    return _warp(_as_rgb_array(img, "align_face"), alignment_matrix(face, size), size)
+    return _warp(as_rgb_array(img, "align_face"), alignment_matrix(face, size), size)
 
 
 def _warp(img: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
@@ -530,168 +519,3 @@ def _prefilter(
 def crop_faces(img: np.ndarray, faces: Sequence[FacialArea], size: int = 200) -> list[np.ndarray]:
     """:func:`align_face` for each face, in the order given."""
     return [align_face(img, f, size) for f in faces]
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def _as_rgb_array(img: np.ndarray, who: str) -> np.ndarray:
-    if not isinstance(img, np.ndarray):
-        raise TypeError(f"{who} expects a numpy array (see load_rgb), got {type(img).__name__}")
-    if img.dtype != np.uint8:
-        raise ValueError(f"{who} expects a uint8 image, got {img.dtype} (use load_rgb)")
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"{who} expects an RGB image (H, W, 3), got shape {img.shape}")
-    if img.shape[0] == 0 or img.shape[1] == 0:
-        raise ValueError(f"{who} got an empty image of shape {img.shape}")
-    return img
-
-
-def load_rgb(src: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode an image into an RGB uint8 array ``(H, W, 3)`` for detection.
-
-    ``src`` may be a path, the bytes of an image file, a binary file object, a PIL image or an
-    array (``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA, uint8; a
-    C-contiguous RGB array is returned as is, not copied). The EXIF orientation is applied, so
-    coordinates refer to the image as people see it. Transparent
-    pixels are composited over white, 16-bit images are scaled to 8 bits (by their maximum, as
-    :func:`agegender.data.load_face` does) and palette, gray and CMYK images are converted.
-
-    Raises ``ValueError`` with a one-line reason (``"not an image (unknown format)"``,
-    ``"corrupt image: ..."``, ``"decompression bomb: ..."``, ``"no such file"``).
-    """
-    if isinstance(src, np.ndarray):
-        if src.ndim == 3 and src.shape[2] == 4 and src.dtype == np.uint8:
-            src = Image.fromarray(src)  # uint8 (H, W, 4) is RGBA
-        else:
-            return np.ascontiguousarray(_as_rgb_array(src, "load_rgb"))
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        src = io.BytesIO(bytes(src))
-    if isinstance(src, Image.Image):
-        w, h = src.size
-        if w * h > max_pixels:
-            raise ValueError(f"decompression bomb: {w}x{h} pixels exceeds {max_pixels:,}")
-        img = src
-    else:
-        img = open_image(src, max_pixels)
-    return _decode_rgb(img, own=img is not src)
-
-
-def _decode_rgb(
-    img: Image.Image, shrink: int = 1, checked: bool = False, own: bool = False
-) -> np.ndarray:
-    """An opened image -> upright RGB uint8 ``(H, W, 3)``, box-averaged by ``shrink`` last.
-
-    ``checked``: the size was already checked against a limit of ours, so PIL's warning (from
-    89 MP on, which some decoders give again while loading) is not an error. ``own``: ``img``
-    is not the caller's, so it may be turned upright in place instead of copied.
-    """
-    try:
-        with warnings.catch_warnings():
-            action = "ignore" if checked else "error"
-            warnings.simplefilter(action, Image.DecompressionBombWarning)
-            if own:
-                ImageOps.exif_transpose(img, in_place=True)
-            else:
-                img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                # 16-bit: scaled to 8 bits exactly as load_face does, not clipped at 255 by PIL
-                arr = np.clip(np.asarray(img, dtype=np.float32), 0, None)
-                img = Image.fromarray((arr * (255.0 / max(arr.max(), 1.0))).astype(np.uint8))
-            if "A" in img.getbands() or "transparency" in img.info:
-                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, img.convert("RGBA"))
-            if img.mode != "RGB":  # convert() copies even to the same mode
-                img = img.convert("RGB")
-            if shrink > 1:  # after the conversion: averaging palette indices would be wrong
-                img = img.reduce(shrink)
-            arr = np.asarray(img, dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"decompression bomb: {e}") from None
-    except (OSError, SyntaxError, EOFError) as e:  # truncated or corrupt data
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"corrupt image: {msg}") from None
-    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"corrupt image: decoded to shape {arr.shape}")
-    return np.ascontiguousarray(arr)
-
-
-# --------------------------------------------------------------------------- large photos
-
-#: Largest photo :func:`open_photo` and :func:`load_photo` accept: today's 50-108 MP phone
-#: photos with room to spare, refused above from the header alone, before any pixel is decoded.
-MAX_PHOTO_PIXELS = 150_000_000
-
-
-def _too_large(pixels: int, limit: int) -> str:
-    def mp(n: int) -> str:
-        return f"{n / 1e6:.0f}" if n >= 10e6 else f"{n / 1e6:.1f}"
-
-    return f"image too large ({mp(pixels)} MP > {mp(limit)} MP)"
-
-
-def open_photo(
-    src: str | os.PathLike | IO[bytes], max_pixels: int = MAX_PHOTO_PIXELS
-) -> Image.Image:
-    """Open a photo lazily (its header only), like :func:`agegender.data.open_image` but with
-    a photo's limit: more than ``max_pixels`` raises ``ValueError("image too large (N MP > M
-    MP)")``. PIL refuses more than ``2 * Image.MAX_IMAGE_PIXELS`` (179 MP) whatever the limit.
-    """
-    if Image.MAX_IMAGE_PIXELS:
-        max_pixels = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)
-    with warnings.catch_warnings():
-        # PIL warns from 89 MP on; the limit that applies is ours, checked below
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = open_image(src, max_pixels=2**62)
-        except ValueError as e:
-            # PIL's own refusal (from 179 MP) gives the size only inside its message
-            found = re.search(r"\((\d+) pixels\)", str(e))
-            if not str(e).startswith("decompression bomb") or found is None:
-                raise
-            raise ValueError(_too_large(int(found[1]), max_pixels)) from None
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ValueError(_too_large(w * h, max_pixels))
-    return img
-
-
-def load_photo(
-    src: ImageSource, max_pixels: int = MAX_PHOTO_PIXELS, work_pixels: int = MAX_PIXELS
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """:func:`load_rgb` for photos of up to ``max_pixels``, decoded at ``work_pixels`` at most.
-
-    Returns ``(RGB uint8 (h, w, 3), (W, H))``: the upright image, shrunk by a whole factor when
-    it has more than ``work_pixels`` (JPEGs by the decoder itself, in draft mode, so a 64 MP
-    photo never exists at full size in memory), and the upright size of the full image, which
-    coordinates found on the array are scaled to. Images of up to ``work_pixels`` and arrays
-    come back as :func:`load_rgb` gives them. Faces are found on a 640 px image and cropped at
-    200 px, so the shrunk image loses nothing they need.
-
-    Raises ``ValueError`` with a one-line reason, ``"image too large (N MP > M MP)"`` above
-    ``max_pixels``.
-    """
-    if isinstance(src, np.ndarray):
-        rgb = load_rgb(src)
-        return rgb, (rgb.shape[1], rgb.shape[0])
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        src = io.BytesIO(bytes(src))
-    if isinstance(src, Image.Image):
-        if src.width * src.height > max_pixels:
-            raise ValueError(_too_large(src.width * src.height, max_pixels))
-        img = src
-    else:
-        img = open_photo(src, max_pixels)
-    full = upright_size(img)
-    w, h = img.size
-    if w * h > work_pixels and img is not src and img.format in ("JPEG", "MPO"):
-        # the decoder's DCT scaling (1/2, 1/4, 1/8): the biggest that keeps w // k pixels
-        k = math.ceil(math.sqrt(w * h / work_pixels))
-        img.draft(img.mode, (max(w // k, 1), max(h // k, 1)))
-        w, h = img.size
-    shrink = math.ceil(math.sqrt(w * h / work_pixels)) if w * h > work_pixels else 1
-    return _decode_rgb(img, shrink, checked=True, own=img is not src), full

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from agegender.config import ModelConfig
 from agegender.errors import ConfigError
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "SeedCNN",
     "count_parameters",
     "create_model",
+    "from_config",
     "list_models",
     "normalize",
     "register_model",
@@ -103,6 +105,27 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     if builder is None:
         raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     return builder(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+#: argument names older checkpoints recorded, and what they are called now
+LEGACY_ARGS = {"drop": "drop_rate", "dropout": "drop_rate"}
+
+
+def from_config(cfg: ModelConfig, size: int, color: str) -> nn.Module:
+    """The model a recipe's ``[model]`` section describes, for ``size`` px ``color`` faces.
+
+    Options left at their "model's default" value are not passed, so each model keeps its own;
+    one it does not take (``bn`` for resnet-mt, ``age_head=dldl`` for seed-cnn) is a
+    :class:`~agegender.errors.ConfigError` from the model itself.
+    """
+    return create_model(
+        cfg.name,
+        in_chans=1 if color == "gray" else 3,
+        img_size=size,
+        age_head=cfg.age_head or None,
+        bn=cfg.bn or None,
+        drop_rate=cfg.dropout if cfg.dropout >= 0 else None,
+    )
 
 
 def _create(cls: type[nn.Module], name: str, kwargs: dict[str, Any], **defaults: Any) -> nn.Module:
@@ -201,7 +224,8 @@ class SeedCNN(nn.Module):
         img_size: square input side; must leave every feature map at least 1x1.
         bn: BatchNorm after each conv (not in the original; the conv bias is dropped then, as
             BatchNorm's shift replaces it).
-        dropout: rate after every hidden Dense layer.
+        drop_rate: dropout rate after every hidden Dense layer.
+        age_head: only ``"regression"``: the study's network regresses ages (L1).
     """
 
     def __init__(
@@ -212,12 +236,17 @@ class SeedCNN(nn.Module):
         in_chans: int = 1,
         img_size: int = 128,
         bn: bool = False,
-        dropout: float = 0.4,
+        drop_rate: float = 0.4,
+        age_head: str = "regression",
     ) -> None:
         super().__init__()
         widths, shared_dense, branch_dense = list(widths), list(shared_dense), list(branch_dense)
         if not widths:
             raise ConfigError("SeedCNN needs at least one conv width")
+        if age_head != "regression":
+            raise ConfigError(
+                f"age_head {age_head!r}: the seed-cnn family regresses ages (regression only)"
+            )
         self.data_config = _data_config(in_chans, img_size)
         self.config: dict[str, Any] = {
             "name": None,
@@ -227,7 +256,7 @@ class SeedCNN(nn.Module):
             "in_chans": in_chans,
             "img_size": img_size,
             "bn": bn,
-            "dropout": dropout,
+            "drop_rate": drop_rate,
         }
 
         side = img_size
@@ -257,10 +286,10 @@ class SeedCNN(nn.Module):
         self.flatten = nn.Flatten()
         self.num_features = chans * side * side
 
-        self.shared, shared_out = _mlp(self.num_features, shared_dense, dropout)
-        gender, branch_out = _mlp(shared_out, branch_dense, dropout)
+        self.shared, shared_out = _mlp(self.num_features, shared_dense, drop_rate)
+        gender, branch_out = _mlp(shared_out, branch_dense, drop_rate)
         gender.add_module("out", nn.Linear(branch_out, 1))
-        age, _ = _mlp(shared_out, branch_dense, dropout)
+        age, _ = _mlp(shared_out, branch_dense, drop_rate)
         age.add_module("out", nn.Linear(branch_out, 1))
         age.add_module("out_act", nn.ReLU())  # ages are non-negative, as in the Keras model
         self.head_gender, self.head_age = gender, age
@@ -360,7 +389,7 @@ class ResNetMT(nn.Module):
         age_head: one of :data:`AGE_HEADS`.
         widths: channels of each stage; the stem has ``widths[0]``.
         depths: BasicBlocks per stage.
-        drop: dropout rate before the heads.
+        drop_rate: dropout rate before the heads.
         num_ages: K, the number of age classes ``0..K-1`` for ``dldl`` and ``coral``.
     """
 
@@ -371,7 +400,7 @@ class ResNetMT(nn.Module):
         age_head: str = "dldl",
         widths: Sequence[int] = (32, 64, 128, 256),
         depths: Sequence[int] = (2, 2, 2, 2),
-        drop: float = 0.2,
+        drop_rate: float = 0.2,
         num_ages: int = 117,
     ) -> None:
         super().__init__()
@@ -392,7 +421,7 @@ class ResNetMT(nn.Module):
             "age_head": age_head,
             "widths": widths,
             "depths": depths,
-            "drop": drop,
+            "drop_rate": drop_rate,
             "num_ages": num_ages,
         }
         self.age_head_kind = age_head
@@ -416,7 +445,7 @@ class ResNetMT(nn.Module):
         self.num_features = chans
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.drop = nn.Dropout(drop)
+        self.drop = nn.Dropout(drop_rate)
         self.head_gender = nn.Linear(chans, 1)
         if age_head == "regression":
             self.head_age: nn.Module = nn.Linear(chans, 1)

@@ -7,31 +7,31 @@
 (1, 'female')
 
 Every face is a :class:`Face`. The command line (``agegender predict``), the web service and
-this API all go through :meth:`Predictor.predict_batch`.
+this API all go through :meth:`Predictor.predict_batch`. Importing this module imports no
+torch; only ``backend="torch"`` does.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from agegender.checkpoint import BUNDLED, atomic_replace, load_checkpoint, resolve_checkpoint
-from agegender.data import IMAGE_SUFFIXES, load_face, upright_size
-from agegender.errors import AgeGenderError, ConfigError, DataError
+from agegender.detect import align_face, get_detector
+from agegender.errors import AgeGenderError
+from agegender.images import load_photo, open_photo, preprocess, upright_size
+from agegender.model_files import BUNDLED, read_meta, resolve_checkpoint
+from agegender.runtime import OnnxBackend, OnnxLoadError, age_interval
 
 ASTRONAUT = Path(__file__).parent / "assets" / "astronaut.jpg"
-Z90 = 1.6448536269514722  # two-sided 90 % interval of a normal distribution
+BACKENDS = ("torch", "onnx")
 
 ImageInput = str | os.PathLike | bytes | IO[bytes] | Image.Image | np.ndarray
 # what locate() accepts besides file objects (anything with .read)
@@ -78,60 +78,53 @@ class Face:
         return text
 
 
-class _TorchBackend:
-    def __init__(self, model: torch.nn.Module, device: torch.device, amp: bool) -> None:
-        self.model, self.device, self.amp = model, device, amp
+def _torch_backend(path: Path, device: str, amp: str, threads: int | None) -> tuple[Any, Any]:
+    """The checkpoint at ``path`` on torch: ``(network, backend)``."""
+    import torch  # only here: every other backend runs without torch
 
-    def __call__(self, faces: np.ndarray, tta: bool) -> dict[str, np.ndarray]:
-        from agegender.inference import predict_arrays
+    from agegender.checkpoint import load_checkpoint
+    from agegender.torch_runtime import TorchBackend, resolve_device, use_amp
 
-        return predict_arrays(
-            self.model, faces, self.device, batch_size=len(faces) or 1, tta=tta, amp=self.amp
-        )
+    net, _ = load_checkpoint(path, "cpu")
+    net = net.float()
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device, option="--device")
+    bf16 = use_amp(dev, amp)
+    net = net.to(dev)
+    if dev.type == "cpu":  # oneDNN's bf16 convolutions (AMX) want NHWC
+        net = net.to(memory_format=torch.channels_last)
+    return net, TorchBackend(net, dev, amp=bf16)
 
 
-class _OnnxLoadError(Exception):
-    """ONNX Runtime could not build a session from a file (its one-line reason)."""
+def _onnx_backend(path: Path, onnx_path: Path | None, threads: int | None) -> OnnxBackend:
+    """ONNX Runtime on ``onnx_path``, or on the export of the checkpoint at ``path`` (made on
+    first use next to it, or in the user's cache for the bundled model)."""
+    onnx_file = onnx_path or path.with_suffix(".onnx")
+    if onnx_path is None and path == BUNDLED:  # the package folder may be read-only
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        onnx_file = cache / "agegender" / f"default-{path.stat().st_size}.onnx"
+    fresh = not onnx_file.is_file() or onnx_file.stat().st_mtime < path.stat().st_mtime
+    if fresh:
+        from agegender.onnx_export import export_onnx  # exporting needs torch
 
+        export_onnx(path, onnx_file)
+    try:
+        return OnnxBackend(onnx_file, threads)
+    except OnnxLoadError as e:
+        if fresh:
+            raise AgeGenderError(f"cannot load the ONNX model {onnx_file}: {e}") from None
+    # a cached file damaged after its export (a killed copy, a full disk) is newer than the
+    # checkpoint, so the mtime check would keep it forever: rebuild it once
+    from agegender.onnx_export import export_onnx
 
-class _OnnxBackend:
-    """ONNX Runtime on the exported graph (uint8 NCHW in, age/p_female/age_std out).
-
-    Raises :class:`_OnnxLoadError` when the file is not a loadable model.
-    """
-
-    def __init__(self, path: Path, threads: int | None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise AgeGenderError(
-                "--backend onnx needs onnxruntime: pip install onnxruntime"
-            ) from None
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # InvalidProtobuf, NoSuchFile, Fail...: no common base class
-            lines = str(e).strip().splitlines()
-            raise _OnnxLoadError(lines[-1] if lines else type(e).__name__) from None
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, faces: np.ndarray, tta: bool) -> dict[str, np.ndarray]:
-        x = np.ascontiguousarray(faces.transpose(0, 3, 1, 2))  # (B, H, W, C) -> (B, C, H, W)
-        n = len(x)
-        if tta:  # the mirrored faces ride in the same run: one call, a batch twice as large
-            x = np.concatenate([x, x[..., ::-1]])
-        res = dict(zip(self.outputs, self.session.run(None, {"image": x})))
-        outs = [{k: v[:n] for k, v in res.items()}]
-        if tta:
-            outs.append({k: v[n:] for k, v in res.items()})
-        age = np.mean([o["age"] for o in outs], 0)
-        result = {"age": age, "p_female": np.mean([o["p_female"] for o in outs], 0)}
-        if "age_std" in self.outputs:
-            second = np.mean([o["age_std"] ** 2 + o["age"] ** 2 for o in outs], 0)
-            result["age_std"] = np.sqrt(np.clip(second - age**2, 0, None))
-        return result
+    export_onnx(path, onnx_file)  # written atomically
+    try:
+        return OnnxBackend(onnx_file, threads)
+    except OnnxLoadError as e:
+        raise AgeGenderError(
+            f"cannot load the ONNX model {onnx_file}, even exported again: {e}"
+        ) from None
 
 
 class Predictor:
@@ -143,22 +136,22 @@ class Predictor:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Any,
         meta: dict[str, Any],
         backend: Any,
         detector: Any,
         tta: bool,
         checkpoint: Path,
     ) -> None:
-        self.model = model
+        self.model = model  # the torch network with backend="torch", else None
         self.meta = meta
         self.backend = backend
         self.detector = detector
         self.tta = tta
         self.checkpoint = checkpoint
-        cfg = meta["data_config"]
-        self.size = int(cfg["input_size"][1])
-        self.color = cfg["color"]
+        self.data_config: dict[str, Any] = meta["data_config"]
+        self.size = int(self.data_config["input_size"][1])
+        self.color = self.data_config["color"]
 
     @classmethod
     def load(
@@ -183,61 +176,21 @@ class Predictor:
         93.29 %, MAE 4.847 both) and runs a batch of 12 faces 3.3x faster on such a CPU; single
         ages move by about 0.1 year.
         """
-        from agegender.train import resolve_device, use_amp
-
+        if backend not in BACKENDS:
+            raise AgeGenderError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
         path = resolve_checkpoint(model)
-        net, meta = load_checkpoint(path, "cpu")
-        net = net.float()
+        meta = read_meta(path)
         if tta is None:
             tta = bool(meta.get("config", {}).get("train", {}).get("tta", False))
-        if threads:
-            torch.set_num_threads(threads)
+        net = None
         if backend == "torch":
-            if amp not in ("auto", "bf16", "off"):
-                raise AgeGenderError(f"unknown amp {amp!r}; valid: auto, bf16, off")
-            dev = resolve_device(device, option="--device")
-            net = net.to(dev)
-            if dev.type == "cpu":  # oneDNN's bf16 convolutions (AMX) want NHWC
-                net = net.to(memory_format=torch.channels_last)
-            runner: Any = _TorchBackend(net, dev, amp=use_amp(dev, amp))
-        elif backend == "onnx":
-            from agegender.export import export_onnx
-
-            onnx_file = Path(onnx_path) if onnx_path else path.with_suffix(".onnx")
-            if onnx_path is None and path == BUNDLED:  # the package folder may be read-only
-                cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                onnx_file = cache / "agegender" / f"default-{path.stat().st_size}.onnx"
-            fresh = not onnx_file.is_file() or onnx_file.stat().st_mtime < path.stat().st_mtime
-            if fresh:
-                export_onnx(path, onnx_file)
-            try:
-                runner = _OnnxBackend(onnx_file, threads)
-            except _OnnxLoadError as e:
-                if fresh:
-                    raise AgeGenderError(f"cannot load the ONNX model {onnx_file}: {e}") from None
-                # a cached file damaged after its export (a killed copy, a full disk) is newer
-                # than the checkpoint, so the mtime check would keep it forever: rebuild it once
-                export_onnx(path, onnx_file)  # written atomically
-                try:
-                    runner = _OnnxBackend(onnx_file, threads)
-                except _OnnxLoadError as e:
-                    raise AgeGenderError(
-                        f"cannot load the ONNX model {onnx_file}, even exported again: {e}"
-                    ) from None
+            net, runner = _torch_backend(path, device, amp, threads)
         else:
-            raise AgeGenderError(f"unknown backend {backend!r}; valid: torch, onnx")
-        det = None
-        if detector is not None:
-            from agegender.detect import get_detector
-
-            det = get_detector(detector)
+            runner = _onnx_backend(path, Path(onnx_path) if onnx_path else None, threads)
+        det = get_detector(detector) if detector is not None else None
         return cls(net, meta, runner, det, tta, path)
 
     # ------------------------------------------------------------------ faces
-
-    def _model_input(self, face_rgb: np.ndarray) -> np.ndarray:
-        """An RGB face crop -> the model's ``(size, size, C)`` uint8, as training decoded it."""
-        return load_face(Image.fromarray(face_rgb), self.size, self.color)
 
     def _faces(self, crops: np.ndarray, boxes: list, scores: list) -> list[Face]:
         if len(crops) == 0:
@@ -246,21 +199,10 @@ class Predictor:
         faces = []
         for i, (box, score) in enumerate(zip(boxes, scores)):
             age = float(out["age"][i])
-            interval = None
-            if "age_std" in out:
-                half = Z90 * float(out["age_std"][i])
-                interval = (max(age - half, 0.0), age + half)
+            interval = age_interval(age, float(out["age_std"][i])) if "age_std" in out else None
             p = float(out["p_female"][i])
-            faces.append(
-                Face(
-                    tuple(float(v) for v in box),
-                    float(score),
-                    age,
-                    interval,
-                    "female" if p >= 0.5 else "male",
-                    p,
-                )
-            )
+            gender = "female" if p >= 0.5 else "male"
+            faces.append(Face(tuple(float(v) for v in box), float(score), age, interval, gender, p))
         return faces
 
     def locate(self, image: ImageInput, aligned: bool = False) -> tuple[np.ndarray, list, list]:
@@ -269,8 +211,6 @@ class Predictor:
         Raises ``ValueError`` (one line) for data that is not a usable image and ``TypeError``
         for an ``image`` of no accepted type.
         """
-        from agegender.detect import align_face, load_photo, open_photo
-
         if not isinstance(image, _IMAGE_TYPES) and not hasattr(image, "read"):
             raise TypeError(
                 "image must be a path, bytes, a binary file object, a PIL image or an RGB "
@@ -279,16 +219,16 @@ class Predictor:
         if aligned:
             if isinstance(image, (np.ndarray, Image.Image)):
                 rgb, (w, h) = load_photo(image)
-                face = self._model_input(rgb)
+                face = preprocess(rgb, self.data_config)
             else:
-                # a file: decoded as training decoded the cache (JPEG luma in draft mode, no
-                # RGB detour), which is also twice as fast
+                # a file: decoded as prepare decoded the training cache (JPEG luma in draft
+                # mode, no RGB detour), which is also twice as fast
                 if isinstance(image, (bytes, bytearray, memoryview)):
                     image = io.BytesIO(bytes(image))
                 img = open_photo(image)
                 w, h = upright_size(img)
-                face = load_face(img, self.size, self.color)
-            # a copy: load_face's array is read-only, which torch.as_tensor warns about
+                face = preprocess(img, self.data_config)
+            # a copy: a decoded array may be read-only, which torch.as_tensor warns about
             return face[None].copy(), [(0.0, 0.0, float(w), float(h))], [1.0]
         # a photo of more than 40 MP is decoded shrunk: boxes are scaled back to its full size
         rgb, (w, h) = load_photo(image)
@@ -296,9 +236,9 @@ class Predictor:
             raise AgeGenderError("this predictor has no face detector: pass aligned=True")
         found = self.detector.detect_faces(rgb)
         # UTKFace's geometry at 200 px, then the same resize and colour path as training
-        crops = [self._model_input(align_face(rgb, f, 200)) for f in found]
-        channels = 1 if self.color == "gray" else 3
-        arr = np.stack(crops) if crops else np.zeros((0, self.size, self.size, channels), np.uint8)
+        crops = [preprocess(align_face(rgb, f, 200), self.data_config) for f in found]
+        chans = self.data_config["input_size"][0]
+        arr = np.stack(crops) if crops else np.zeros((0, self.size, self.size, chans), np.uint8)
         sx, sy = w / rgb.shape[1], h / rgb.shape[0]
         boxes = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in (f.box for f in found)]
         return arr, boxes, [f.score for f in found]
@@ -342,220 +282,3 @@ class Predictor:
                 results.append(faces[k : k + len(r[1])])
                 k += len(r[1])
         return results
-
-
-# ---------------------------------------------------------------------- files and the CLI
-
-
-def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given (any extension) and images under folders (recursive, sorted)."""
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found += sorted(
-                q
-                for q in p.rglob("*")
-                if q.is_file()
-                and q.suffix.lower() in (*IMAGE_SUFFIXES, ".webp", ".bmp", ".tif", ".tiff")
-            )
-        elif p.exists():
-            found.append(p)
-        else:
-            raise DataError(f"no such file or directory: {p}")
-    if not found:
-        raise DataError(f"no images under {', '.join(map(str, paths))}")
-    return found
-
-
-def annotate(image: ImageInput, faces: list[Face]) -> Image.Image:
-    """The image (EXIF-upright) with each face's box and label drawn.
-
-    A photo of more than 40 MP is drawn shrunk, as :func:`agegender.detect.load_photo`
-    decodes it (the boxes, in full-size pixels, are scaled to it).
-    """
-    from PIL import ImageDraw, ImageFont
-
-    from agegender.detect import load_photo
-
-    rgb, (w, h) = load_photo(image)
-    img = Image.fromarray(rgb)
-    sx, sy = img.width / w, img.height / h
-    draw = ImageDraw.Draw(img)
-    side = max(img.size)
-    width = max(2, side // 300)
-    try:
-        font = ImageFont.load_default(size=max(12, side // 45))
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
-    for f in faces:
-        color = (230, 60, 120) if f.gender == "female" else (40, 120, 230)
-        box = (f.box[0] * sx, f.box[1] * sy, f.box[2] * sx, f.box[3] * sy)
-        draw.rectangle(box, outline=color, width=width)
-        text = f.label()
-        x0, y0 = box[0], box[1]
-        tb = draw.textbbox((x0, y0), text, font=font)
-        th = tb[3] - tb[1] + 2 * width
-        top = y0 - th if y0 - th >= 0 else box[3]
-        draw.rectangle((x0, top, x0 + tb[2] - tb[0] + 2 * width, top + th), fill=color)
-        draw.text((x0 + width, top + width - (tb[1] - y0)), text, fill="white", font=font)
-    return img
-
-
-OUTPUT_SUFFIXES = (".jsonl", ".json")  # what --output may replace when the file exists
-
-
-def _file_key(path: Path) -> tuple[int, int] | None:
-    """Identity of an existing file (device, inode), which sees through links and spellings."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _check_output(output: Path, inputs: dict[tuple[int, int], Path]) -> None:
-    """Refuse an ``--output`` whose writing would destroy an input or an unrelated file."""
-    if output.is_dir():
-        raise DataError(f"--output {output} is a folder; give a file such as {output}/pred.jsonl")
-    key = _file_key(output)
-    if key in inputs:
-        raise DataError(f"--output {output} is one of the input images ({inputs[key]})")
-    if key is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise DataError(
-            f"--output {output} exists and is not a .jsonl or .json file: not replacing it"
-        )
-
-
-def _annotated_paths(
-    files: list[Path], folder: Path, inputs: dict[tuple[int, int], Path]
-) -> list[Path]:
-    """Where each file's annotated copy goes, refusing any that would replace an input."""
-    targets, taken = [], set()
-    for path in files:
-        # a/x.jpg and b/x.png must not overwrite each other (nor X.jpg on a case-blind disk)
-        name, k = path.stem, 1
-        while name.lower() in taken:
-            k += 1
-            name = f"{path.stem}-{k}"
-        taken.add(name.lower())
-        target = folder / f"{name}.jpg"
-        key = _file_key(target)
-        if key in inputs:
-            raise DataError(
-                f"--annotate {folder} would overwrite the input {inputs[key]}; "
-                "choose a folder without input images"
-            )
-        targets.append(target)
-    return targets
-
-
-def predict_files(
-    paths: list[str | os.PathLike],
-    model: str = "default",
-    aligned: bool = False,
-    output: str | os.PathLike | None = None,
-    annotate_dir: str | os.PathLike | None = None,
-    tta: bool | None = None,
-    backend: str = "torch",
-    batch_size: int = 64,
-    device: str = "cpu",
-    quiet: bool = False,
-    amp: str = "auto",
-) -> int:
-    """The ``agegender predict`` command; returns the exit code (0 all read, 1 some failed).
-
-    ``output`` is written to a temporary file beside it and moved into place when the run ends,
-    so an interrupted run leaves the previous file whole (and what it found in
-    ``OUTPUT.partial``). An ``output`` or annotated image that
-    would replace an input image, or an existing ``output`` that is not ``.jsonl``/``.json``,
-    is refused with a :class:`~agegender.errors.DataError` before anything is written.
-    """
-    from tqdm import tqdm
-
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    files = find_images(paths)
-    inputs = {key: p for p in files if (key := _file_key(p)) is not None}
-    out_path = Path(output) if output else None
-    if out_path is not None:
-        _check_output(out_path, inputs)
-    targets = _annotated_paths(files, Path(annotate_dir), inputs) if annotate_dir else []
-    predictor = Predictor.load(
-        model,
-        device=device,
-        tta=tta,
-        backend=backend,
-        detector=None if aligned else "yunet",
-        amp=amp,
-    )
-    out_f, tmp = None, None
-    if out_path is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        out_f = open(tmp, "w")  # noqa: SIM115 - written batch by batch
-    if annotate_dir:
-        Path(annotate_dir).mkdir(parents=True, exist_ok=True)
-    failed = 0
-    bar = tqdm(
-        total=len(files),
-        unit="img",
-        desc="predicting",
-        file=sys.stderr,
-        disable=quiet or len(files) < 2,
-        leave=False,
-    )
-    done = False
-    try:
-        for s in range(0, len(files), batch_size):
-            chunk = files[s : s + batch_size]
-            for i, (path, res) in enumerate(zip(chunk, predictor.predict_batch(chunk, aligned))):
-                error = None
-                faces: list[Face] = []
-                if isinstance(res, Exception):
-                    error = str(res).splitlines()[0] if str(res) else type(res).__name__
-                    failed += 1
-                else:
-                    faces = res
-                if out_f:
-                    rec = {"path": str(path), "faces": [f.to_dict() for f in faces], "error": error}
-                    out_f.write(json.dumps(rec) + "\n")
-                else:
-                    _print_table(path, faces, error)
-                if annotate_dir and error is None:
-                    annotate(path, faces).save(targets[s + i], quality=90)
-            bar.update(len(chunk))
-        done = True
-    finally:
-        bar.close()
-        if out_f:
-            out_f.close()
-            if done:
-                atomic_replace(tmp, out_path)
-            elif tmp.stat().st_size:  # the previous results stay whole; the new ones so far too
-                partial = out_path.with_name(out_path.name + ".partial")
-                os.replace(tmp, partial)
-                print(f"agegender predict: the results so far are in {partial}", file=sys.stderr)
-            else:
-                tmp.unlink()
-    if failed:
-        print(
-            f"agegender predict: {failed} of {len(files)} images could not be read", file=sys.stderr
-        )
-    return 1 if failed else 0
-
-
-def _print_table(path: Path, faces: list[Face], error: str | None) -> None:
-    if error:
-        print(f"{path}: error: {error}")
-        return
-    if not faces:
-        print(f"{path}: no face found")
-        return
-    print(f"{path}: {len(faces)} face{'s' if len(faces) > 1 else ''}")
-    for i, f in enumerate(faces, 1):
-        box = ", ".join(f"{v:.0f}" for v in f.box)
-        interval = f" ({f.age_interval[0]:.0f}-{f.age_interval[1]:.0f})" if f.age_interval else ""
-        print(
-            f"  {i}. {f.gender:6s} p_female {f.p_female:.2f}  age {f.age:4.1f}{interval}"
-            f"  box [{box}]  score {f.score:.2f}"
-        )

@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agegender.config import Config, load_config, read_toml, to_dict
+from agegender import fileio
+from agegender.config import Config, check_config, load_config, read_toml, to_dict
 from agegender.data import is_cache, open_cache
 from agegender.errors import ConfigError, DataError
+from agegender.models import list_models
 
 DEFAULT_COLUMNS = (
     "test_acc",
@@ -162,10 +164,8 @@ def run_sweep(
     # Every run's recipe, as it will train, checked before hours of training
     configs = {r.name: load_config(sweep.base, _overrides(sweep, r, str(data), root, out, forced))
                for r in runs}  # fmt: skip
-    from agegender.train import check_config
-
     for name, cfg in configs.items():
-        check_config(cfg)
+        check_config(cfg, list_models())
         if not cfg.data.root and not is_cache(cfg.data.cache):
             raise DataError(f"{cfg.data.cache} is not a prepared cache (run: {name})")
     _check_earlier_runs(out, configs)
@@ -266,7 +266,7 @@ def write_results(
         )
     study_keys = sorted({k for r in rows for k in r if k.startswith("study_")})
     header = ["run", "overrides", *study_keys, *sweep.columns, "device"]
-    with (out / "results.csv").open("w", newline="") as fh:
+    with fileio.atomic_write(out / "results.csv", newline="") as fh:
         w = csv.DictWriter(fh, header)
         w.writeheader()
         w.writerows(rows)
@@ -306,5 +306,5 @@ def write_results(
         ]
         lines.append("| " + " | ".join(cells) + " |")
     path = out / "results.md"
-    path.write_text("\n".join(lines) + "\n")
+    fileio.write_text(path, "\n".join(lines) + "\n")
     return path

@@ -11,9 +11,11 @@ import os
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
+from agegender import fileio
 from agegender.checkpoint import load_checkpoint, resolve_checkpoint
 from agegender.errors import AgeGenderError, ConfigError, DataError
 from agegender.models import normalize
@@ -60,12 +62,9 @@ def export_onnx(
     if out.is_dir():
         raise DataError(f"{out} is a folder: give the ONNX file's name, e.g. {out / 'model.onnx'}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    # whatever fails, no half-written file is left behind
+    with fileio.atomic_path(out, ".onnx") as tmp:
         _export(wrapper, example, tmp, names, opset, meta)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)  # whatever failed, no half-written file is left behind
     return out
 
 
@@ -96,8 +95,6 @@ def _export(wrapper: ExportWrapper, example, tmp: Path, names: list[str], opset:
         raise AgeGenderError(
             f"ONNX export failed (opset {opset}): {type(e).__name__}: {first}"
         ) from e
-    import onnx
-
     proto = onnx.load(str(tmp))
     for key, value in {
         "agegender_model": json.dumps(meta["model"]),

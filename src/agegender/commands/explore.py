@@ -8,14 +8,17 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from agegender import fileio
 from agegender.data import AGE_BANDS, GENDERS, RACES, SPLITS, age_band, band_name, open_cache
+from agegender.errors import DataError
 
 _GENDER_COLORS = ("tab:blue", "tab:red")
 
 
 def _save(fig: Figure, path: Path) -> Path:
     # Figure (not pyplot) keeps no global state and needs no display
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with fileio.atomic_path(path, path.suffix) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     return path
 
 
@@ -43,8 +46,6 @@ def explore(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int 
     out.mkdir(parents=True, exist_ok=True)
     n = len(cache)
     if n == 0:
-        from agegender.errors import DataError
-
         raise DataError(f"{cache_dir} holds no kept images")
     rng = np.random.default_rng(seed)
     files: list[Path] = []
@@ -178,5 +179,5 @@ def _write_summary(cache, out: Path, gender_counts, race_counts) -> Path:
         "",
     ]
     path = out / "summary.md"
-    path.write_text("\n".join(lines))
+    fileio.write_text(path, "\n".join(lines))
     return path

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import io
+import json
 import logging
 import math
 import os
@@ -34,15 +36,18 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from agegender.data import MAX_PIXELS
+from agegender import __version__
 from agegender.errors import ConfigError
+from agegender.images import MAX_PIXELS, decode_rgb, open_image, upright_size
 from agegender.predict import Predictor
 
 MAX_UPLOAD_MB = 10.0
@@ -50,7 +55,7 @@ MAX_BATCH = 16  # images per /api/predict/batch request
 NETWORK_BATCH = 32  # queued uploads that go through the network together
 #: PIL format names the service decodes; MPO is the multi-picture JPEG that phones write
 FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
-PAGE = Path(__file__).parent / "assets" / "index.html"
+PAGE = Path(__file__).resolve().parents[1] / "assets" / "index.html"
 
 log = logging.getLogger("agegender.serve")
 
@@ -70,8 +75,6 @@ def check_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     unreadable header, more than ``max_pixels`` pixels, or a decompression bomb, so an
     oversized image costs nothing to refuse.
     """
-    from agegender.data import open_image, upright_size
-
     if not data:
         raise ImageError(422, "empty file")
     try:
@@ -90,11 +93,9 @@ def check_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
 def decode_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """The bytes of an uploaded file -> an upright RGB ``(H, W, 3)`` uint8 array, after
     :func:`check_upload`; truncated or corrupt pixel data raises :class:`ImageError` 422."""
-    from agegender.detect import load_rgb
-
     check_upload(data, max_pixels)
     try:
-        return load_rgb(data, max_pixels)
+        return decode_rgb(data, max_pixels)
     except ValueError as e:
         raise ImageError(422, str(e)) from None
 
@@ -200,8 +201,6 @@ def _too_large(limit: int) -> str:
 
 
 async def _send_json(send: Callable, status: int, detail: str) -> None:
-    import json
-
     body = json.dumps({"detail": detail}).encode()
     await send(
         {
@@ -232,6 +231,64 @@ def _check_options(
         raise ConfigError(f"max_batch must be 1 or more, got {max_batch}")
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost: bytes per file, files per batch, pixels per image."""
+
+    max_bytes: int
+    max_batch: int
+    max_pixels: int
+
+    def body(self, path: str) -> tuple[int, str] | None:
+        """The body limit of ``path`` and its 413 message (see :class:`_BodyLimit`)."""
+        # multipart framing adds a few hundred bytes per part; 64 kB of slack is plenty
+        if path == "/api/predict":
+            return self.max_bytes + 65536, _too_large(self.max_bytes)
+        if path == "/api/predict/batch":
+            total = self.max_batch * self.max_bytes
+            return total + 65536, (
+                f"batch too large: the limit is {total / 1e6:g} MB per request "
+                f"({self.max_batch} images of {self.max_bytes / 1e6:g} MB)"
+            )
+        return None
+
+
+def run_batch(
+    predictor: Predictor, max_pixels: int, items: list[tuple[bytes, bool]]
+) -> list[dict[str, Any] | Exception]:
+    """Decode, then detect and predict every ``(image bytes, aligned)`` in one batch: a result
+    dict or an :class:`ImageError` per item. Runs in a pool thread.
+
+    An aligned face goes to the predictor as its file's bytes, so it is decoded exactly as
+    ``agegender predict --aligned`` and ``prepare`` decode it (not through RGB).
+    """
+    start = time.perf_counter()
+    out: list[Any] = [None] * len(items)
+    inputs: dict[int, np.ndarray | bytes] = {}
+    sizes: dict[int, tuple[int, int]] = {}
+    for i, (data, aligned) in enumerate(items):
+        try:
+            if aligned:
+                sizes[i], inputs[i] = check_upload(data, max_pixels), data
+            else:
+                inputs[i] = decode_upload(data, max_pixels)
+                sizes[i] = (inputs[i].shape[1], inputs[i].shape[0])
+        except ImageError as e:
+            out[i] = e
+    for aligned in (False, True):
+        index = [i for i in inputs if items[i][1] == aligned]
+        if not index:
+            continue
+        found = predictor.predict_batch([inputs[i] for i in index], aligned=aligned)
+        for i, faces in zip(index, found):
+            out[i] = ImageError(422, str(faces)) if isinstance(faces, Exception) else faces
+    ms = round((time.perf_counter() - start) * 1e3, 2)
+    for i, (w, h) in sizes.items():
+        if isinstance(out[i], list):
+            out[i] = {"faces": [f.to_dict() for f in out[i]], "width": w, "height": h, "ms": ms}
+    return out
+
+
 def create_app(
     model: str | os.PathLike = "default",
     *,
@@ -259,15 +316,13 @@ def create_app(
         max_batch: files per batch request; a batch body over ``max_batch * max_upload_mb`` is
             refused whole with 413.
         max_pixels: largest accepted image (width x height), checked before decoding.
+        device, backend, tta, amp: as :meth:`Predictor.load` takes them.
     """
-    from agegender import __version__
-
     _check_options(workers, queue, max_upload_mb, max_batch)
     if predictor is None:
         predictor = Predictor.load(model, device=device, backend=backend, tta=tta, amp=amp)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="agegender")
-    max_bytes = int(max_upload_mb * 1e6)
-    model_name = predictor.meta.get("model", {}).get("name", "?")
+    limits = Limits(int(max_upload_mb * 1e6), max_batch, max_pixels)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -281,62 +336,30 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.predictor = predictor
-
-    def body_limit(path: str) -> tuple[int, str] | None:
-        # multipart framing adds a few hundred bytes per part; 64 kB of slack is plenty
-        if path == "/api/predict":
-            return max_bytes + 65536, _too_large(max_bytes)
-        if path == "/api/predict/batch":
-            total = max_batch * max_bytes
-            return total + 65536, (
-                f"batch too large: the limit is {total / 1e6:g} MB per request "
-                f"({max_batch} images of {max_bytes / 1e6:g} MB)"
-            )
-        return None
-
-    app.add_middleware(_BodyLimit, limit=body_limit)
+    app.add_middleware(_BodyLimit, limit=limits.body)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
-    def run_batch(items: list[tuple[bytes, bool]]) -> list[dict[str, Any] | Exception]:
-        # runs in a pool thread: decode, then detect and predict every image in one batch.
-        # An aligned face goes to the predictor as its file's bytes, so it is decoded exactly as
-        # `agegender predict --aligned` and training decode it (not through RGB).
-        start = time.perf_counter()
-        out: list[Any] = [None] * len(items)
-        inputs: dict[int, np.ndarray | bytes] = {}
-        sizes: dict[int, tuple[int, int]] = {}
-        for i, (data, aligned) in enumerate(items):
-            try:
-                if aligned:
-                    sizes[i], inputs[i] = check_upload(data, max_pixels), data
-                else:
-                    inputs[i] = decode_upload(data, max_pixels)
-                    sizes[i] = (inputs[i].shape[1], inputs[i].shape[0])
-            except ImageError as e:
-                out[i] = e
-        for aligned in (False, True):
-            index = [i for i in inputs if items[i][1] == aligned]
-            if not index:
-                continue
-            found = predictor.predict_batch([inputs[i] for i in index], aligned=aligned)
-            for i, faces in zip(index, found):
-                out[i] = ImageError(422, str(faces)) if isinstance(faces, Exception) else faces
-        ms = round((time.perf_counter() - start) * 1e3, 2)
-        for i, (w, h) in sizes.items():
-            if isinstance(out[i], list):
-                out[i] = {"faces": [f.to_dict() for f in out[i]], "width": w, "height": h, "ms": ms}
-        return out
+    run = functools.partial(run_batch, predictor, max_pixels)
+    batcher = _Batcher(run, pool, workers, workers + queue, NETWORK_BATCH)
+    settings = {"workers": workers, "queue": queue, "max_upload_mb": max_upload_mb}
+    _add_routes(app, predictor, batcher, limits, settings)
+    return app
 
-    batcher = _Batcher(run_batch, pool, workers, workers + queue, NETWORK_BATCH)
+
+def _add_routes(
+    app: FastAPI, predictor: Predictor, batcher: _Batcher, limits: Limits, settings: dict
+) -> None:
+    """The page, ``/health`` and the two prediction endpoints."""
+    model_name = predictor.meta.get("model", {}).get("name", "?")
 
     async def read(upload: UploadFile) -> bytes:
-        data = await upload.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise ImageError(413, _too_large(max_bytes))
+        data = await upload.read(limits.max_bytes + 1)
+        if len(data) > limits.max_bytes:
+            raise ImageError(413, _too_large(limits.max_bytes))
         return data
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -356,10 +379,8 @@ def create_app(
             "backend": backend_name.lower(),
             "input": {"size": predictor.size, "color": predictor.color},
             "tta": predictor.tta,
-            "workers": workers,
-            "queue": queue,
+            **settings,
             "in_flight": batcher.inside,
-            "max_upload_mb": max_upload_mb,
         }
 
     @app.post("/api/predict")
@@ -388,8 +409,8 @@ def create_app(
         aligned: Annotated[bool, Form()] = False,
     ) -> dict[str, Any]:
         """Several images; each result has ``error``/``status`` set when that image failed."""
-        if len(images) > max_batch:
-            raise HTTPException(413, f"too many images: at most {max_batch} per request")
+        if len(images) > limits.max_batch:
+            raise HTTPException(413, f"too many images: at most {limits.max_batch} per request")
         answers: list[Any] = []  # an oversized file's error, or None until it is predicted
         items = []
         for upload in images:
@@ -413,8 +434,6 @@ def create_app(
             results.append({"filename": upload.filename, **res})
         return {"results": results, "ms": round((time.perf_counter() - start) * 1e3, 2)}
 
-    return app
-
 
 def serve(
     host: str = "127.0.0.1",
@@ -427,8 +446,6 @@ def serve(
     Bad options and a port that cannot be bound raise :class:`ConfigError` before the model is
     loaded, and before the address is announced. ``port=0`` takes any free port.
     """
-    import uvicorn
-
     _check_options(**kwargs)
     sock = _bind(host, port)
     try:

@@ -1,0 +1,387 @@
+"""Evaluation of a trained model: metrics, a Markdown report, plots and per-image predictions.
+
+:func:`evaluate` runs a checkpoint over a prepared cache split (or a plain image folder) and
+writes ``metrics.json``, ``report.md``, ``predictions.csv`` and four PNG plots into one folder;
+:func:`show` draws a grid of faces titled with true and predicted labels. The numbers come from
+:func:`agegender.metrics.compute_metrics`, a pure function of the labels and predictions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from agegender import fileio
+from agegender.checkpoint import load_checkpoint, resolve_checkpoint
+from agegender.commands import report
+from agegender.config import load_config
+from agegender.data import SPLITS, is_cache, open_cache, prepare, read_manifest
+from agegender.errors import DataError
+from agegender.images import preprocess_batch
+from agegender.metrics import compute_metrics
+from agegender.torch_runtime import device_name, predict_arrays, resolve_device, use_amp
+
+GOOD_AGE_ERROR = 5  # show(): a face counts as right within this many years
+SPLIT_CHOICES = (*SPLITS, "all")
+
+
+# --------------------------------------------------------------------------- model and data
+
+
+class _Loaded(NamedTuple):
+    model: nn.Module
+    meta: dict[str, Any]
+    images: np.ndarray  # (N, H, W, C) uint8 at the model's input size
+    ages: np.ndarray
+    genders: np.ndarray
+    races: np.ndarray
+    paths: list[str]
+    checkpoint: Path
+    split: str  # "all" for a plain image folder
+    source: str  # where the images came from, for people
+    skipped: dict[str, Any] | None = None  # a plain folder's files left out, see _skipped
+
+
+def _run_cache(model_spec: str | os.PathLike) -> Path:
+    """The cache a run folder trained on, as its ``config.toml`` records it."""
+    run = Path(model_spec)
+    if str(model_spec) == "default" or not (run / "config.toml").is_file():
+        raise DataError(
+            f"give --data (a prepared cache or an image folder): {model_spec} is not a run "
+            "folder with a config.toml naming its data"
+        )
+    d = load_config(run / "config.toml").data
+    if d.cache:
+        cache = Path(d.cache)
+    elif d.root:
+        cache = run / "cache"  # where train() prepares data.root when data.cache is empty
+    else:
+        raise DataError(f"{run}/config.toml names no data.cache or data.root; give --data")
+    if not cache.exists():
+        raise DataError(
+            f"{run}/config.toml names the cache {cache}, which does not exist; give --data"
+        )
+    return cache
+
+
+def _skipped(cache_dir: Path) -> dict[str, Any] | None:
+    """The files of a plain image folder that :func:`prepare` left out: how many, of how many,
+    by reason, and the first few with their reasons (bad files before duplicates)."""
+    rows = read_manifest(cache_dir)
+    left_out = sorted(
+        (r for r in rows if r["status"] != "kept"),
+        key=lambda r: r["status"].startswith("duplicate"),
+    )
+    if not left_out:
+        return None
+    return {
+        "n": len(left_out),
+        "of": len(rows),
+        "by_reason": dict(Counter(r["status"].split(":")[0] for r in left_out).most_common()),
+        "examples": [f"{Path(r['path']).name} ({r['status']})" for r in left_out[:3]],
+    }
+
+
+def _skipped_line(skipped: dict[str, Any], root: Path) -> str:
+    why = ", ".join(f"{n:,} {reason}" for reason, n in skipped["by_reason"].items())
+    names = ", ".join(e.split(" (", 1)[0] for e in skipped["examples"])
+    more = ", ..." if skipped["n"] > len(skipped["examples"]) else ""
+    return (
+        f"skipped {skipped['n']:,} of {skipped['of']:,} image files in {root} ({why}): "
+        f"{names}{more}"
+    )
+
+
+def _load(
+    model_spec: str | os.PathLike,
+    data: str | os.PathLike | None,
+    split: str,
+    device: torch.device,
+    work_dir: Path,
+) -> _Loaded:
+    """Model, metadata and the labelled images to run it on (already at the model's size).
+
+    A prepared cache gives its ``split`` (``all`` for every row); a plain image folder is
+    prepared into ``work_dir`` at the model's size and colour and used whole, since its split
+    would be an arbitrary one of ours, not the model's.
+    """
+    if split not in SPLIT_CHOICES:
+        raise DataError(f"split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
+    checkpoint = resolve_checkpoint(model_spec)
+    if data is not None and not Path(data).exists():
+        raise DataError(f"no such data: {data} (give a prepared cache or an image folder)")
+    model, meta = load_checkpoint(checkpoint, device)
+    size = meta["data_config"]["input_size"][1]
+    color = meta["data_config"]["color"]
+
+    root = _run_cache(model_spec) if data is None else Path(data)
+    skipped = None
+    if is_cache(root):
+        cache = open_cache(root)
+        rows = cache.indices(None if split == "all" else split)
+        source = f"{root} ({'all images' if split == 'all' else f'{split} split'})"
+    else:
+        prepare([root], work_dir / "cache", size=size, color=color, quiet=True)
+        cache = open_cache(work_dir / "cache")
+        rows = cache.indices(None)
+        split, source = "all", f"{root} (all usable images)"
+        skipped = _skipped(work_dir / "cache")
+        if skipped:  # said here, since the folder's manifest goes with the temporary cache
+            print(f"agegender: {_skipped_line(skipped, root)}", file=sys.stderr)
+    if len(rows) == 0:
+        where = f"the {split} split of {root}" if split != "all" else str(root)
+        raise DataError(f"{where} holds no usable images")
+    if cache.color != color:
+        raise DataError(
+            f"the model expects {color} images but {root} holds {cache.color} ones: prepare a "
+            f"{color} cache (agegender prepare ... --color {color})"
+        )
+    # fancy indexing reads those rows into memory; a cache of another size goes through the
+    # one resize that training and prediction use
+    images = preprocess_batch(np.asarray(cache.images[rows]), meta["data_config"])
+    return _Loaded(
+        model,
+        meta,
+        images,
+        cache.age[rows],
+        cache.gender[rows],
+        cache.race[rows],
+        [cache.paths[i] for i in rows],
+        checkpoint,
+        split,
+        source,
+        skipped,
+    )
+
+
+def _default_tta(meta: dict[str, Any]) -> bool:
+    """The checkpoint's own recipe decides, so that evaluation matches training's test score."""
+    return bool(((meta.get("config") or {}).get("train") or {}).get("tta", False))
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_inference(
+    model: nn.Module,
+    images: np.ndarray,
+    device: torch.device,
+    batch_size: int = 256,
+    tta: bool = False,
+    amp: bool = False,
+    reps: int = 50,
+) -> dict[str, Any]:
+    """Median inference time per image at batch size 1 and at ``batch_size``, in ms.
+
+    Batch 1 is the median of ``reps`` single-image calls after a warm-up; the batch figure is
+    the median over ``max(1, min(5, reps // 10))`` full batches (images repeated to fill one).
+    Times are for the whole :func:`~agegender.torch_runtime.predict_arrays` call
+    (normalisation, TTA, copy back), which is what a user of the model waits for.
+    """
+
+    def run(x: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        predict_arrays(model, x, device, batch_size=len(x), tta=tta, amp=amp)
+        return time.perf_counter() - t0
+
+    one = images[:1]
+    for _ in range(min(5, reps)):
+        run(one)
+    single = [run(one) for _ in range(reps)]
+    batch = images[np.arange(batch_size) % len(images)]
+    batches = max(1, min(5, reps // 10))
+    run(batch)
+    many = [run(batch) / batch_size for _ in range(batches)]
+    return {
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "tta": tta,
+        "amp": amp,
+        "batch1_ms_per_image": 1000 * statistics.median(single),
+        "batch1_calls": reps,
+        "batch_size": batch_size,
+        "batch_ms_per_image": 1000 * statistics.median(many),
+        "batch_calls": batches,
+    }
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def evaluate(
+    model_spec: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    split: str = "test",
+    tta: bool | None = None,
+    out_dir: str | os.PathLike = "runs/evaluate",
+    device: str = "auto",
+    batch_size: int = 256,
+    timing: bool = True,
+    timing_reps: int = 50,
+    amp: str = "auto",
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a model and write ``metrics.json``, ``report.md``, ``predictions.csv``,
+    ``confusion.png``, ``age_scatter.png``, ``mae_by_band.png`` and ``reliability.png``.
+
+    Args:
+        model_spec: ``default`` (the bundled model), a run folder or a checkpoint file.
+        data: a prepared cache or a plain UTKFace-style image folder (prepared on the fly at
+            the model's size and colour, all of it used); ``None`` uses a run folder's own cache.
+        split: ``train``, ``val``, ``test`` or ``all`` (caches only).
+        tta: flip test-time augmentation; ``None`` follows the checkpoint's recipe.
+        out_dir: where the files go (created).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        batch_size: images per forward pass (and the batch size timed).
+        timing: also time inference at batch size 1 and ``batch_size``.
+        timing_reps: single-image calls timed (see :func:`time_inference`).
+        amp: ``auto``, ``bf16`` or ``off``, as in training.
+        quiet: no progress bar.
+
+    Returns the metrics, as written to ``metrics.json``.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch size must be >= 1, got {batch_size}")
+    if timing and timing_reps < 1:
+        raise DataError(f"timing reps must be >= 1, got {timing_reps}")
+    out = Path(out_dir)
+    if (out / "best.safetensors").is_file() or (out / "last.state.pt").is_file():
+        # its metrics.json is the training's, which sweeps and reports read
+        raise DataError(
+            f"--out {out} is a training run folder: write the evaluation elsewhere, "
+            f"e.g. --out {out / 'eval'}"
+        )
+    dev = resolve_device(device, option="--device")
+    bf16 = use_amp(dev, amp)
+    with tempfile.TemporaryDirectory(prefix="agegender-eval-") as tmp:
+        d = _load(model_spec, data, split, dev, Path(tmp))
+    tta = _default_tta(d.meta) if tta is None else tta
+    pred = predict_arrays(
+        d.model, d.images, dev, batch_size=batch_size, tta=tta, amp=bf16, progress=not quiet
+    )
+    m = compute_metrics(
+        d.ages, d.genders, d.races, pred["age"], pred["p_female"], pred.get("age_std")
+    )
+    m.update(
+        model=d.meta["model"]["name"],
+        checkpoint=str(d.checkpoint),
+        epoch=d.meta.get("epoch"),
+        data=d.source,
+        split=d.split,
+        skipped=d.skipped,
+        tta=tta,
+        amp=bf16,
+        device=device_name(dev),
+    )
+    if timing:
+        m["timing"] = time_inference(d.model, d.images, dev, batch_size, tta, bf16, timing_reps)
+
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_predictions(out / "predictions.csv", d, pred)
+    report.plots(m, d.ages, pred["age"], out)
+    fileio.write_text(out / "report.md", report.render(m))
+    fileio.write_json(out / "metrics.json", m)
+    return m
+
+
+def format_summary(metrics: dict[str, Any], out_dir: str | os.PathLike) -> str:
+    """A few lines for people: accuracy, MAE, per-gender accuracy and where the report is."""
+    m = metrics
+    g = m["gender_accuracy_by_gender"]
+    lines = [
+        f"{m['n']:,} images from {m['data']} ({'flip TTA' if m['tta'] else 'no TTA'})",
+        f"gender accuracy  {m['gender_accuracy']:.2%}  (male {report.fmt(g['male'], '.2%')}, "
+        f"female {report.fmt(g['female'], '.2%')})",
+        f"age MAE          {m['age_mae']:.2f} years  (std of errors {m['age_abs_error_std']:.2f})",
+    ]
+    if "timing" in m:
+        t = m["timing"]
+        lines.append(
+            f"speed            {t['batch1_ms_per_image']:.2f} ms/image at batch 1, "
+            f"{t['batch_ms_per_image']:.3f} at batch {t['batch_size']} "
+            f"({t['device']})"
+        )
+    lines.append(f"report           {Path(out_dir) / 'report.md'}")
+    return "\n".join(lines)
+
+
+def _figure_path(out: str | os.PathLike) -> Path:
+    """Where :func:`show` writes for ``--out``: a folder gets ``grid.png`` inside it, a name
+    without an extension gets ``.png`` (as matplotlib would add, but then said)."""
+    path = Path(out)
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
+        return path / "grid.png"
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise DataError(
+            f"--out {out}: matplotlib cannot write {path.suffix} files; give a file ending in "
+            f"one of {', '.join('.' + f for f in sorted(formats))}"
+        )
+    return path
+
+
+def show(
+    model_spec: str | os.PathLike,
+    data: str | os.PathLike | None,
+    out: str | os.PathLike,
+    n: int = 25,
+    split: str = "test",
+    seed: int = 0,
+    tta: bool | None = None,
+    device: str = "auto",
+) -> Path:
+    """Draw ``n`` random faces (5 per row) titled ``true 34 F / pred 31 F``; returns the file
+    written: ``out``, ``out/grid.png`` for a folder, or ``out.png`` when it has no extension.
+
+    A title is green when the predicted gender is right and the age is off by at most
+    :data:`GOOD_AGE_ERROR` years, red otherwise. ``data`` is resolved as in :func:`evaluate`.
+    """
+    if n < 1:
+        raise DataError(f"n must be >= 1, got {n}")
+    path = _figure_path(out)  # before the model and the data are loaded
+    dev = resolve_device(device, option="--device")
+    with tempfile.TemporaryDirectory(prefix="agegender-show-") as tmp:
+        d = _load(model_spec, data, split, dev, Path(tmp))
+    tta = _default_tta(d.meta) if tta is None else tta
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(len(d.ages), size=min(n, len(d.ages)), replace=False))
+    pred = predict_arrays(d.model, d.images[picks], dev, tta=tta)
+
+    cols = 5
+    rows = math.ceil(len(picks) / cols)
+    fig = Figure(figsize=(10, 2.2 * rows + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for k, (ax, i) in enumerate(zip(axes, picks)):
+        img = d.images[i]
+        if img.shape[2] == 1:
+            ax.imshow(img[:, :, 0], cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(img)
+        age, sex = float(pred["age"][k]), int(pred["p_female"][k] > 0.5)
+        good = sex == d.genders[i] and abs(age - d.ages[i]) <= GOOD_AGE_ERROR
+        ax.set_title(
+            f"true {d.ages[i]} {'MF'[d.genders[i]]} / pred {round(age)} {'MF'[sex]}",
+            fontsize=8.5,
+            color="tab:green" if good else "tab:red",
+        )
+    fig.suptitle(f"{d.meta['model']['name']} on {d.source}", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with fileio.atomic_path(path, path.suffix) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    return path

@@ -1,0 +1,177 @@
+"""``agegender predict``: photos and folders in, JSON lines, annotated copies or a table out.
+
+The prediction itself is :class:`agegender.predict.Predictor`'s; this module is the command's
+file handling: which files, where results go, and that nothing given is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from agegender import fileio
+from agegender.draw import annotate
+from agegender.errors import ConfigError, DataError
+from agegender.images import find_images
+from agegender.predict import Face, Predictor
+
+OUTPUT_SUFFIXES = (".jsonl", ".json")  # what --output may replace when the file exists
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    """Identity of an existing file (device, inode), which sees through links and spellings."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _check_output(output: Path, inputs: dict[tuple[int, int], Path]) -> None:
+    """Refuse an ``--output`` whose writing would destroy an input or an unrelated file."""
+    if output.is_dir():
+        raise DataError(f"--output {output} is a folder; give a file such as {output}/pred.jsonl")
+    key = _file_key(output)
+    if key in inputs:
+        raise DataError(f"--output {output} is one of the input images ({inputs[key]})")
+    if key is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise DataError(
+            f"--output {output} exists and is not a .jsonl or .json file: not replacing it"
+        )
+
+
+def _annotated_paths(
+    files: list[Path], folder: Path, inputs: dict[tuple[int, int], Path]
+) -> list[Path]:
+    """Where each file's annotated copy goes, refusing any that would replace an input."""
+    targets, taken = [], set()
+    for path in files:
+        # a/x.jpg and b/x.png must not overwrite each other (nor X.jpg on a case-blind disk)
+        name, k = path.stem, 1
+        while name.lower() in taken:
+            k += 1
+            name = f"{path.stem}-{k}"
+        taken.add(name.lower())
+        target = folder / f"{name}.jpg"
+        key = _file_key(target)
+        if key in inputs:
+            raise DataError(
+                f"--annotate {folder} would overwrite the input {inputs[key]}; "
+                "choose a folder without input images"
+            )
+        targets.append(target)
+    return targets
+
+
+def predict_files(
+    paths: list[str | os.PathLike],
+    model: str = "default",
+    aligned: bool = False,
+    output: str | os.PathLike | None = None,
+    annotate_dir: str | os.PathLike | None = None,
+    tta: bool | None = None,
+    backend: str = "torch",
+    batch_size: int = 64,
+    device: str = "cpu",
+    quiet: bool = False,
+    amp: str = "auto",
+) -> int:
+    """The ``agegender predict`` command; returns the exit code (0 all read, 1 some failed).
+
+    ``output`` is written to a temporary file beside it and moved into place when the run ends,
+    so an interrupted run leaves the previous file whole (and what it found in
+    ``OUTPUT.partial``). An ``output`` or annotated image that
+    would replace an input image, or an existing ``output`` that is not ``.jsonl``/``.json``,
+    is refused with a :class:`~agegender.errors.DataError` before anything is written.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    files = find_images(paths)
+    inputs = {key: p for p in files if (key := _file_key(p)) is not None}
+    out_path = Path(output) if output else None
+    if out_path is not None:
+        _check_output(out_path, inputs)
+    targets = _annotated_paths(files, Path(annotate_dir), inputs) if annotate_dir else []
+    predictor = Predictor.load(
+        model,
+        device=device,
+        tta=tta,
+        backend=backend,
+        detector=None if aligned else "yunet",
+        amp=amp,
+    )
+    out_f, tmp = None, None
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = fileio.temp_path(out_path)
+        out_f = open(tmp, "w")  # noqa: SIM115 - written batch by batch
+    if annotate_dir:
+        Path(annotate_dir).mkdir(parents=True, exist_ok=True)
+    failed = 0
+    bar = tqdm(
+        total=len(files),
+        unit="img",
+        desc="predicting",
+        file=sys.stderr,
+        disable=quiet or len(files) < 2,
+        leave=False,
+    )
+    done = False
+    try:
+        for s in range(0, len(files), batch_size):
+            chunk = files[s : s + batch_size]
+            for i, (path, res) in enumerate(zip(chunk, predictor.predict_batch(chunk, aligned))):
+                error = None
+                faces: list[Face] = []
+                if isinstance(res, Exception):
+                    error = str(res).splitlines()[0] if str(res) else type(res).__name__
+                    failed += 1
+                else:
+                    faces = res
+                if out_f:
+                    rec = {"path": str(path), "faces": [f.to_dict() for f in faces], "error": error}
+                    out_f.write(json.dumps(rec) + "\n")
+                else:
+                    _print_table(path, faces, error)
+                if annotate_dir and error is None:
+                    annotate(path, faces).save(targets[s + i], quality=90)
+            bar.update(len(chunk))
+        done = True
+    finally:
+        bar.close()
+        if out_f:
+            out_f.close()
+            if done:
+                fileio.replace(tmp, out_path)
+            elif tmp.stat().st_size:  # the previous results stay whole; the new ones so far too
+                partial = out_path.with_name(out_path.name + ".partial")
+                os.replace(tmp, partial)
+                print(f"agegender predict: the results so far are in {partial}", file=sys.stderr)
+            else:
+                tmp.unlink()
+    if failed:
+        print(
+            f"agegender predict: {failed} of {len(files)} images could not be read", file=sys.stderr
+        )
+    return 1 if failed else 0
+
+
+def _print_table(path: Path, faces: list[Face], error: str | None) -> None:
+    if error:
+        print(f"{path}: error: {error}")
+        return
+    if not faces:
+        print(f"{path}: no face found")
+        return
+    print(f"{path}: {len(faces)} face{'s' if len(faces) > 1 else ''}")
+    for i, f in enumerate(faces, 1):
+        box = ", ".join(f"{v:.0f}" for v in f.box)
+        interval = f" ({f.age_interval[0]:.0f}-{f.age_interval[1]:.0f})" if f.age_interval else ""
+        print(
+            f"  {i}. {f.gender:6s} p_female {f.p_female:.2f}  age {f.age:4.1f}{interval}"
+            f"  box [{box}]  score {f.score:.2f}"
+        )

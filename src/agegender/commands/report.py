@@ -1,0 +1,272 @@
+"""The evaluation report: ``report.md``, its figures and ``predictions.csv``."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from agegender import fileio
+from agegender.data import GENDERS, RACES
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    # Figure (not pyplot) keeps no global state and needs no display
+    with fileio.atomic_path(path, path.suffix) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plots(m: dict[str, Any], age_true: np.ndarray, age_pred: np.ndarray, out: Path) -> list[Path]:
+    """The report's four figures, written into ``out``."""
+    return [
+        _plot_confusion(m, out / "confusion.png"),
+        _plot_scatter(m, age_true, age_pred, out / "age_scatter.png"),
+        _plot_bands(m, out / "mae_by_band.png"),
+        _plot_reliability(m, out / "reliability.png"),
+    ]
+
+
+def _plot_confusion(m: dict[str, Any], path: Path) -> Path:
+    counts = np.array(m["confusion"], dtype=np.float64)
+    rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig = Figure(figsize=(4.6, 4))
+    ax = fig.subplots()
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    for i in range(2):
+        for j in range(2):
+            ax.text(
+                j,
+                i,
+                f"{int(counts[i, j]):,}\n{rows[i, j]:.1%}",
+                ha="center",
+                va="center",
+                color="white" if rows[i, j] > 0.5 else "black",
+                fontsize=11,
+            )
+    ax.set_xticks([0, 1], GENDERS)
+    ax.set_yticks([0, 1], GENDERS)
+    ax.set(
+        xlabel="predicted",
+        ylabel="true",
+        title=f"Gender accuracy {m['gender_accuracy']:.1%} (n = {m['n']:,})",
+    )
+    return _save(fig, path)
+
+
+def _plot_scatter(m: dict[str, Any], age_true: np.ndarray, age_pred: np.ndarray, path: Path):
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    ax.scatter(age_true, age_pred, s=6, alpha=0.25, color="tab:blue", edgecolors="none")
+    top = float(max(age_true.max(), age_pred.max(), 1)) * 1.05
+    ax.plot([0, top], [0, top], color="black", lw=1, ls="--", label="perfect")
+    ax.set(
+        xlim=(0, top),
+        ylim=(0, top),
+        xlabel="true age (years)",
+        ylabel="predicted age (years)",
+        title=f"Age: MAE {m['age_mae']:.2f} years (n = {m['n']:,})",
+    )
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def _plot_bands(m: dict[str, Any], path: Path) -> Path:
+    names = list(m["age_mae_by_band"])
+    maes = [v["mae"] or 0.0 for v in m["age_mae_by_band"].values()]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    bars = ax.bar(names, maes, color="tab:orange")
+    ax.bar_label(bars, labels=[f"n = {v['n']:,}" for v in m["age_mae_by_band"].values()])
+    ax.axhline(m["age_mae"], color="black", ls="--", lw=1, label=f"overall {m['age_mae']:.2f}")
+    ax.set(xlabel="true age band (years)", ylabel="MAE (years)", title="Age MAE by age band")
+    ax.set_ylim(0, max([*maes, m["age_mae"]]) * 1.2 + 1e-9)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _plot_reliability(m: dict[str, Any], path: Path) -> Path:
+    cal = m["calibration"]
+    full = [b for b in cal["bins"] if b["n"]]
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    width = cal["bins"][0]["hi"] - cal["bins"][0]["lo"]
+    ax.bar(
+        [b["lo"] for b in full],
+        [b["accuracy"] for b in full],
+        width=width,
+        align="edge",
+        color="tab:blue",
+        edgecolor="white",
+        label="accuracy in bin",
+    )
+    ax.plot(
+        [b["confidence"] for b in full],
+        [b["accuracy"] for b in full],
+        "o",
+        color="black",
+        ms=4,
+        label="mean confidence",
+    )
+    ax.plot([0.5, 1], [0.5, 1], color="tab:red", ls="--", label="perfect calibration")
+    ax.set(
+        xlim=(0.5, 1),
+        ylim=(0, 1),
+        xlabel="confidence max(p, 1 - p)",
+        ylabel="accuracy",
+        title=f"Gender reliability: ECE {cal['ece']:.3f}",
+    )
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _table(header: list[str], rows: list[list[object]]) -> list[str]:
+    lines = ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def render(m: dict[str, Any]) -> str:
+    """``report.md`` for the metrics of :func:`agegender.commands.evaluate.evaluate`."""
+    g = m["gender_accuracy_by_gender"]
+    conf = m["confusion"]
+    lines = [
+        "# Evaluation",
+        "",
+        f"Model `{m['model']}` from `{m['checkpoint']}`, on {m['data']}: {m['n']:,} images; "
+        f"{'flip TTA' if m['tta'] else 'no TTA'}; device {m['device']}"
+        f"{' (bf16)' if m['amp'] else ''}.",
+    ]
+    if m.get("skipped"):
+        sk = m["skipped"]
+        why = ", ".join(f"{n:,} {reason}" for reason, n in sk["by_reason"].items())
+        lines += [
+            "",
+            f"Skipped {sk['n']:,} of the folder's {sk['of']:,} image files ({why}), e.g. "
+            + "; ".join(f"`{e}`" for e in sk["examples"])
+            + ".",
+        ]
+    summary = [
+        ["gender accuracy", f"{m['gender_accuracy']:.2%}"],
+        ["age MAE (years)", f"{m['age_mae']:.2f}"],
+        ["std of absolute age errors (years)", f"{m['age_abs_error_std']:.2f}"],
+        ["gender ECE (10 bins)", f"{m['calibration']['ece']:.3f}"],
+    ]
+    if m["age_interval"]:
+        iv = m["age_interval"]
+        summary.append(["90 % age interval coverage", f"{iv['coverage']:.1%}"])
+    lines += _table(["metric", "value"], summary)
+
+    lines += ["## Gender"]
+    lines += _table(
+        ["true gender", "n", "accuracy"],
+        [[name, f"{sum(conf[i]):,}", fmt(g[name], ".2%")] for i, name in enumerate(GENDERS)],
+    )
+    lines += ["Confusion matrix (rows: true, columns: predicted; row percentages):"]
+    lines += _table(
+        ["true \\ predicted", *GENDERS],
+        [
+            [name, *(f"{conf[i][j]:,} ({conf[i][j] / max(sum(conf[i]), 1):.1%})" for j in range(2))]
+            for i, name in enumerate(GENDERS)
+        ],
+    )
+    lines += ["![confusion matrix](confusion.png)", ""]
+
+    lines += ["## Age"]
+    lines += _table(
+        ["age band", "n", "MAE (years)"],
+        [[k, f"{v['n']:,}", fmt(v["mae"], ".2f")] for k, v in m["age_mae_by_band"].items()],
+    )
+    lines += _table(
+        ["decade", "n", "MAE (years)"],
+        [[k, f"{v['n']:,}", fmt(v["mae"], ".2f")] for k, v in m["age_mae_by_decade"].items()],
+    )
+    lines += ["![predicted vs true age](age_scatter.png) ![MAE by age band](mae_by_band.png)", ""]
+
+    lines += ["## Fairness by race", "", "UTKFace's race labels; small groups give noisy numbers."]
+    lines += _table(
+        ["race", "n", "gender accuracy", "age MAE (years)"],
+        [
+            [r, f"{v['n']:,}", fmt(v["gender_accuracy"], ".2%"), fmt(v["age_mae"], ".2f")]
+            for r, v in m["by_race"].items()
+        ],
+    )
+
+    cal = m["calibration"]
+    lines += [
+        "## Gender calibration",
+        "",
+        f"Expected calibration error {cal['ece']:.4f}: the image-weighted mean gap between "
+        "accuracy and confidence max(p, 1 - p) over 10 equal-width bins on [0.5, 1].",
+    ]
+    lines += _table(
+        ["confidence bin", "n", "mean confidence", "accuracy"],
+        [
+            [
+                f"{b['lo']:.2f}-{b['hi']:.2f}",
+                f"{b['n']:,}",
+                fmt(b["confidence"], ".3f"),
+                fmt(b["accuracy"], ".3f"),
+            ]
+            for b in cal["bins"]
+        ],
+    )
+    lines += ["![reliability diagram](reliability.png)", ""]
+
+    if m["age_interval"]:
+        iv = m["age_interval"]
+        lines += [
+            "## Age uncertainty",
+            "",
+            f"The predicted 90 % interval (age +- {iv['z']:.3f} x std) holds the true age for "
+            f"{iv['coverage']:.1%} of the images (ideal: 90 %); its mean width is "
+            f"{iv['mean_width']:.1f} years.",
+            "",
+        ]
+    if "timing" in m:
+        t = m["timing"]
+        lines += ["## Speed"]
+        lines += _table(
+            ["batch size", "ms per image", "calls (median)"],
+            [
+                [1, f"{t['batch1_ms_per_image']:.2f}", t["batch1_calls"]],
+                [t["batch_size"], f"{t['batch_ms_per_image']:.3f}", t["batch_calls"]],
+            ],
+        )
+        extras = (", flip TTA" if t["tta"] else "") + (", bf16" if t["amp"] else "")
+        lines += [f"Device {t['device']}, {t['threads']} torch thread(s){extras}.", ""]
+    lines += ["Per-image predictions: [predictions.csv](predictions.csv).", ""]
+    return "\n".join(lines)
+
+
+def write_predictions(path: Path, d: Any, pred: dict[str, np.ndarray]) -> Path:
+    """``predictions.csv``: one row per image (``d`` has ``paths``, ``ages``, ``genders``,
+    ``races``), written atomically."""
+    std = pred.get("age_std")
+    header = ["path", "age_true", "gender_true", "race", "age_pred", "p_female", "gender_pred"]
+    with fileio.atomic_write(path, newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header + (["age_std"] if std is not None else []))
+        for i in range(len(d.ages)):
+            row = [
+                d.paths[i],
+                int(d.ages[i]),
+                GENDERS[d.genders[i]],
+                RACES[d.races[i]],
+                f"{pred['age'][i]:.3f}",
+                f"{pred['p_female'][i]:.5f}",
+                GENDERS[int(pred["p_female"][i] > 0.5)],
+            ]
+            w.writerow(row + ([f"{std[i]:.3f}"] if std is not None else []))
+    return path

@@ -1,0 +1,584 @@
+"""Training: plain functions in reading order, no trainer framework.
+
+``train(cfg)`` loads the prepared cache, builds the model its recipe names, then for each epoch
+runs :func:`train_one_epoch` and :func:`validate`, logs a row of ``history.csv``, writes
+``last``/``best`` checkpoints atomically and redraws ``curves.png``. A killed run continues with
+``train(None, resume=run_dir)``.
+
+Started by ``torchrun``, each process trains on its share of every batch with
+DistributedDataParallel; metrics are summed over processes, so every rank keeps the same
+history and takes the same scheduler and early-stopping decisions, and rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from pickle import UnpicklingError
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from agegender import distributed, fileio
+from agegender.augment import DRAWS
+from agegender.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from agegender.config import Config, check_config, load_config, to_dict, to_toml
+from agegender.data import SPLITS, Cache, is_cache, open_cache, prepare
+from agegender.errors import ConfigError, DataError
+from agegender.images import preprocess_batch
+from agegender.losses import UncertaintyWeights
+from agegender.models import count_parameters, from_config, list_models, normalize
+from agegender.optim import build_optimizer, build_scheduler, param_groups
+from agegender.runs import check_new_run_dir, plot_curves, read_history, run_dir, write_history
+from agegender.step import TrainForward, graph_train_forward, recipe_loss
+from agegender.torch_runtime import (
+    autocast,
+    device_name,
+    forward_tta,
+    peak_memory_mb,
+    resolve_device,
+    to_tensor,
+    use_amp,
+)
+
+PLOT_EVERY_S = 20.0  # least seconds between two redraws of curves.png during training
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    """The splits as uint8 tensors ``(N, C, H, W)`` plus labels, on the training device."""
+
+    cache: Cache | None
+    x: dict[str, torch.Tensor]
+    age: dict[str, torch.Tensor]
+    gender: dict[str, torch.Tensor]
+
+
+def _cache_dir(cfg: Config, device: torch.device, out: Path, quiet: bool) -> Path:
+    """The cache to train on: ``data.cache``, or ``data.root`` prepared into it first."""
+    d = cfg.data
+    if not d.root:
+        if not d.cache:
+            raise ConfigError("set data.cache (a prepared cache) or data.root (image folders)")
+        if not is_cache(d.cache):
+            open_cache(d.cache)  # raises the helpful error
+        return Path(d.cache)
+    cache_dir = Path(d.cache) if d.cache else out / "cache"
+    # One writer at a time: rank 0 prepares, then the first process of every other machine
+    # (which reuses it on a shared disk, or builds its own); the others wait, then read.
+    rank = distributed.rank()
+    for my_turn in (rank == 0, rank > 0 and distributed.local_rank() == 0):
+        if my_turn:
+            roots = [r.strip() for r in d.root.split(",")]
+            prepare(roots, cache_dir, size=d.size, color=d.color, seed=d.split_seed, quiet=quiet)
+        distributed.barrier(device)
+    return cache_dir
+
+
+def load_data(
+    cfg: Config, data_config: dict, device: torch.device, out: Path, quiet: bool = False
+) -> Data:
+    """Open (or prepare) the cache and put the splits on ``device``, as ``data_config`` (the
+    model's) says: a cache of another size is resized by the one resize prediction uses too.
+
+    The whole uint8 training set goes to the device once (21k faces at 128 px gray are 340 MB),
+    so a step never waits on a loader and augmentation runs there too.
+    """
+    d = cfg.data
+    cache_dir = _cache_dir(cfg, device, out, quiet)
+    cache = open_cache(cache_dir)
+    train_splits = [s.strip() for s in d.train_splits.split(",")]
+    if not set(train_splits) <= set(SPLITS):
+        raise ConfigError(f"data.train_splits must name splits from {SPLITS}, got {d.train_splits}")
+    idx = {
+        "train": np.sort(np.concatenate([cache.indices(s) for s in train_splits])),
+        "val": cache.indices("val"),
+        "test": cache.indices("test"),
+    }
+    if d.limit > 0 and len(idx["train"]) > d.limit:
+        rng = np.random.default_rng(cfg.train.seed)
+        # only training is reduced: val and test stay whole, so reduced runs stay comparable
+        idx["train"] = np.sort(rng.choice(idx["train"], d.limit, replace=False))
+    if len(idx["train"]) == 0 or len(idx["val"]) == 0:
+        raise DataError(f"{cache_dir}: the train or val split is empty")
+    if d.color != cache.color:
+        raise ConfigError(
+            f"data.color={d.color} but {cache_dir} holds {cache.color} images: prepare a "
+            f"{d.color} cache (agegender prepare ... --color {d.color}) or set data.color"
+        )
+    x, age, gender = {}, {}, {}
+    for split, rows in idx.items():
+        # Fancy indexing a memmap reads just those rows; (N, H, W, C) -> (N, C, H, W) view
+        images = preprocess_batch(cache.images[rows], data_config)
+        x[split] = to_tensor(images, device).contiguous(memory_format=torch.channels_last)
+        age[split] = torch.as_tensor(cache.age[rows], dtype=torch.float32, device=device)
+        gender[split] = torch.as_tensor(cache.gender[rows], dtype=torch.float32, device=device)
+    return Data(cache, x, age, gender)
+
+
+# --------------------------------------------------------------------------- model and optimizer
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model`` with NHWC conv weights, except those with one input channel (a gray stem).
+
+    For those both layouts are valid and autograd hands back a contiguous gradient, which DDP
+    would copy into a differently strided bucket at every step (it warns about it).
+    """
+    model = model.to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        if p.ndim == 4 and p.shape[1] == 1:
+            p.data = p.data.contiguous()
+    return model
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class Run:
+    """What one training run holds from epoch to epoch."""
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    amp: bool
+    model: nn.Module  # the plain model: what is validated and saved
+    weights: UncertaintyWeights | None  # learnt task weights (loss.uncertainty)
+    opt: torch.optim.Optimizer
+    sched: Any
+    per_step: bool  # the scheduler steps per batch (else per epoch, on the val loss)
+    gen: torch.Generator  # shuffling: in the same state on every rank
+    aug_gen: torch.Generator  # augmentation: its own stream per rank (gen itself outside torchrun)
+    quiet: bool = False
+    train_model: nn.Module | None = None  # the model as it trains (DDP, torch.compile)
+    forward: nn.Module | None = None  # the step's forward (TrainForward, maybe CUDA graphs)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = 0
+
+    def log(self, *args: Any) -> None:
+        if not self.quiet:
+            print(*args, flush=True)
+
+
+def build_model(cfg: Config, device: torch.device) -> nn.Module:
+    """The model the recipe names, initialised from the torch seed, on ``device``."""
+    model = from_config(cfg.model, cfg.data.size, cfg.data.color).to(device)
+    return to_channels_last(model) if cfg.train.channels_last else model
+
+
+def build_run(
+    cfg: Config,
+    model: nn.Module,
+    data: Data,
+    device: torch.device,
+    amp: bool,
+    out: Path,
+    quiet: bool = False,
+) -> Run:
+    """``model``'s optimizer, scheduler and random streams, ready for
+    :func:`wrap_for_training`."""
+    t = cfg.train
+    weights = UncertaintyWeights().to(device) if cfg.loss.uncertainty else None
+    opt = build_optimizer(cfg, param_groups(model, weights, t.weight_decay))
+    sched, per_step = build_scheduler(cfg, opt, max(len(data.x["train"]) // t.batch_size, 1))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(t.seed)
+    # Shuffling (gen) must agree across ranks, augmentation and dropout must not, or the ranks
+    # would augment and drop out their shards in lockstep; see the start of each epoch.
+    aug_gen = torch.Generator(device=device) if distributed.is_distributed() else gen
+    run = Run(cfg, out, device, amp, model, weights, opt, sched, per_step, gen, aug_gen, quiet)
+    run.train_model, run.forward = model, TrainForward(cfg, model, weights, amp)
+    return run
+
+
+def wrap_for_training(run: Run, data: Data) -> None:
+    """DistributedDataParallel under torchrun, then torch.compile or CUDA graphs if asked."""
+    t = run.cfg.train
+    train_model: nn.Module = run.model
+    if distributed.is_distributed():
+        # rank 0's weights are broadcast here; gradients are averaged in backward
+        ids = [run.device.index] if run.device.type == "cuda" else None
+        train_model = DistributedDataParallel(run.model, device_ids=ids)
+    if t.compile:  # around the DDP module, so that it compiles between gradient buckets
+        train_model = torch.compile(train_model, mode=t.compile_mode)
+    run.train_model = train_model
+    run.forward = TrainForward(run.cfg, train_model, run.weights, run.amp)
+    if t.cuda_graphs:
+        b = min(t.batch_size, len(data.x["train"]))  # every step's batch: the ragged is dropped
+        draws = torch.rand(b, DRAWS, device=run.device) if t.augment else torch.zeros(0)
+        sample = (data.x["train"][:b], draws.to(run.device), data.age["train"][:b])
+        run.forward = graph_train_forward(run.forward, (*sample, data.gender["train"][:b]))
+
+
+def save_state(run: Run, epoch: int) -> None:
+    """What ``--resume`` needs beyond the weights, written atomically."""
+    device = run.device
+    state = {
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict() if run.sched is not None else {},
+        "weights": run.weights.state_dict() if run.weights is not None else {},
+        "generator": run.gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+        "epoch": epoch,
+        "best_loss": run.best_loss,
+        "best_epoch": run.best_epoch,
+    }
+    with fileio.atomic_path(run.out / "last.state.pt") as tmp:
+        torch.save(state, tmp)
+
+
+def resume_run(run: Run) -> int:
+    """Load the last checkpoint of ``run.out`` into ``run``; returns the epoch to start at."""
+    out, device = run.out, run.device
+    # every rank reads what rank 0 wrote (several machines need a shared disk for this)
+    try:
+        state = torch.load(out / "last.state.pt", map_location=device, weights_only=True)
+        run.model.load_state_dict(load_file(str(out / "last.safetensors"), device=str(device)))
+        run.opt.load_state_dict(state["optimizer"])
+        if run.sched is not None:
+            run.sched.load_state_dict(state["scheduler"])
+        if run.weights is not None:
+            run.weights.load_state_dict(state["weights"])
+        run.gen.set_state(state["generator"].cpu())  # a CUDA generator's state is a CPU tensor
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if device.type == "cuda" and "cuda_rng" in state:  # dropout draws from it there
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+        run.best_loss, run.best_epoch = state["best_loss"], state["best_epoch"]
+    except (RuntimeError, OSError, KeyError, ValueError, UnpicklingError, SafetensorError) as e:
+        # a file cut short by a full disk, or edited: say which, not PyTorch's internals
+        raise DataError(
+            f"cannot resume {out}: its last checkpoint is damaged ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}); best.safetensors may "
+            "still load"
+        ) from None
+    run.history = read_history(out / "history.csv")
+    return state["epoch"] + 1
+
+
+# --------------------------------------------------------------------------- epochs
+
+
+def train_one_epoch(run: Run, data: Data, epoch: int) -> dict[str, float]:
+    """One pass over the shuffled training set; returns mean loss, gender accuracy, age MAE
+    and the number of images, over all processes.
+
+    ``run.gen`` shuffles and is in the same state on every rank; ``run.aug_gen`` augments.
+    Under DDP each rank takes every ``world``-th image of each global batch.
+    """
+    t, device = run.cfg.train, run.device
+    run.train_model.train()
+    rank, world = distributed.rank(), distributed.world_size()
+    x_all, n = data.x["train"], len(data.x["train"])
+    perm = torch.randperm(n, device=device, generator=run.gen)
+    steps = n // t.batch_size if n >= t.batch_size else 1  # drop the ragged last batch
+    # Sums stay on the device: a .item() per step would stall the GPU queue
+    sums = torch.zeros(3, device=device)  # loss * batch, correct genders, age absolute error
+    no_draws = torch.zeros(0, device=device)  # what a CUDA graph takes when nothing is drawn
+    seen = 0
+    desc = f"epoch {epoch}/{t.epochs}"
+    bar = tqdm(range(steps), desc, unit="step", leave=False, file=sys.stderr, disable=run.quiet)
+    for step in bar:
+        idx = perm[step * t.batch_size : (step + 1) * t.batch_size][rank::world]
+        b = len(idx)
+        draws = no_draws
+        if t.augment:
+            draws = torch.rand(b, DRAWS, device=device, generator=run.aug_gen)
+        age, gender = data.age["train"][idx], data.gender["train"][idx]
+        loss, mae, correct = run.forward(x_all[idx], draws, age, gender)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if run.weights is not None and world > 1:
+            # the learnt task weights sit outside the DDP module: average their gradients here
+            for p in run.weights.parameters():
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+        if t.grad_clip > 0:
+            nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+        run.opt.step()
+        if run.per_step:
+            run.sched.step()
+        with torch.no_grad():
+            sums += torch.stack([loss.detach() * b, correct, mae * b])
+            seen += b
+        if not run.quiet and step % 25 == 0:  # reading the loss waits for the device: rarely
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    totals = torch.cat([sums, torch.tensor([float(seen)], device=device)])
+    totals = distributed.sum_over_ranks(totals)
+    seen = int(totals[3].item())
+    loss, correct, abs_err = (totals[:3] / max(seen, 1)).tolist()
+    return {"loss": loss, "acc": correct, "mae": abs_err, "images": seen}
+
+
+@torch.no_grad()
+def validate(
+    run: Run,
+    model: nn.Module,
+    data: Data,
+    split: str,
+    weights: UncertaintyWeights | None = None,
+    tta: bool = False,
+) -> dict[str, float]:
+    """Mean loss, gender accuracy and age MAE of ``model`` on ``split`` (no augmentation).
+
+    Under DDP every rank must call it: each scores a slice of ``split`` and the sums are added
+    up, so all ranks return the same numbers.
+    """
+    cfg, device = run.cfg, run.device
+    model.eval()
+    head = model.config.get("age_head", "regression")
+    n, rank, world = len(data.x[split]), distributed.rank(), distributed.world_size()
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    x_all, age_all, gender_all = (v[split][lo:hi] for v in (data.x, data.age, data.gender))
+    sums = torch.zeros(3, device=device)
+    for s in range(0, len(x_all), cfg.train.eval_batch_size):
+        x = normalize(x_all[s : s + cfg.train.eval_batch_size], model.data_config)
+        age = age_all[s : s + len(x)]
+        gender = gender_all[s : s + len(x)]
+        with autocast(device, run.amp):
+            out = model(x)
+            pred = forward_tta(model, x, True) if tta else None
+        losses = recipe_loss(cfg, head, out, age, gender, weights)
+        p_female = pred["p_female"] if tta else torch.sigmoid(out["gender"].float())
+        pred_age = pred["age"] if tta else out["age"].float()
+        right = ((p_female > 0.5) == (gender > 0.5)).sum()
+        sums += torch.stack([losses["loss"] * len(x), right, (pred_age - age).abs().sum()])
+    loss, acc, mae = (distributed.sum_over_ranks(sums) / n).tolist()
+    return {"loss": loss, "acc": acc, "mae": mae}
+
+
+def end_epoch(run: Run, epoch: int, tr: dict, va: dict, seconds: float, plotted: float) -> float:
+    """Record an epoch: history row, best epoch, checkpoints, curves (at most every
+    ``PLOT_EVERY_S``), the epoch line. Returns when ``curves.png`` was last drawn."""
+    lr = run.opt.param_groups[0]["lr"]
+    row = {"epoch": epoch, **{f"train_{k}": tr[k] for k in ("loss", "acc", "mae")}}
+    row.update({f"val_{k}": va[k] for k in ("loss", "acc", "mae")})
+    row.update(lr=lr, seconds=round(seconds, 2), img_per_s=round(tr["images"] / seconds, 1))
+    run.history.append(row)
+    improved = va["loss"] < run.best_loss
+    if improved:
+        run.best_loss, run.best_epoch = va["loss"], epoch
+    if distributed.rank() == 0:
+        meta = {"epoch": epoch, "metrics": {"val": va, "train": tr}, "config": to_dict(run.cfg)}
+        save_checkpoint(run.out / "last.safetensors", run.model, meta)
+        if improved:
+            save_checkpoint(run.out / "best.safetensors", run.model, meta)
+        save_state(run, epoch)
+        write_history(run.out / "history.csv", run.history)
+        # a redraw costs 0.2-0.5 s: every epoch on a CPU, every few seconds' worth on a GPU
+        if time.monotonic() - plotted >= PLOT_EVERY_S:
+            plot_curves(run.history, run.out / "curves.png")
+            plotted = time.monotonic()
+    run.log(
+        f"epoch {epoch:3d}/{run.cfg.train.epochs}  loss {tr['loss']:.3f}/{va['loss']:.3f}  "
+        f"acc {tr['acc']:.3f}/{va['acc']:.3f}  mae {tr['mae']:.2f}/{va['mae']:.2f}  "
+        f"lr {lr:.2e}  {seconds:.0f}s {row['img_per_s']:.0f} img/s{'  *' if improved else ''}"
+    )
+    return plotted
+
+
+# --------------------------------------------------------------------------- main
+
+
+def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bool = False) -> Path:
+    """Train as ``cfg`` says; returns the run folder. ``resume`` continues a run from its
+    ``last`` checkpoint (its own ``config.toml`` is used).
+
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1), the process joins a process group for the
+    length of the call (nccl on ``cuda:LOCAL_RANK``, gloo on the CPU) and trains with
+    DistributedDataParallel; ``train.batch_size`` is then the global batch, split evenly
+    between the processes. Every rank returns once rank 0 has written the whole run folder.
+    """
+    if resume is not None:
+        out = Path(resume)
+        if not (out / "config.toml").is_file() or not (out / "last.state.pt").is_file():
+            raise DataError(f"{resume} is not a run folder with a last checkpoint to resume")
+        cfg = load_config(out / "config.toml")
+    elif cfg.run.out:
+        check_new_run_dir(Path(cfg.run.out))
+    check_config(cfg, list_models())
+    t = cfg.train
+    device = resolve_device(t.device)
+    # torchrun's environment says how many processes there are before a group exists
+    processes = distributed.world_size()
+    if not distributed.is_distributed():
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if t.cuda_graphs and (device.type != "cuda" or t.compile or processes > 1):
+        raise ConfigError(
+            "train.cuda_graphs needs one CUDA GPU and train.compile=false "
+            f"(here: device {device}, compile {str(t.compile).lower()}, {processes} processes)"
+        )
+    own_group = processes > 1 and not distributed.is_distributed()
+    if own_group or distributed.is_distributed():
+        device = distributed.process_device(device)
+    if own_group:  # torchrun's environment says where rank 0 listens
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(cfg, resume, device, quiet)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _setup(cfg: Config, resume: str | os.PathLike | None, device: torch.device) -> Path:
+    """The run folder (picked once, by rank 0), threads, cuDNN and the seeds."""
+    t = cfg.train
+    rank, world = distributed.rank(), distributed.world_size()
+    if t.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is the global batch: it must divide evenly "
+            f"between the {world} processes"
+        )
+    if resume is not None:
+        out = Path(resume)
+    else:
+        # the numbered folder is picked once, by rank 0, before anyone creates it
+        picked = [run_dir(cfg) if rank == 0 else None]
+        if distributed.is_distributed():
+            dist.broadcast_object_list(picked, src=0)
+        out = Path(picked[0])
+    if device.type == "cpu":
+        # torchrun starts LOCAL_WORLD_SIZE processes per machine: they share its cores
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 1
+        torch.set_num_threads(t.threads or max((os.cpu_count() or 1) // local_world, 1))
+    if device.type == "cuda":
+        # the input shape never changes: let cuDNN time its kernels once and keep the fastest
+        torch.backends.cudnn.benchmark = True
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _train(cfg: Config, resume: str | os.PathLike | None, device: torch.device, quiet: bool):
+    t = cfg.train
+    rank, world = distributed.rank(), distributed.world_size()
+    quiet = quiet or rank > 0  # one voice: progress bars and epoch lines come from rank 0
+    out = _setup(cfg, resume, device)
+    amp = use_amp(device, t.amp)
+    model = build_model(cfg, device)
+    data = load_data(cfg, model.data_config, device, out, quiet)
+    run = build_run(cfg, model, data, device, amp, out, quiet)
+    start = 1
+    if resume is not None:
+        start = resume_run(run)
+        run.log(f"resuming {out} at epoch {start}")
+    elif rank == 0:
+        fileio.write_text(out / "config.toml", to_toml(cfg))
+    wrap_for_training(run, data)
+
+    n_params = count_parameters(run.model)
+    run.log(
+        f"{cfg.model.name} ({n_params:,} params) on {len(data.x['train']):,} images "
+        f"[{cfg.data.size}px {cfg.data.color}], device {device}"
+        f"{' bf16' if amp else ''}, {torch.get_num_threads()} threads"
+        f"{f' x {world} processes' if world > 1 else ''} -> {out}"
+    )
+    train_time, train_images = sum(h["seconds"] for h in run.history), 0
+    plotted, drawn = -math.inf, 0  # when curves.png was last drawn, and with how many epochs
+    for epoch in range(start, t.epochs + 1):
+        if distributed.is_distributed():
+            # streams keyed by (seed, epoch, rank): --resume continues them with no saved state
+            aug_seed, dropout_seed = distributed.rank_seeds(t.seed, epoch, rank)
+            run.aug_gen.manual_seed(aug_seed)
+            torch.manual_seed(dropout_seed)
+        t0 = time.perf_counter()
+        tr = train_one_epoch(run, data, epoch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        # DDP sends rank 0's BatchNorm statistics at each forward, yet every rank's last forward
+        # moved its own: validate everywhere with rank 0's, the ones the checkpoint keeps.
+        # (Buffers only: parameters that drifted apart must stay apart for the check below.)
+        distributed.broadcast_state(run.model, buffers_only=True)
+        va = validate(run, run.model, data, "val", run.weights)
+        # va is summed over ranks, so every rank takes the same plateau and stopping decisions
+        if run.sched is not None and not run.per_step:
+            run.sched.step(va["loss"])
+        train_time += seconds
+        train_images += tr["images"]
+        before = plotted
+        plotted = end_epoch(run, epoch, tr, va, seconds, plotted)
+        drawn = len(run.history) if plotted != before else drawn
+        if t.early_stopping and epoch - run.best_epoch >= t.early_stopping:
+            run.log(f"early stopping: no val-loss improvement for {t.early_stopping} epochs")
+            break
+    if rank == 0 and drawn < len(run.history):  # the last epochs were not drawn yet
+        plot_curves(run.history, out / "curves.png")
+    return finish(run, data, train_time, train_images)
+
+
+def finish(run: Run, data: Data, train_time: float, train_images: int) -> Path:
+    """Check that every rank holds the same weights, score the best checkpoint on every split
+    with the recipe's TTA, write ``metrics.json`` and put the test score into the checkpoint."""
+    cfg, device, out = run.cfg, run.device, run.out
+    rank, world = distributed.rank(), distributed.world_size()
+    weights_digest = distributed.state_digest(run.weights) if run.weights is not None else ""
+    lr = run.opt.param_groups[0]["lr"]
+    agreed = (weights_digest, lr, run.best_epoch, len(run.history))
+    digest = distributed.check_ranks_agree(run.model, *agreed)
+    if world > 1:
+        run.log(f"all {world} processes hold the same weights (sha256 {digest[:16]})")
+    if rank == 0:
+        best, _ = load_checkpoint(out / "best.safetensors", device)
+    else:  # other machines may not see rank 0's disk: it sends them the weights instead
+        best = from_config(cfg.model, cfg.data.size, cfg.data.color).to(device).eval()
+    distributed.broadcast_state(best)
+    results: dict[str, Any] = {}
+    # train too (no augmentation, eval mode): the train-val gap is the study's overfitting table
+    for split in ("train", "val", "test"):
+        if len(data.x[split]):
+            results[split] = validate(run, best, data, split, None, tta=cfg.train.tta)
+    img_s = train_images / train_time if train_images and train_time else 0.0
+    metrics = {
+        "best_epoch": run.best_epoch,
+        "epochs_run": len(run.history),
+        "tta": cfg.train.tta,
+        **{f"{s}_{k}": v for s, r in results.items() for k, v in r.items() if k != "loss"},
+        "train_seconds": round(train_time, 1),
+        "seconds_per_epoch": round(train_time / max(len(run.history), 1), 2),
+        "peak_memory_mb": peak_memory_mb(device),
+        "train_img_per_s": round(img_s, 1),
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "world_size": world,
+        "last_sha256": digest,
+        "amp": run.amp,
+        "params": count_parameters(run.model),
+        "train_images": len(data.x["train"]),
+        "trained_on": cfg.data.train_splits,
+        "host": platform.node(),
+    }
+    if rank == 0:
+        fileio.write_json(out / "metrics.json", metrics)
+        meta = read_meta(out / "best.safetensors")
+        meta["metrics"]["test"] = results.get("test")
+        keep = {k: meta[k] for k in ("epoch", "metrics", "config")}
+        save_checkpoint(out / "best.safetensors", best, keep)
+    distributed.barrier(device)  # whichever rank returns first, the run folder is complete
+    scores = "  ".join(
+        f"{s} acc {r['acc']:.4f} mae {r['mae']:.3f}" for s, r in results.items() if s != "train"
+    )
+    tta = "flip TTA" if cfg.train.tta else "no TTA"
+    run.log(f"best epoch {run.best_epoch}: {scores}  ({tta}); training {img_s:.0f} img/s -> {out}")
+    return out

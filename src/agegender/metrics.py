@@ -1,0 +1,146 @@
+"""Metrics of one set of predictions: gender accuracy and confusion, age error by band and
+decade, a per-race table, calibration and the age interval's coverage. Pure NumPy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from agegender.data import AGE_BANDS, GENDERS, RACES, age_band, band_name
+from agegender.runtime import INTERVAL_LEVEL, INTERVAL_Z
+
+DECADES = (*((lo, lo + 9) for lo in range(0, 90, 10)), (90, 200))
+ECE_BINS = 10
+
+
+def _mean(x: np.ndarray) -> float | None:
+    # None (JSON null) rather than NaN for empty groups: NaN is not valid JSON
+    return float(x.mean()) if len(x) else None
+
+
+def _range_name(lo: int, hi: int, last: bool) -> str:
+    return f"{lo}+" if last else f"{lo}-{hi}"
+
+
+def compute_metrics(
+    age_true: Any,
+    gender_true: Any,
+    race: Any,
+    age_pred: Any,
+    p_female: Any,
+    age_std: Any | None = None,
+) -> dict[str, Any]:
+    """Gender, age, fairness, calibration and uncertainty metrics of one set of predictions.
+
+    A face is predicted female when ``p_female > 0.5``. Calibration uses the confidence
+    ``max(p, 1 - p)`` (always in [0.5, 1]) in :data:`ECE_BINS` equal-width bins over [0.5, 1];
+    the expected calibration error is the image-weighted mean of |accuracy - confidence| over
+    the bins. With ``age_std`` the 90 % interval ``age_pred +- INTERVAL_Z * age_std`` is checked
+    against the true ages. Groups without images get ``None`` for their averages.
+
+    >>> m = compute_metrics(
+    ...     age_true=[5, 25, 45, 70], gender_true=[0, 1, 0, 1], race=[0, 0, 1, 2],
+    ...     age_pred=[7, 22, 45, 60], p_female=[0.2, 0.9, 0.6, 0.7], age_std=[1, 2, 1, 5])
+    >>> m["n"], m["gender_accuracy"], m["gender_accuracy_by_gender"]
+    (4, 0.75, {'male': 0.5, 'female': 1.0})
+    >>> m["confusion"]  # rows: true male, female; columns: predicted male, female
+    [[1, 1], [0, 2]]
+    >>> m["age_mae"], round(m["age_abs_error_std"], 4)  # errors 2, 3, 0, 10
+    (3.75, 3.7666)
+    >>> {band: v["mae"] for band, v in m["age_mae_by_band"].items()}
+    {'0-9': 2.0, '10-19': None, '20-39': 3.0, '40-59': 0.0, '60+': 10.0}
+    >>> m["by_race"]["White"]
+    {'n': 2, 'gender_accuracy': 1.0, 'age_mae': 2.5}
+    >>> round(m["calibration"]["ece"], 6)  # one face per bin: (0.2 + 0.1 + 0.6 + 0.3) / 4
+    0.3
+    >>> m["age_interval"]["coverage"], round(m["age_interval"]["mean_width"], 4)
+    (0.5, 7.4018)
+    """
+    age_true = np.asarray(age_true, dtype=np.float64)
+    gender_true = np.asarray(gender_true, dtype=np.int64)
+    race = np.asarray(race, dtype=np.int64)
+    age_pred = np.asarray(age_pred, dtype=np.float64)
+    p_female = np.asarray(p_female, dtype=np.float64)
+    n = len(age_true)
+    if not n == len(gender_true) == len(race) == len(age_pred) == len(p_female):
+        raise ValueError("age_true, gender_true, race, age_pred and p_female differ in length")
+    if n == 0:
+        raise ValueError("no predictions to evaluate")
+
+    gender_pred = (p_female > 0.5).astype(np.int64)
+    correct = gender_pred == gender_true
+    abs_err = np.abs(age_pred - age_true)
+    confusion = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(confusion, (gender_true, gender_pred), 1)
+
+    def by_ranges(ranges: tuple[tuple[int, int], ...]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for i, (lo, hi) in enumerate(ranges):
+            sel = (age_true >= lo) & (age_true <= hi)
+            out[_range_name(lo, hi, i == len(ranges) - 1)] = {
+                "n": int(sel.sum()),
+                "mae": _mean(abs_err[sel]),
+            }
+        return out
+
+    # Bands by data.age_band, so that the bands match the split's stratification exactly.
+    bands = np.asarray(age_band(age_true.astype(np.int64)))
+    by_band = {
+        band_name(b): {"n": int((bands == b).sum()), "mae": _mean(abs_err[bands == b])}
+        for b in range(len(AGE_BANDS))
+    }
+
+    confidence = np.maximum(p_female, 1 - p_female)
+    edges = np.linspace(0.5, 1.0, ECE_BINS + 1)
+    which = np.clip(np.searchsorted(edges[1:-1], confidence, side="right"), 0, ECE_BINS - 1)
+    bins, ece = [], 0.0
+    for b in range(ECE_BINS):
+        sel = which == b
+        conf, acc = _mean(confidence[sel]), _mean(correct[sel].astype(np.float64))
+        if conf is not None and acc is not None:
+            ece += sel.sum() / n * abs(acc - conf)
+        bins.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "n": int(sel.sum()),
+                "confidence": conf,
+                "accuracy": acc,
+            }
+        )
+
+    metrics: dict[str, Any] = {
+        "n": n,
+        "gender_accuracy": float(correct.mean()),
+        "gender_accuracy_by_gender": {
+            name: _mean(correct[gender_true == g].astype(np.float64))
+            for g, name in enumerate(GENDERS)
+        },
+        "confusion": confusion.tolist(),
+        "age_mae": float(abs_err.mean()),
+        "age_abs_error_std": float(abs_err.std()),
+        "age_mae_by_band": by_band,
+        "age_mae_by_decade": by_ranges(DECADES),
+        "by_race": {
+            name: {
+                "n": int((race == r).sum()),
+                "gender_accuracy": _mean(correct[race == r].astype(np.float64)),
+                "age_mae": _mean(abs_err[race == r]),
+            }
+            for r, name in enumerate(RACES)
+        },
+        "calibration": {"ece": float(ece), "bins": bins},
+        "age_interval": None,
+    }
+    if age_std is not None:
+        std = np.asarray(age_std, dtype=np.float64)
+        half = INTERVAL_Z * std
+        metrics["age_interval"] = {
+            "level": INTERVAL_LEVEL,
+            "z": INTERVAL_Z,
+            "coverage": float((abs_err <= half).mean()),
+            "mean_width": float((2 * half).mean()),
+        }
+    return metrics

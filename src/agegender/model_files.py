@@ -1,0 +1,132 @@
+"""Models on disk, without torch: which file a name means, and what its metadata says.
+
+A checkpoint is ``NAME.safetensors`` (weights) plus ``NAME.json`` (the model's name and
+constructor arguments, its ``data_config``, epoch, metrics, recipe); the same JSON is also in
+the safetensors header, so the weights file alone is enough. An exported model is
+``NAME.onnx`` with the same description in its ``metadata_props``. This module reads the
+description of either (the safetensors header by hand: it is 8 bytes of length and a JSON
+object) and checks it, so a damaged or edited file is a one-line error, not a traceback later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from agegender.errors import AgeGenderError, DataError
+from agegender.images import COLORS, INTERPOLATIONS
+
+FORMAT = "agegender-checkpoint"
+VERSION = 1
+WEIGHTS = Path(__file__).parent / "weights"
+BUNDLED = WEIGHTS / "default.safetensors"
+#: the largest input side a model may declare (``prepare --size`` takes 16-1024 too)
+MAX_SIDE = 1024
+
+
+def resolve_checkpoint(spec: str | os.PathLike) -> Path:
+    """``default`` (the bundled model), a run folder (its ``best.safetensors``) or a file."""
+    if str(spec) == "default":
+        if not BUNDLED.is_file():
+            raise AgeGenderError(
+                "no bundled model in this installation; pass a run folder or a checkpoint"
+            )
+        return BUNDLED
+    path = Path(spec)
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise AgeGenderError(f"{spec} is a folder without best.safetensors or last.safetensors")
+    if not path.is_file():
+        raise AgeGenderError(f"no such model: {spec} (give default, a run folder or a checkpoint)")
+    return path
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header, read without the library."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100_000_000:
+                raise ValueError(f"a header of {n:,} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not a safetensors checkpoint: {e}") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The description of a checkpoint (from ``.json``, else from the weights' header).
+
+    Raises :class:`~agegender.errors.DataError` naming the file when the metadata is not JSON,
+    lacks the model's description (``model`` with its ``name``, ``data_config``), or holds a
+    ``data_config`` no model can have.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AgeGenderError(f"no such checkpoint: {path}")
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        source = sidecar
+        try:
+            meta = json.loads(sidecar.read_text())
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise DataError(f"corrupt checkpoint metadata {sidecar}: not JSON ({e})") from None
+    else:
+        source = path
+        try:
+            meta = json.loads(safetensors_metadata(path).get("agegender", "{}"))
+        except ValueError as e:
+            raise DataError(f"corrupt checkpoint metadata in {path}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{source} is not an agegender checkpoint (no model description)")
+    model = meta.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise DataError(f"corrupt checkpoint metadata {source}: no model name")
+    problem = data_config_problem(meta.get("data_config"))
+    if problem:
+        raise DataError(f"corrupt checkpoint metadata {source}: {problem}")
+    return meta
+
+
+def data_config_problem(cfg: Any) -> str | None:
+    """What is wrong with a model's ``data_config``, or None when a model can have it."""
+    if not isinstance(cfg, dict) or not {"input_size", "color"} <= cfg.keys():
+        return "no data_config (input_size, color)"
+    size, color = cfg["input_size"], cfg["color"]
+    if color not in COLORS:
+        return f"data_config color {color!r} is not one of {', '.join(COLORS)}"
+    chans = 1 if color == "gray" else 3
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+        or size[0] != chans
+        or size[1] != size[2]
+        or not 16 <= size[1] <= MAX_SIDE
+    ):
+        return (
+            f"data_config input_size {size!r} is not [channels, side, side] with {chans} "
+            f"channel(s) for {color} and a side of 16-{MAX_SIDE}"
+        )
+    for key in ("mean", "std"):
+        v = cfg.get(key, [0.5] * chans)
+        if (
+            not isinstance(v, (list, tuple))
+            or len(v) != chans
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            or (key == "std" and not all(x > 0 for x in v))
+        ):
+            return f"data_config {key} {v!r} is not {chans} number(s){' > 0' * (key == 'std')}"
+    interp = cfg.get("interpolation", "bilinear")
+    if interp not in INTERPOLATIONS:
+        return f"data_config interpolation {interp!r} is not one of {', '.join(INTERPOLATIONS)}"
+    return None

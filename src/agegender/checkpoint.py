@@ -14,16 +14,35 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from agegender import fileio
 from agegender.errors import DataError
-from agegender.model_files import BUNDLED, FORMAT, VERSION, read_meta, resolve_checkpoint
+from agegender.model_files import (
+    BUNDLED,
+    FORMAT,
+    SEEN_HASHES,
+    SEEN_SIGNATURES,
+    VERSION,
+    read_meta,
+    read_seen,
+    resolve_checkpoint,
+)
 from agegender.models import LEGACY_ARGS, create_model
+from agegender.near_dups import SIGNATURE_VERSION, SeenRecord
 
-__all__ = ["BUNDLED", "load_checkpoint", "read_meta", "resolve_checkpoint", "save_checkpoint"]
+__all__ = [
+    "BUNDLED",
+    "load_checkpoint",
+    "load_weights",
+    "read_meta",
+    "read_seen",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -37,10 +56,13 @@ def save_checkpoint(
     model: nn.Module,
     extra: dict[str, Any] | None = None,
     half: bool = False,
+    seen: SeenRecord | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` (.safetensors) and its sidecar (.json), atomically.
 
     ``half`` stores float weights as fp16 (half the size; for bundling a final model).
+    ``seen``: the record of the images it was trained and validated on, kept in the weights
+    file beside the tensors (``evaluate`` leaves those images and their near-copies out).
     """
     path = Path(path)
     model = unwrap(model)
@@ -57,11 +79,21 @@ def save_checkpoint(
         if half and v.is_floating_point():
             v = v.half()
         state[k] = v
+    if seen is not None:
+        state[SEEN_HASHES] = torch.from_numpy(np.ascontiguousarray(seen.hashes))
+        state[SEEN_SIGNATURES] = torch.from_numpy(np.ascontiguousarray(seen.signatures))
+        meta["seen"] = {"images": len(seen), "signature_version": SIGNATURE_VERSION}
     text = json.dumps(meta, indent=1, default=str)
     with fileio.atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"agegender": text})
     fileio.write_text(path.with_suffix(".json"), text + "\n")
     return path
+
+
+def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
+    """The model's tensors of a checkpoint (its record of training images left out)."""
+    state = load_file(str(path), device=str(device))
+    return {k: v for k, v in state.items() if k not in (SEEN_HASHES, SEEN_SIGNATURES)}
 
 
 def load_checkpoint(
@@ -75,7 +107,7 @@ def load_checkpoint(
     cfg = {LEGACY_ARGS.get(k, k): v for k, v in meta["model"].items()}
     model = create_model(cfg.pop("name"), **cfg)
     try:
-        state = load_file(str(path), device="cpu")
+        state = load_weights(path)
     except Exception as e:  # truncated or overwritten: safetensors' own error types vary
         raise DataError(f"corrupt checkpoint weights {path}: {e}") from None
     reference = model.state_dict()

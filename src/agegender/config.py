@@ -29,13 +29,17 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+#: the seed of prepare's train/val/test split: the bundled models were trained on its split
+SPLIT_SEED = 1
+
+
 @dataclass(frozen=True)
 class DataConfig:
     cache: str = ""  # a cache written by `agegender prepare` (or where data.root is prepared to)
     root: str = ""  # image folder(s), comma-separated, prepared on the fly into data.cache
     size: int = 128  # image side in pixels (when preparing from data.root)
     color: str = "gray"  # gray | rgb (when preparing from data.root)
-    split_seed: int = 42  # seed of the train/val/test split (when preparing from data.root)
+    split_seed: int = SPLIT_SEED  # seed of the train/val/test split (when preparing data.root)
     limit: int = 0  # use at most N training images (0 = all)
     train_splits: str = "train"  # splits to train on: "train", or "train,val" for a final model
 
@@ -54,6 +58,13 @@ class LossConfig:
     w_gender: float = 1.0  # weight of the gender loss (equal weights: the study's best)
     uncertainty: bool = False  # learn the task weights (Kendall et al. 2018) instead
     sigma: float = 2.0  # std (years) of the Gaussian label distribution of the dldl head
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = ""  # a model to learn from as well: accurate, a run folder, a checkpoint
+    weight: float = 0.5  # share of the loss from the teacher's outputs (the rest: the labels)
+    tta: bool = True  # the teacher's outputs averaged with the mirrored face's
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -265,6 +277,7 @@ def check_config(cfg: Config, models: list[str] | None = None) -> None:
         (d.limit < 0, "data.limit must be >= 0 (0 = all)"),
         (d.split_seed < 0, "data.split_seed must be >= 0"),
         (m.dropout >= 1, "model.dropout must be below 1 (< 0 = the model's default)"),
+        (not 0 <= cfg.distill.weight <= 1, "distill.weight must be in [0, 1]"),
         (models is not None and m.name not in models, f"unknown model.name {m.name!r}; "
          f"registered: {', '.join(models or [])}"),
     ]  # fmt: skip

@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from agegender import fileio
+from agegender import fileio, near_dups
+from agegender.config import SPLIT_SEED
 from agegender.errors import DataError
 from agegender.images import COLORS, face_config, find_images, load_face
 
@@ -37,7 +38,7 @@ RACES = ("White", "Black", "Asian", "Indian", "Others")  # UTKFace race codes 0.
 AGE_RANGE = (1, 120)
 AGE_BANDS = ((0, 9), (10, 19), (20, 39), (40, 59), (60, 200))
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: near-duplicate groups in the manifest
 
 # age_gender_race_datetime, then the extension as it really occurs: ".jpg.chip.jpg",
 # " .jpg.chip.jpg", "jpg.chip.jpg" (no dot), upper case, or a plain ".jpg"/".jpeg"/".png".
@@ -203,7 +204,20 @@ def parse_split(text: str | tuple[float, ...]) -> tuple[float, float, float]:
 # --------------------------------------------------------------------------- prepare
 
 
-MANIFEST_COLUMNS = ("path", "age", "gender", "race", "content_hash", "split", "status", "index")
+MANIFEST_COLUMNS = (
+    "path",
+    "age",
+    "gender",
+    "race",
+    "content_hash",
+    "group",
+    "split",
+    "status",
+    "index",
+)
+#: a near-duplicate group disagrees widely when its genders differ or its ages span more than
+#: this many years (or a quarter of the youngest age, when that is more)
+CONFLICT_YEARS = 5
 
 
 @dataclass
@@ -213,6 +227,7 @@ class _Row:
     gender: int | None = None
     race: int | None = None
     content_hash: str = ""
+    group: str = ""  # near-duplicate group: the content hash of its first member
     split: str = ""
     status: str = ""
     index: int = -1
@@ -238,6 +253,7 @@ def _write_manifest(path: Path, rows: list[_Row]) -> None:
                     "" if r.gender is None else r.gender,
                     "" if r.race is None else r.race,
                     r.content_hash,
+                    r.group,
                     r.split,
                     r.status,
                     r.index,
@@ -254,8 +270,9 @@ def read_manifest(cache_dir: str | os.PathLike) -> list[dict[str, str]]:
 def _parse_row(fields: list[str]) -> _Row:
     if len(fields) != len(MANIFEST_COLUMNS):
         raise ValueError(f"{len(fields)} fields instead of {len(MANIFEST_COLUMNS)}")
-    path, age, gender, race, digest, split, status, index = fields
-    r = _Row(path, *(int(x) if x else None for x in (age, gender, race)), digest, split, status)
+    path, age, gender, race, digest, group, split, status, index = fields
+    labels = (int(x) if x else None for x in (age, gender, race))
+    r = _Row(path, *labels, digest, group, split, status)
     r.index = int(index)
     if not status:
         raise ValueError("no status")
@@ -265,6 +282,7 @@ def _parse_row(fields: list[str]) -> _Row:
         and r.race is not None
         and 0 <= r.race < len(RACES)
         and split in SPLITS
+        and r.group
         and r.index >= 0
     ):
         raise ValueError("a kept image without valid labels, split or index")
@@ -377,9 +395,33 @@ def _summarise(rows: list[_Row], extra: dict[str, Any]) -> dict[str, Any]:
         ),
         "duplicates_removed": status["duplicate"],
         "kept": len(kept),
+        **_near_duplicate_counts(kept),
         "splits": {s: sum(1 for r in kept if r.split == s) for s in SPLITS},
         **extra,
     }
+
+
+def _near_duplicate_counts(kept: list[_Row]) -> dict[str, Any]:
+    members: defaultdict[str, list[_Row]] = defaultdict(list)
+    for r in kept:
+        members[r.group].append(r)
+    shared = [m for m in members.values() if len(m) > 1]
+    conflicts = [m for m in shared if _conflict(m)]
+    return {
+        "near_duplicate_groups": len(shared),
+        "near_duplicate_images": sum(len(m) for m in shared),
+        "near_duplicate_conflicts": len(conflicts),
+        "near_duplicate_conflict_examples": [
+            [f"{Path(r.path).name}" for r in m] for m in conflicts[:5]
+        ],
+    }
+
+
+def _conflict(members: list[_Row]) -> bool:
+    """Copies of one photograph whose labels disagree widely (see ``CONFLICT_YEARS``)."""
+    ages = [r.age for r in members]
+    span = max(CONFLICT_YEARS, min(ages) / 4)
+    return len({r.gender for r in members}) > 1 or max(ages) - min(ages) > span
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -394,6 +436,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"conflicting groups   {s['conflicting_groups']:>8,}  (copies disagree on age/gender: "
         "dropped)",
         f"kept images          {s['kept']:>8,}",
+        f"near-duplicates      {s['near_duplicate_groups']:>8,}  groups of the same photo "
+        f"({s['near_duplicate_images']:,} images), each kept in one split; "
+        f"{s['near_duplicate_conflicts']:,} disagree widely on their labels",
         "splits               " + "  ".join(f"{k} {v:,}" for k, v in s["splits"].items()),
         f"images               {s['image_shape']} uint8 in {s['cache_dir']}/images.npy",
         f"time                 {s['seconds']:.1f} s" + ("  (cache reused)" if s["reused"] else ""),
@@ -406,7 +451,7 @@ def prepare(
     out: str | os.PathLike,
     size: int = 128,
     color: str = "gray",
-    seed: int = 42,
+    seed: int = SPLIT_SEED,
     split: str | tuple[float, float, float] = (0.7, 0.1, 0.2),
     workers: int = 0,
     quiet: bool = False,
@@ -418,6 +463,12 @@ def prepare(
     no image at all raises :class:`DataError` and writes no cache. Re-running on unchanged
     files with the same ``size`` and ``color`` reuses the decoded images (a new ``seed`` or
     ``split`` only re-deals the splits).
+
+    Copies of one photograph that are not byte-identical (:mod:`agegender.near_dups`) form a
+    group, and a group never crosses splits: images are dealt to splits stratified by gender
+    and age band, then each group goes whole to the earliest split one of its members was dealt
+    to (train, val, test). With the default ``seed`` the splits are those the bundled models
+    were trained on; ``splits/utkface.csv`` publishes them.
     """
     t0 = time.perf_counter()
     fractions = parse_split(split)
@@ -437,7 +488,9 @@ def prepare(
     channels = 1 if color == "gray" else 3
 
     key = {"version": CACHE_VERSION, "files": _fingerprint(paths), "size": size, "color": color}
+    key["near_duplicates"] = near_dups.SIGNATURE_VERSION
     reused = False
+    fileio.remove_stale_temps(out_dir)  # what a killed prepare left behind
     try:
         if json.loads(meta_path.read_text()).get("key") == key:
             _, rows, _ = _read_cache(out_dir)
@@ -457,11 +510,9 @@ def prepare(
         kept = [r for r in rows if r.status == "kept"]
         if not kept:
             raise _nothing_usable(rows)
-        assignment = split_indices(
-            np.array([r.gender for r in kept]), np.array([r.age for r in kept]), fractions, seed
-        )
-        for r, s in zip(kept, assignment):
-            r.split = SPLITS[s]
+        if not reused:  # a reused manifest has its groups
+            _group(kept, np.load(tmp_images, mmap_mode="r"), quiet)
+        _split(kept, fractions, seed)
         # cache.json marks a complete cache: it goes first and comes back last, so that a run
         # killed in between leaves a cache that open_cache refuses and the next run rebuilds
         meta_path.unlink(missing_ok=True)
@@ -493,6 +544,30 @@ def prepare(
                 out_dir.rmdir()  # only when empty: nothing was written
         raise
     return summary
+
+
+def _group(kept: list[_Row], images: np.ndarray, quiet: bool) -> None:
+    """Set each kept row's near-duplicate group (``kept`` in image index order)."""
+    t0 = time.perf_counter()
+    pairs = near_dups.find_pairs(images)
+    roots = near_dups.groups(len(kept), pairs)
+    for r, root in zip(kept, roots):
+        r.group = kept[root].content_hash
+    if not quiet:
+        print(f"near-duplicates: {len(pairs):,} pairs in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)  # fmt: skip
+
+
+def _split(kept: list[_Row], fractions: tuple[float, ...], seed: int) -> None:
+    """Deal the kept rows to splits, stratified, then move each near-duplicate group whole to
+    the earliest split any of its members was dealt to."""
+    genders, ages = np.array([r.gender for r in kept]), np.array([r.age for r in kept])
+    dealt = split_indices(genders, ages, fractions, seed)
+    earliest: dict[str, int] = {}
+    for r, s in zip(kept, dealt):
+        earliest[r.group] = min(int(s), earliest.get(r.group, len(SPLITS)))
+    for r in kept:
+        r.split = SPLITS[earliest[r.group]]
 
 
 def _nothing_usable(rows: list[_Row]) -> DataError:
@@ -610,6 +685,8 @@ class Cache:
     split: np.ndarray
     paths: list[str] = field(repr=False)
     summary: dict[str, Any] = field(repr=False)
+    content_hash: list[str] = field(repr=False, default_factory=list)
+    group: list[str] = field(repr=False, default_factory=list)  # near-duplicate groups
 
     @property
     def size(self) -> int:
@@ -657,4 +734,6 @@ def open_cache(path: str | os.PathLike) -> Cache:
         split=np.array([r.split for r in kept]),
         paths=[r.path for r in kept],
         summary=summary,
+        content_hash=[r.content_hash for r in kept],
+        group=[r.group for r in kept],
     )

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+_UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then put back
+os.umask(_UMASK)
 #: what a temporary file of :func:`temp_path` is called: the target's name + ``.tmp`` + a pid
 _TEMP = re.compile(r"\.tmp(\d+)(\.\w+)?$")
 
@@ -49,9 +51,11 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Flush a fully written ``tmp`` to disk and move it over ``path`` in one step."""
+    """Flush a fully written ``tmp`` to disk and move it over ``path`` in one step, with the
+    mode any new file gets here (some writers create theirs 0600)."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
     _fsync_dir(Path(path).parent)
 

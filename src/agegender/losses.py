@@ -33,6 +33,7 @@ __all__ = [
     "UncertaintyWeights",
     "age_loss",
     "coral_levels",
+    "distillation_loss",
     "gaussian_label_distribution",
     "gender_loss",
     "multitask_loss",
@@ -266,3 +267,30 @@ class UncertaintyWeights(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """See :func:`multitask_loss`."""
         return multitask_loss(outputs, age, gender, head=head, log_vars=self.log_vars, sigma=sigma)
+
+
+def distillation_loss(
+    outputs: dict[str, torch.Tensor],
+    teacher_p_female: torch.Tensor,
+    teacher_age_dist: torch.Tensor | None,
+    w_age: float = 1.0,
+    w_gender: float = 1.0,
+) -> torch.Tensor:
+    """How far a student's outputs are from its teacher's (Hinton et al. 2015, at T = 1).
+
+    ``w_gender * BCE(student logit, teacher's P(female)) + w_age * KL(teacher's age
+    distribution || the student's)``; the age term needs a ``dldl`` student (``age_logits``)
+    and is left out when ``teacher_age_dist`` is None. Teacher outputs are soft targets: a face
+    the teacher finds ambiguous teaches its ambiguity.
+
+    >>> out = {"gender": torch.tensor([0.0]), "age_logits": torch.zeros(1, 4)}
+    >>> round(distillation_loss(out, torch.tensor([0.5]), torch.full((1, 4), 0.25)).item(), 4)
+    0.6931
+    """
+    gender = F.binary_cross_entropy_with_logits(outputs["gender"].float(), teacher_p_female.float())
+    if teacher_age_dist is None:
+        return w_gender * gender
+    log_p = outputs["age_logits"].float().log_softmax(dim=-1)
+    t = teacher_age_dist.float()
+    kl = (torch.xlogy(t, t) - t * log_p).sum(dim=-1).mean()
+    return w_gender * gender + w_age * kl

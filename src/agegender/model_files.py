@@ -16,25 +16,45 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agegender.errors import AgeGenderError, DataError
 from agegender.images import COLORS, INTERPOLATIONS
+from agegender.near_dups import SeenRecord
 
 FORMAT = "agegender-checkpoint"
 VERSION = 1
 WEIGHTS = Path(__file__).parent / "weights"
-BUNDLED = WEIGHTS / "default.safetensors"
+#: the models that come with the package: ``default`` (distilled for speed) and ``accurate``
+#: (the larger model it learnt from)
+BUNDLED_NAMES = ("default", "accurate")
+
+
+def bundled(name: str = "default") -> Path:
+    """The weights file of a bundled model (``default`` is ``accurate`` where no distilled
+    model is bundled)."""
+    path = WEIGHTS / f"{name}.safetensors"
+    if name == "default" and not path.is_file():
+        return WEIGHTS / "accurate.safetensors"
+    return path
+
+
+BUNDLED = bundled("default")
 #: the largest input side a model may declare (``prepare --size`` takes 16-1024 too)
 MAX_SIDE = 1024
 
 
 def resolve_checkpoint(spec: str | os.PathLike) -> Path:
-    """``default`` (the bundled model), a run folder (its ``best.safetensors``) or a file."""
-    if str(spec) == "default":
-        if not BUNDLED.is_file():
+    """A bundled model's name (``default``, ``accurate``), a run folder (its
+    ``best.safetensors``) or a file."""
+    if str(spec) in BUNDLED_NAMES:
+        path = bundled(str(spec))
+        if not path.is_file():
             raise AgeGenderError(
-                "no bundled model in this installation; pass a run folder or a checkpoint"
+                f"no bundled model {spec!r} in this installation; pass a run folder or a "
+                "checkpoint"
             )
-        return BUNDLED
+        return path
     path = Path(spec)
     if path.is_dir():
         for name in ("best.safetensors", "last.safetensors"):
@@ -42,7 +62,9 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
                 return path / name
         raise AgeGenderError(f"{spec} is a folder without best.safetensors or last.safetensors")
     if not path.is_file():
-        raise AgeGenderError(f"no such model: {spec} (give default, a run folder or a checkpoint)")
+        raise AgeGenderError(
+            f"no such model: {spec} (give default, accurate, a run folder or a checkpoint)"
+        )
     return path
 
 
@@ -61,6 +83,33 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise DataError(f"{path} is not a safetensors checkpoint: {e}") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return meta if isinstance(meta, dict) else {}
+
+
+#: tensors of a checkpoint that are not the model's: the record of what it was trained on
+SEEN_HASHES, SEEN_SIGNATURES = "agegender.seen.hashes", "agegender.seen.signatures"
+
+
+def read_seen(path: str | os.PathLike) -> SeenRecord | None:
+    """The record of the images a checkpoint was trained and validated on, or None when it
+    has none (read without torch: the two uint8 tensors' bytes, by the header's offsets)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            if SEEN_HASHES not in header or SEEN_SIGNATURES not in header:
+                return None
+            arrays = []
+            for key in (SEEN_HASHES, SEEN_SIGNATURES):
+                info = header[key]
+                if info["dtype"] != "U8":
+                    raise ValueError(f"{key} is {info['dtype']}, not U8")
+                start, end = info["data_offsets"]
+                f.seek(8 + n + start)
+                data = np.frombuffer(f.read(end - start), np.uint8)
+                arrays.append(data.reshape(info["shape"]))
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise DataError(f"{path}: its record of training images is unreadable: {e}") from None
+    return SeenRecord(*arrays)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -39,6 +39,7 @@ __all__ = [
     "AGE_HEADS",
     "ResNetMT",
     "SeedCNN",
+    "count_macs",
     "count_parameters",
     "create_model",
     "from_config",
@@ -46,6 +47,7 @@ __all__ = [
     "normalize",
     "register_model",
     "summary",
+    "to_channels_last",
 ]
 
 AGE_HEADS = ("regression", "dldl", "coral")
@@ -84,7 +86,8 @@ def list_models() -> list[str]:
     """Names of the registered models, sorted.
 
     >>> list_models()
-    ['resnet-mt', 'resnet-mt-small', 'seed-cnn', 'seed-cnn-3conv', 'seed-cnn-5conv']
+    ['resnet-mt', 'resnet-mt-fast', 'resnet-mt-small',
+     'seed-cnn', 'seed-cnn-3conv', 'seed-cnn-5conv']
     """
     return sorted(_REGISTRY)
 
@@ -371,9 +374,11 @@ class CoralHead(nn.Module):
 class ResNetMT(nn.Module):
     """Small ResNet (BasicBlocks, BatchNorm) with a gender logit and a selectable age head.
 
-    Stem: 3x3 stride-2 conv (128 px -> 64 px, so the stages run at 64/32/16/8 px), then stages
-    of BasicBlocks (first stage stride 1, the others stride 2), global average pooling, dropout
-    and the heads. Any ``img_size >= 64`` works since the pooling is global.
+    Stem: 3x3 stride-2 conv (128 px -> 64 px, so the stages run at 64/32/16/8 px), or with
+    ``stem_stride=4`` two of them (the stages at 32/16/8/4 px: a quarter of the multiply-adds
+    while every input pixel is still seen at full resolution); then stages of BasicBlocks
+    (first stage stride 1, the others stride 2), global average pooling, dropout and the heads.
+    Any ``img_size >= 64`` works since the pooling is global.
 
     Age heads (``age_head``):
 
@@ -391,6 +396,7 @@ class ResNetMT(nn.Module):
         depths: BasicBlocks per stage.
         drop_rate: dropout rate before the heads.
         num_ages: K, the number of age classes ``0..K-1`` for ``dldl`` and ``coral``.
+        stem_stride: 2 or 4, how much the stem shrinks the input.
     """
 
     def __init__(
@@ -402,6 +408,7 @@ class ResNetMT(nn.Module):
         depths: Sequence[int] = (2, 2, 2, 2),
         drop_rate: float = 0.2,
         num_ages: int = 117,
+        stem_stride: int = 2,
     ) -> None:
         super().__init__()
         widths, depths = list(widths), list(depths)
@@ -413,6 +420,8 @@ class ResNetMT(nn.Module):
             raise ConfigError(f"img_size must be at least 64, got {img_size}")
         if num_ages < 2:
             raise ConfigError(f"num_ages must be at least 2, got {num_ages}")
+        if stem_stride not in (2, 4):
+            raise ConfigError(f"stem_stride must be 2 or 4, got {stem_stride}")
         self.data_config = _data_config(in_chans, img_size)
         self.config: dict[str, Any] = {
             "name": None,
@@ -423,17 +432,23 @@ class ResNetMT(nn.Module):
             "depths": depths,
             "drop_rate": drop_rate,
             "num_ages": num_ages,
+            "stem_stride": stem_stride,
         }
         self.age_head_kind = age_head
         self.num_ages = num_ages
 
-        self.stem = nn.Sequential(
-            OrderedDict(
-                conv=nn.Conv2d(in_chans, widths[0], 3, 2, 1, bias=False),
-                bn=nn.BatchNorm2d(widths[0]),
-                act=nn.ReLU(inplace=True),
-            )
+        layers = OrderedDict(
+            conv=nn.Conv2d(in_chans, widths[0] // (stem_stride // 2), 3, 2, 1, bias=False),
+            bn=nn.BatchNorm2d(widths[0] // (stem_stride // 2)),
+            act=nn.ReLU(inplace=True),
         )
+        if stem_stride == 4:  # a second stride-2 conv: the stages run at a quarter of the side
+            layers.update(
+                conv2=nn.Conv2d(widths[0] // 2, widths[0], 3, 2, 1, bias=False),
+                bn2=nn.BatchNorm2d(widths[0]),
+                act2=nn.ReLU(inplace=True),
+            )
+        self.stem = nn.Sequential(layers)
         stages = []
         chans = widths[0]
         for i, (width, depth) in enumerate(zip(widths, depths, strict=True)):
@@ -539,6 +554,19 @@ def resnet_mt(**kwargs: Any) -> nn.Module:
 
 
 @register_model
+def resnet_mt_fast(**kwargs: Any) -> nn.Module:
+    """resnet-mt with a stride-4 stem: 143 M multiply-adds at 128 px (resnet-mt: 555 M)."""
+    return _create(
+        ResNetMT,
+        "resnet-mt-fast",
+        kwargs,
+        widths=(32, 64, 128, 256),
+        depths=(2, 2, 2, 2),
+        stem_stride=4,
+    )
+
+
+@register_model
 def resnet_mt_small(**kwargs: Any) -> nn.Module:
     """Narrow ResNet 16/32/64/128 x (2, 2, 2, 2) for quick CPU runs; about 0.7 M params."""
     return _create(
@@ -549,6 +577,53 @@ def resnet_mt_small(**kwargs: Any) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 # Inspection
 # --------------------------------------------------------------------------------------------
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model`` with NHWC conv weights, except those with one input channel (a gray stem).
+
+    For those both layouts are valid and autograd hands back a contiguous gradient, which DDP
+    would copy into a differently strided bucket at every step (it warns about it).
+    """
+    model = model.to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        if p.ndim == 4 and p.shape[1] == 1:
+            p.data = p.data.contiguous()
+    return model
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def count_macs(model: nn.Module, input_size: Sequence[int] | None = None) -> int:
+    """Multiply-adds of one forward pass of one image, convolutions and linear layers.
+
+    >>> count_macs(create_model("resnet-mt"))
+    554857984
+    """
+    input_size = input_size or model.data_config["input_size"]
+    total = 0
+
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_out = module.in_channels // module.groups * module.kernel_size[0]
+            total += out[0].numel() * per_out * module.kernel_size[1]
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+
+    layers = (nn.Conv2d, nn.Linear)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, layers)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -27,7 +27,7 @@ from PIL import Image
 from agegender.detect import align_face, get_detector
 from agegender.errors import AgeGenderError
 from agegender.images import load_photo, open_photo, preprocess, upright_size
-from agegender.model_files import BUNDLED, read_meta, resolve_checkpoint
+from agegender.model_files import WEIGHTS, read_meta, resolve_checkpoint
 from agegender.runtime import OnnxBackend, OnnxLoadError, age_interval
 
 ASTRONAUT = Path(__file__).parent / "assets" / "astronaut.jpg"
@@ -101,9 +101,9 @@ def _onnx_backend(path: Path, onnx_path: Path | None, threads: int | None) -> On
     """ONNX Runtime on ``onnx_path``, or on the export of the checkpoint at ``path`` (made on
     first use next to it, or in the user's cache for the bundled model)."""
     onnx_file = onnx_path or path.with_suffix(".onnx")
-    if onnx_path is None and path == BUNDLED:  # the package folder may be read-only
+    if onnx_path is None and path.parent == WEIGHTS:  # the package folder may be read-only
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        onnx_file = cache / "agegender" / f"default-{path.stat().st_size}.onnx"
+        onnx_file = cache / "agegender" / f"{path.stem}-{path.stat().st_size}.onnx"
     fresh = not onnx_file.is_file() or onnx_file.stat().st_mtime < path.stat().st_mtime
     if fresh:
         from agegender.onnx_export import export_onnx  # exporting needs torch

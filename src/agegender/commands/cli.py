@@ -252,6 +252,12 @@ def _evaluate(p: argparse.ArgumentParser) -> Handler:
     )
     _device(p, at)
     _amp(p, at)
+    p.add_argument(
+        "--include-seen",
+        action="store_true",
+        help="keep the images the model trained or validated on (left out by default, "
+        "near-copies included)",
+    )
     p.add_argument("--no-timing", action="store_true", help="skip the inference-speed timing")
     p.add_argument(
         "--timing-reps",
@@ -266,9 +272,10 @@ def _evaluate(p: argparse.ArgumentParser) -> Handler:
         from agegender.commands.evaluate import evaluate, format_summary
 
         kw = {k: getattr(a, k) for k in ("split", "tta", "device", "batch_size", "amp", "quiet")}
-        m = evaluate(
-            a.model, a.data, out_dir=a.out, timing=not a.no_timing, timing_reps=a.timing_reps, **kw
+        kw.update(
+            timing=not a.no_timing, timing_reps=a.timing_reps, exclude_seen=not a.include_seen
         )
+        m = evaluate(a.model, a.data, out_dir=a.out, **kw)
         print(format_summary(m, a.out))
         return 0
 

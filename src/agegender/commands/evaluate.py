@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from agegender import fileio
-from agegender.checkpoint import load_checkpoint, resolve_checkpoint
+from agegender.checkpoint import load_checkpoint, read_seen, resolve_checkpoint
 from agegender.commands import report
 from agegender.config import load_config
 from agegender.data import SPLITS, is_cache, open_cache, prepare, read_manifest
@@ -52,6 +52,7 @@ class _Loaded(NamedTuple):
     split: str  # "all" for a plain image folder
     source: str  # where the images came from, for people
     skipped: dict[str, Any] | None = None  # a plain folder's files left out, see _skipped
+    excluded: int | None = None  # images left out as seen in training (None: no record)
 
 
 def _run_cache(model_spec: str | os.PathLike) -> Path:
@@ -104,18 +105,46 @@ def _skipped_line(skipped: dict[str, Any], root: Path) -> str:
     )
 
 
+def _unseen(
+    checkpoint: Path, cache: Any, rows: np.ndarray, where: str
+) -> tuple[np.ndarray, int | None]:
+    """``rows`` without the images the checkpoint was trained or validated on, or near-copies
+    of them (by its record), and how many were left out (None: it keeps no record)."""
+    record = read_seen(checkpoint)
+    if record is None:
+        print(
+            f"agegender: {checkpoint.name} keeps no record of its training images: nothing "
+            "was left out, and the scores may include images it trained on",
+            file=sys.stderr,
+        )
+        return rows, None
+    seen = record.seen([cache.content_hash[i] for i in rows], cache.images[rows])
+    if seen.all():
+        raise DataError(f"every image of {where} was seen in training (or is a near-copy)")
+    if seen.any():
+        print(
+            f"agegender: left out {int(seen.sum()):,} of {len(rows):,} images that the model "
+            "trained or validated on, or near-copies of them",
+            file=sys.stderr,
+        )
+    return rows[~seen], int(seen.sum())
+
+
 def _load(
     model_spec: str | os.PathLike,
     data: str | os.PathLike | None,
     split: str,
     device: torch.device,
     work_dir: Path,
+    exclude_seen: bool = True,
 ) -> _Loaded:
     """Model, metadata and the labelled images to run it on (already at the model's size).
 
     A prepared cache gives its ``split`` (``all`` for every row); a plain image folder is
     prepared into ``work_dir`` at the model's size and colour and used whole, since its split
-    would be an arbitrary one of ours, not the model's.
+    would be an arbitrary one of ours, not the model's. With ``exclude_seen``, the images the
+    model trained or validated on are left out, near-copies included (see
+    :class:`agegender.near_dups.SeenRecord`).
     """
     if split not in SPLIT_CHOICES:
         raise DataError(f"split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
@@ -140,9 +169,12 @@ def _load(
         skipped = _skipped(work_dir / "cache")
         if skipped:  # said here, since the folder's manifest goes with the temporary cache
             print(f"agegender: {_skipped_line(skipped, root)}", file=sys.stderr)
+    where = f"the {split} split of {root}" if split != "all" else str(root)
     if len(rows) == 0:
-        where = f"the {split} split of {root}" if split != "all" else str(root)
         raise DataError(f"{where} holds no usable images")
+    excluded = None
+    if exclude_seen:
+        rows, excluded = _unseen(checkpoint, cache, rows, where)
     if cache.color != color:
         raise DataError(
             f"the model expects {color} images but {root} holds {cache.color} ones: prepare a "
@@ -163,6 +195,7 @@ def _load(
         split,
         source,
         skipped,
+        excluded,
     )
 
 
@@ -232,6 +265,7 @@ def evaluate(
     timing_reps: int = 50,
     amp: str = "auto",
     quiet: bool = False,
+    exclude_seen: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a model and write ``metrics.json``, ``report.md``, ``predictions.csv``,
     ``confusion.png``, ``age_scatter.png``, ``mae_by_band.png`` and ``reliability.png``.
@@ -249,6 +283,9 @@ def evaluate(
         timing_reps: single-image calls timed (see :func:`time_inference`).
         amp: ``auto``, ``bf16`` or ``off``, as in training.
         quiet: no progress bar.
+        exclude_seen: leave out every image the model trained or validated on, and
+            near-copies of them, by the record its checkpoint keeps (says how many, and
+            ``metrics.json`` keeps the count as ``excluded_seen_in_training``).
 
     Returns the metrics, as written to ``metrics.json``.
     """
@@ -266,7 +303,7 @@ def evaluate(
     dev = resolve_device(device, option="--device")
     bf16 = use_amp(dev, amp)
     with tempfile.TemporaryDirectory(prefix="agegender-eval-") as tmp:
-        d = _load(model_spec, data, split, dev, Path(tmp))
+        d = _load(model_spec, data, split, dev, Path(tmp), exclude_seen)
     tta = _default_tta(d.meta) if tta is None else tta
     pred = predict_arrays(
         d.model, d.images, dev, batch_size=batch_size, tta=tta, amp=bf16, progress=not quiet
@@ -281,6 +318,7 @@ def evaluate(
         data=d.source,
         split=d.split,
         skipped=d.skipped,
+        excluded_seen_in_training=d.excluded,
         tta=tta,
         amp=bf16,
         device=device_name(dev),

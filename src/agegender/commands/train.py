@@ -27,23 +27,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from agegender import distributed, fileio
 from agegender.augment import DRAWS
-from agegender.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from agegender.checkpoint import load_checkpoint, load_weights, read_meta, save_checkpoint
 from agegender.config import Config, check_config, load_config, to_dict, to_toml
 from agegender.data import SPLITS, Cache, is_cache, open_cache, prepare
 from agegender.errors import ConfigError, DataError
 from agegender.images import preprocess_batch
 from agegender.losses import UncertaintyWeights
-from agegender.models import count_parameters, from_config, list_models, normalize
+from agegender.models import count_parameters, from_config, list_models, normalize, to_channels_last
+from agegender.near_dups import SeenRecord
 from agegender.optim import build_optimizer, build_scheduler, param_groups
 from agegender.runs import check_new_run_dir, plot_curves, read_history, run_dir, write_history
-from agegender.step import TrainForward, graph_train_forward, recipe_loss
+from agegender.step import TrainForward, distill_targets, graph_train_forward, recipe_loss
 from agegender.torch_runtime import (
     autocast,
     device_name,
@@ -68,6 +68,9 @@ class Data:
     x: dict[str, torch.Tensor]
     age: dict[str, torch.Tensor]
     gender: dict[str, torch.Tensor]
+    seen: SeenRecord | None = None  # what the model trains and validates on, for its checkpoints
+    soft_gender: torch.Tensor | None = None  # a teacher's P(female) per training image
+    soft_age: torch.Tensor | None = None  # ... and its age distribution (N, K), maybe (N, 0)
 
 
 def _cache_dir(cfg: Config, device: torch.device, out: Path, quiet: bool) -> Path:
@@ -129,26 +132,12 @@ def load_data(
         x[split] = to_tensor(images, device).contiguous(memory_format=torch.channels_last)
         age[split] = torch.as_tensor(cache.age[rows], dtype=torch.float32, device=device)
         gender[split] = torch.as_tensor(cache.gender[rows], dtype=torch.float32, device=device)
-    return Data(cache, x, age, gender)
+    rows = np.concatenate([idx["train"], idx["val"]])
+    seen = SeenRecord.of([cache.content_hash[i] for i in rows], cache.images[rows])
+    return Data(cache, x, age, gender, seen)
 
 
 # --------------------------------------------------------------------------- model and optimizer
-
-
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """``model`` with NHWC conv weights, except those with one input channel (a gray stem).
-
-    For those both layouts are valid and autograd hands back a contiguous gradient, which DDP
-    would copy into a differently strided bucket at every step (it warns about it).
-    """
-    model = model.to(memory_format=torch.channels_last)
-    for p in model.parameters():
-        if p.ndim == 4 and p.shape[1] == 1:
-            p.data = p.data.contiguous()
-    return model
-
-
-# --------------------------------------------------------------------------- one run
 
 
 @dataclass
@@ -170,6 +159,7 @@ class Run:
     train_model: nn.Module | None = None  # the model as it trains (DDP, torch.compile)
     forward: nn.Module | None = None  # the step's forward (TrainForward, maybe CUDA graphs)
     history: list[dict[str, Any]] = field(default_factory=list)
+    seen: SeenRecord | None = None  # the training and validation images, kept in checkpoints
     best_loss: float = math.inf
     best_epoch: int = 0
 
@@ -205,7 +195,8 @@ def build_run(
     # would augment and drop out their shards in lockstep; see the start of each epoch.
     aug_gen = torch.Generator(device=device) if distributed.is_distributed() else gen
     run = Run(cfg, out, device, amp, model, weights, opt, sched, per_step, gen, aug_gen, quiet)
-    run.train_model, run.forward = model, TrainForward(cfg, model, weights, amp)
+    run.train_model, run.forward = model, TrainForward(cfg, model, weights, amp, _distill(cfg))
+    run.seen = data.seen
     return run
 
 
@@ -220,12 +211,19 @@ def wrap_for_training(run: Run, data: Data) -> None:
     if t.compile:  # around the DDP module, so that it compiles between gradient buckets
         train_model = torch.compile(train_model, mode=t.compile_mode)
     run.train_model = train_model
-    run.forward = TrainForward(run.cfg, train_model, run.weights, run.amp)
+    run.forward = TrainForward(run.cfg, train_model, run.weights, run.amp, _distill(run.cfg))
     if t.cuda_graphs:
         b = min(t.batch_size, len(data.x["train"]))  # every step's batch: the ragged is dropped
         draws = torch.rand(b, DRAWS, device=run.device) if t.augment else torch.zeros(0)
         sample = (data.x["train"][:b], draws.to(run.device), data.age["train"][:b])
-        run.forward = graph_train_forward(run.forward, (*sample, data.gender["train"][:b]))
+        sample += (data.gender["train"][:b],)
+        if _distill(run.cfg):
+            sample += (data.soft_gender[:b], data.soft_age[:b])
+        run.forward = graph_train_forward(run.forward, sample)
+
+
+def _distill(cfg: Config) -> bool:
+    return bool(cfg.distill.teacher) and cfg.distill.weight > 0
 
 
 def save_state(run: Run, epoch: int) -> None:
@@ -252,7 +250,7 @@ def resume_run(run: Run) -> int:
     # every rank reads what rank 0 wrote (several machines need a shared disk for this)
     try:
         state = torch.load(out / "last.state.pt", map_location=device, weights_only=True)
-        run.model.load_state_dict(load_file(str(out / "last.safetensors"), device=str(device)))
+        run.model.load_state_dict(load_weights(out / "last.safetensors", device))
         run.opt.load_state_dict(state["optimizer"])
         if run.sched is not None:
             run.sched.load_state_dict(state["scheduler"])
@@ -303,7 +301,8 @@ def train_one_epoch(run: Run, data: Data, epoch: int) -> dict[str, float]:
         if t.augment:
             draws = torch.rand(b, DRAWS, device=device, generator=run.aug_gen)
         age, gender = data.age["train"][idx], data.gender["train"][idx]
-        loss, mae, correct = run.forward(x_all[idx], draws, age, gender)
+        soft = (data.soft_gender[idx], data.soft_age[idx]) if data.soft_gender is not None else ()
+        loss, mae, correct = run.forward(x_all[idx], draws, age, gender, *soft)
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         if run.weights is not None and world > 1:
@@ -378,9 +377,9 @@ def end_epoch(run: Run, epoch: int, tr: dict, va: dict, seconds: float, plotted:
         run.best_loss, run.best_epoch = va["loss"], epoch
     if distributed.rank() == 0:
         meta = {"epoch": epoch, "metrics": {"val": va, "train": tr}, "config": to_dict(run.cfg)}
-        save_checkpoint(run.out / "last.safetensors", run.model, meta)
+        save_checkpoint(run.out / "last.safetensors", run.model, meta, seen=run.seen)
         if improved:
-            save_checkpoint(run.out / "best.safetensors", run.model, meta)
+            save_checkpoint(run.out / "best.safetensors", run.model, meta, seen=run.seen)
         save_state(run, epoch)
         write_history(run.out / "history.csv", run.history)
         # a redraw costs 0.2-0.5 s: every epoch on a CPU, every few seconds' worth on a GPU
@@ -478,6 +477,11 @@ def _train(cfg: Config, resume: str | os.PathLike | None, device: torch.device, 
     amp = use_amp(device, t.amp)
     model = build_model(cfg, device)
     data = load_data(cfg, model.data_config, device, out, quiet)
+    if _distill(cfg):  # the teacher's outputs, once; what it saw can reach the student
+        data.soft_gender, data.soft_age, teacher_seen = distill_targets(
+            cfg, data.x["train"], model, amp
+        )
+        data.seen = data.seen + teacher_seen if teacher_seen is not None else data.seen
     run = build_run(cfg, model, data, device, amp, out, quiet)
     start = 1
     if resume is not None:
@@ -574,7 +578,7 @@ def finish(run: Run, data: Data, train_time: float, train_images: int) -> Path:
         meta = read_meta(out / "best.safetensors")
         meta["metrics"]["test"] = results.get("test")
         keep = {k: meta[k] for k in ("epoch", "metrics", "config")}
-        save_checkpoint(out / "best.safetensors", best, keep)
+        save_checkpoint(out / "best.safetensors", best, keep, seen=run.seen)
     distributed.barrier(device)  # whichever rank returns first, the run folder is complete
     scores = "  ".join(
         f"{s} acc {r['acc']:.4f} mae {r['mae']:.3f}" for s, r in results.items() if s != "train"

@@ -323,3 +323,24 @@ def test_copied_checkpoint_without_sidecar_still_loads(ckpt, cache64, tmp_path):
         lone, cache64, split="val", out_dir=tmp_path / "e", device="cpu", timing=False, quiet=True
     )
     assert m["split"] == "val" and m["n"] == len(open_cache(cache64).indices("val"))
+
+
+def test_worst_groups_name_the_worst_race_and_age_band():
+    n = 400
+    race = np.repeat(np.arange(5), 80)  # 80 faces a race group
+    age = np.tile([5, 15, 30, 50, 70], 80)  # 80 an age band
+    gender = np.arange(n) % 2
+    p_female = np.where(gender == 1, 0.9, 0.1)
+    wrong = (race == 4) & (np.arange(n) % 4 < 2)  # half of "Others" (40 faces) misjudged
+    p_female[wrong] = 1 - p_female[wrong]
+    age_pred = age + np.where(age == 70, 10.0, 1.0)  # the 60+ band 10 years off, the rest 1
+    m = compute_metrics(age, gender, race, age_pred, p_female)
+    race_acc = m["worst_groups"]["race"]["gender_accuracy"]
+    assert race_acc["group"] == "Others" and race_acc["n"] == 80
+    assert race_acc["value"] == 0.5 and race_acc["gap"] == pytest.approx(0.5 - 0.9)
+    band_mae = m["worst_groups"]["age"]["age_mae"]
+    assert band_mae["group"] == "60+" and band_mae["value"] == 10.0
+    assert band_mae["gap"] == pytest.approx(10.0 - (4 * 1 + 10) / 5)
+    # a group under 30 images is never named
+    small = compute_metrics(age[:25], gender[:25], race[:25], age_pred[:25], p_female[:25])
+    assert small["worst_groups"]["race"]["gender_accuracy"] is None

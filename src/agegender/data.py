@@ -455,6 +455,7 @@ def prepare(
     split: str | tuple[float, float, float] = (0.7, 0.1, 0.2),
     workers: int = 0,
     quiet: bool = False,
+    split_file: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Scan, parse, de-duplicate, decode and split UTKFace images into a cache at ``out``.
 
@@ -468,7 +469,9 @@ def prepare(
     group, and a group never crosses splits: images are dealt to splits stratified by gender
     and age band, then each group goes whole to the earliest split one of its members was dealt
     to (train, val, test). With the default ``seed`` the splits are those the bundled models
-    were trained on; ``splits/utkface.csv`` publishes them.
+    were trained on; ``splits/utkface.csv`` publishes them. ``split_file`` (such a CSV, with
+    ``content_hash`` and ``split`` columns) gives each image it lists its split, whatever the
+    folder layout or the other files; images it does not list are dealt as usual.
     """
     t0 = time.perf_counter()
     fractions = parse_split(split)
@@ -512,7 +515,7 @@ def prepare(
             raise _nothing_usable(rows)
         if not reused:  # a reused manifest has its groups
             _group(kept, np.load(tmp_images, mmap_mode="r"), quiet)
-        _split(kept, fractions, seed)
+        _split(kept, fractions, seed, read_split_file(split_file) if split_file else None)
         # cache.json marks a complete cache: it goes first and comes back last, so that a run
         # killed in between leaves a cache that open_cache refuses and the next run rebuilds
         meta_path.unlink(missing_ok=True)
@@ -558,16 +561,52 @@ def _group(kept: list[_Row], images: np.ndarray, quiet: bool) -> None:
               file=sys.stderr)  # fmt: skip
 
 
-def _split(kept: list[_Row], fractions: tuple[float, ...], seed: int) -> None:
-    """Deal the kept rows to splits, stratified, then move each near-duplicate group whole to
-    the earliest split any of its members was dealt to."""
+def _split(
+    kept: list[_Row], fractions: tuple[float, ...], seed: int, given: dict[str, str] | None
+) -> None:
+    """Deal the kept rows to splits, stratified (or take each row's from ``given``, content
+    hash -> split), then move each near-duplicate group whole to the earliest split any of its
+    members went to."""
     genders, ages = np.array([r.gender for r in kept]), np.array([r.age for r in kept])
     dealt = split_indices(genders, ages, fractions, seed)
+    if given:
+        dealt = [SPLITS.index(given.get(r.content_hash, SPLITS[s])) for r, s in zip(kept, dealt)]
     earliest: dict[str, int] = {}
     for r, s in zip(kept, dealt):
         earliest[r.group] = min(int(s), earliest.get(r.group, len(SPLITS)))
     for r in kept:
         r.split = SPLITS[earliest[r.group]]
+
+
+SPLIT_FILE_COLUMNS = ("name", "content_hash", "group", "split")
+
+
+def write_split_file(cache_dir: str | os.PathLike, path: str | os.PathLike) -> int:
+    """Publish a cache's split as CSV (``name, content_hash, group, split``, one row per kept
+    image, sorted by name); returns the number of rows."""
+    rows = sorted((r for r in read_manifest(cache_dir) if r["status"] == "kept"),
+                  key=lambda r: Path(r["path"]).name)  # fmt: skip
+    with fileio.atomic_write(path, newline="") as f:
+        w = csv.writer(f)
+        w.writerow(SPLIT_FILE_COLUMNS)
+        for r in rows:
+            w.writerow([Path(r["path"]).name, r["content_hash"], r["group"][:16], r["split"]])
+    return len(rows)
+
+
+def read_split_file(path: str | os.PathLike) -> dict[str, str]:
+    """A split file (see :func:`write_split_file`) as ``{content_hash: split}``."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"--split-file {path}: cannot read it ({e})") from None
+    if not rows or not {"content_hash", "split"} <= rows[0].keys():
+        raise DataError(f"--split-file {path}: needs content_hash and split columns")
+    bad = [r["split"] for r in rows if r["split"] not in SPLITS]
+    if bad:
+        raise DataError(f"--split-file {path}: split {bad[0]!r} is not one of {', '.join(SPLITS)}")
+    return {r["content_hash"]: r["split"] for r in rows}
 
 
 def _nothing_usable(rows: list[_Row]) -> DataError:

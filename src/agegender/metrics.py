@@ -13,6 +13,7 @@ from agegender.runtime import INTERVAL_LEVEL, INTERVAL_Z
 
 DECADES = (*((lo, lo + 9) for lo in range(0, 90, 10)), (90, 200))
 ECE_BINS = 10
+MIN_GROUP = 30  #: a group of fewer images is too noisy to be named the worst
 
 
 def _mean(x: np.ndarray) -> float | None:
@@ -88,7 +89,11 @@ def compute_metrics(
     # Bands by data.age_band, so that the bands match the split's stratification exactly.
     bands = np.asarray(age_band(age_true.astype(np.int64)))
     by_band = {
-        band_name(b): {"n": int((bands == b).sum()), "mae": _mean(abs_err[bands == b])}
+        band_name(b): {
+            "n": int((bands == b).sum()),
+            "mae": _mean(abs_err[bands == b]),
+            "gender_accuracy": _mean(correct[bands == b].astype(np.float64)),
+        }
         for b in range(len(AGE_BANDS))
     }
 
@@ -134,6 +139,7 @@ def compute_metrics(
         "calibration": {"ece": float(ece), "bins": bins},
         "age_interval": None,
     }
+    metrics["worst_groups"] = worst_groups(metrics)
     if age_std is not None:
         std = np.asarray(age_std, dtype=np.float64)
         half = INTERVAL_Z * std
@@ -144,3 +150,34 @@ def compute_metrics(
             "mean_width": float((2 * half).mean()),
         }
     return metrics
+
+
+def worst_groups(m: dict[str, Any]) -> dict[str, dict[str, dict[str, Any] | None]]:
+    """For race groups and for age bands, the one with the lowest gender accuracy and the one
+    with the highest age MAE (of those with at least :data:`MIN_GROUP` images), with its gap to
+    the overall figure: ``{"race": {"gender_accuracy": {"group", "n", "value", "overall",
+    "gap"}, "age_mae": ...}, "age": {...}}``. Both kinds, because the worst gender accuracy by
+    age is always the babies', which would hide the worst race group."""
+    kinds = {"race": m["by_race"], "age": m["age_mae_by_band"]}
+    out: dict[str, dict[str, dict[str, Any] | None]] = {}
+    for kind, table in kinds.items():
+        out[kind] = {}
+        for key, pick in (("gender_accuracy", min), ("age_mae", max)):
+            field = key if key in next(iter(table.values())) else "mae"
+            values = {
+                g: v[field]
+                for g, v in table.items()
+                if v["n"] >= MIN_GROUP and v[field] is not None
+            }
+            if not values:
+                out[kind][key] = None
+                continue
+            group = pick(values, key=values.__getitem__)
+            out[kind][key] = {
+                "group": group,
+                "n": table[group]["n"],
+                "value": values[group],
+                "overall": m[key],
+                "gap": values[group] - m[key],
+            }
+    return out

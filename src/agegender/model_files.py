@@ -51,8 +51,7 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
         path = bundled(str(spec))
         if not path.is_file():
             raise AgeGenderError(
-                f"no bundled model {spec!r} in this installation; pass a run folder or a "
-                "checkpoint"
+                f"no bundled model {spec!r} in this installation; pass a run folder or a checkpoint"
             )
         return path
     path = Path(spec)

@@ -135,12 +135,19 @@ def _prepare(p: argparse.ArgumentParser) -> Handler:
         default=_default(at, "workers"),
         help="processes (0 = the CPU count, at most 8)",
     )
+    p.add_argument(
+        "--split-file",
+        metavar="CSV",
+        help="take each image's split from a published split (e.g. splits/utkface.csv), by "
+        "content: the same split from any copy of the data",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def run(a: argparse.Namespace) -> int:
         from agegender.data import format_summary, prepare
 
-        kw = {k: getattr(a, k) for k in ("size", "color", "seed", "split", "workers", "quiet")}
+        keys = ("size", "color", "seed", "split", "workers", "quiet", "split_file")
+        kw = {k: getattr(a, k) for k in keys}
         print(format_summary(prepare(a.data_dirs, a.out, **kw)))
         return 0
 

@@ -344,6 +344,14 @@ def format_summary(metrics: dict[str, Any], out_dir: str | os.PathLike) -> str:
         f"female {report.fmt(g['female'], '.2%')})",
         f"age MAE          {m['age_mae']:.2f} years  (std of errors {m['age_abs_error_std']:.2f})",
     ]
+    for kind in ("race", "age"):
+        w_acc, w_mae = (m["worst_groups"][kind][k] for k in ("gender_accuracy", "age_mae"))
+        if w_acc and w_mae:
+            lines.append(
+                f"worst {kind:4s}       {w_acc['group']}: {w_acc['value']:.2%} "
+                f"({100 * w_acc['gap']:+.1f} points); {w_mae['group']}: MAE "
+                f"{w_mae['value']:.2f} ({w_mae['gap']:+.2f})"
+            )
     if "timing" in m:
         t = m["timing"]
         lines.append(

@@ -137,6 +137,29 @@ def _table(header: list[str], rows: list[list[object]]) -> list[str]:
     return [*lines, ""]
 
 
+def _worst_lines(m: dict[str, Any]) -> list[str]:
+    """The worst race group and age band beside the overall figures."""
+    rows = []
+    for kind, label in (("race", "race"), ("age", "age band")):
+        for key, what, spec in (
+            ("gender_accuracy", "gender accuracy", ".1%"),
+            ("age_mae", "age MAE", ".2f"),
+        ):
+            w = (m.get("worst_groups") or {}).get(kind, {}).get(key)
+            if w is None:
+                continue
+            gap = w["gap"] * 100 if spec.endswith("%") else w["gap"]
+            unit = " points" if spec.endswith("%") else " years"
+            rows.append(
+                [f"{what}, worst {label}", f"{w['group']} (n = {w['n']:,})",
+                 format(w["value"], spec), format(w["overall"], spec), f"{gap:+.1f}{unit}"]
+            )  # fmt: skip
+    if not rows:
+        return []
+    return ["Worst groups (of 30 images or more):", *_table(
+        ["metric", "group", "value", "overall", "gap"], rows)]  # fmt: skip
+
+
 def render(m: dict[str, Any]) -> str:
     """``report.md`` for the metrics of :func:`agegender.commands.evaluate.evaluate`."""
     g = m["gender_accuracy_by_gender"]
@@ -148,6 +171,15 @@ def render(m: dict[str, Any]) -> str:
         f"{'flip TTA' if m['tta'] else 'no TTA'}; device {m['device']}"
         f"{' (bf16)' if m['amp'] else ''}.",
     ]
+    excluded = m.get("excluded_seen_in_training")
+    if excluded is None:
+        lines += ["", "The model keeps no record of its training images: nothing was left out."]
+    else:
+        lines += [
+            "",
+            f"Left out: {excluded:,} images the model trained or validated on, or near-copies "
+            "of them (by the record its checkpoint keeps).",
+        ]
     if m.get("skipped"):
         sk = m["skipped"]
         why = ", ".join(f"{n:,} {reason}" for reason, n in sk["by_reason"].items())
@@ -167,6 +199,7 @@ def render(m: dict[str, Any]) -> str:
         iv = m["age_interval"]
         summary.append(["90 % age interval coverage", f"{iv['coverage']:.1%}"])
     lines += _table(["metric", "value"], summary)
+    lines += _worst_lines(m)
 
     lines += ["## Gender"]
     lines += _table(
@@ -185,8 +218,11 @@ def render(m: dict[str, Any]) -> str:
 
     lines += ["## Age"]
     lines += _table(
-        ["age band", "n", "MAE (years)"],
-        [[k, f"{v['n']:,}", fmt(v["mae"], ".2f")] for k, v in m["age_mae_by_band"].items()],
+        ["age band", "n", "MAE (years)", "gender accuracy"],
+        [
+            [k, f"{v['n']:,}", fmt(v["mae"], ".2f"), fmt(v.get("gender_accuracy"), ".2%")]
+            for k, v in m["age_mae_by_band"].items()
+        ],
     )
     lines += _table(
         ["decade", "n", "MAE (years)"],

@@ -2,31 +2,47 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+SUM := $(shell cksum < pyproject.toml | cut -d' ' -f1)
+LIGHT := $(VENV)/.light-$(SUM)
+FULL := $(VENV)/.full-$(SUM)
+# the CPU build of torch: plain PyPI's wheel brings several GB of CUDA libraries
+TORCH := torch==2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: install browser demo test lint format clean
+.PHONY: install light browser demo test lint format clean
 
-install: $(STAMP)
+install: $(FULL)
+light: $(LIGHT)
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the CPU build of torch first, so that the package's `torch>=2.2` needs nothing more
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	rm -f $(VENV)/.installed-* && touch $@
 
-demo: install
+# prediction and the web service: numpy, Pillow, OpenCV, ONNX Runtime, FastAPI, uvicorn, tqdm
+$(LIGHT): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	rm -f $(VENV)/.light-* && touch $@
+
+# training, evaluation, export and the tests: torch (CPU), safetensors, onnx, matplotlib, pytest,
+# ruff, httpx, selenium; torch from PyTorch's CPU index where it answers, else as pip finds it
+$(FULL): $(LIGHT)
+	$(PY) -m pip install -q --timeout 10 --retries 1 --index-url $(TORCH_CPU_INDEX) $(TORCH) \
+	  2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.full-* && touch $@
+
+demo: $(LIGHT)
 	$(VENV)/bin/agegender demo --out demo-output
 
 test: install browser
 	$(PY) -m pytest -q
 
-# The web page's test drives Debian's chromium through chromedriver: installed here when missing
-# (as root with apt), otherwise that one test is skipped with its reason.
+# The web page's test drives Debian's chromium through chromedriver (about 45 s to install the
+# first time, as root with apt); without them that one test is skipped with its reason.
 browser:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium and chromium-driver for the browser test ..."; \
 	    export DEBIAN_FRONTEND=noninteractive; \
 	    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
 	      { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } || \

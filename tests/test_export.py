@@ -55,7 +55,7 @@ def exported(tmp_path_factory) -> dict[str, dict]:
         "onnx": onnx_file,
         "rc": rc,
         "stdout": stdout.getvalue(),
-        "torch": Predictor.load(ckpt, detector=None, amp="off"),  # fp32 is the reference
+        "torch": Predictor.load(ckpt, backend="torch", detector=None, amp="off"),  # fp32 reference
         # an up-to-date ONNX file given by onnx_path is reused, not exported again
         "onnx_predictor": Predictor.load(
             ckpt, backend="onnx", onnx_path=onnx_file, detector=None, threads=2
@@ -72,7 +72,7 @@ def exported(tmp_path_factory) -> dict[str, dict]:
         "ckpt": ckpt,
         "onnx": beside,
         "existed_before": existed,
-        "torch": Predictor.load(ckpt, detector=None, amp="off"),  # fp32 is the reference
+        "torch": Predictor.load(ckpt, backend="torch", detector=None, amp="off"),  # fp32 reference
         "onnx_predictor": Predictor.load(ckpt, backend="onnx", detector=None, threads=2),
     }
     return out

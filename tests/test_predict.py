@@ -341,11 +341,10 @@ def test_aligned_files_are_decoded_as_training_decoded_them(predictor, utkface_d
     """An aligned JPEG goes through the cache's own decoder (luma in draft mode), so its
     prediction equals the one on the image as `prepare` stored it, bit for bit."""
     from agegender.images import face_config, load_face
-    from agegender.torch_runtime import predict_arrays
 
     files = utk_files(utkface_dir, 3)
     cached = np.stack([load_face(f, face_config(predictor.size, predictor.color)) for f in files])
-    expected = predict_arrays(predictor.model, cached, tta=predictor.tta, amp=predictor.backend.amp)
+    expected = predictor.backend(cached, predictor.tta)
     for f, age in zip(files, expected["age"]):
         for src in (f, f.read_bytes()):
             (face,) = predictor.predict(src, aligned=True)

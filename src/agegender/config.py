@@ -42,6 +42,9 @@ class DataConfig:
     split_seed: int = SPLIT_SEED  # seed of the train/val/test split (when preparing data.root)
     limit: int = 0  # use at most N training images (0 = all)
     train_splits: str = "train"  # splits to train on: "train", or "train,val" for a final model
+    # none | race | race_age: draw training images so that smaller groups are seen more often
+    balance: str = "none"
+    balance_power: float = 0.5  # weight per image = group size ** -power (1: every group alike)
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class Config:
 
 CHOICES = {
     "data.color": ("gray", "rgb"),
+    "data.balance": ("none", "race", "race_age"),
     "model.age_head": ("", "regression", "dldl", "coral"),
     "train.optimizer": ("sgd", "rmsprop", "adam", "adamw"),
     "train.scheduler": ("none", "plateau", "onecycle", "cosine"),
@@ -276,6 +280,7 @@ def check_config(cfg: Config, models: list[str] | None = None) -> None:
         (not 16 <= d.size <= 1024, "data.size must be 16-1024 pixels (as prepare --size)"),
         (d.limit < 0, "data.limit must be >= 0 (0 = all)"),
         (d.split_seed < 0, "data.split_seed must be >= 0"),
+        (not 0 <= d.balance_power <= 1, "data.balance_power must be in [0, 1]"),
         (m.dropout >= 1, "model.dropout must be below 1 (< 0 = the model's default)"),
         (not 0 <= cfg.distill.weight <= 1, "distill.weight must be in [0, 1]"),
         (models is not None and m.name not in models, f"unknown model.name {m.name!r}; "

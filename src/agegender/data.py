@@ -96,6 +96,19 @@ def age_band(age: int | np.ndarray) -> int | np.ndarray:
     return int(band) if np.ndim(band) == 0 else band
 
 
+def balance_weights(race: np.ndarray, age: np.ndarray, by: str, power: float) -> np.ndarray:
+    """Per-image draw weights, ``(size of its group) ** -power``, scaled to a mean of 1: with
+    ``by`` = ``race`` or ``race_age`` (race x age band) groups.
+
+    >>> balance_weights(np.array([0, 0, 0, 1]), np.array([30] * 4), "race", 1.0).round(2)
+    array([0.67, 0.67, 0.67, 2.  ])
+    """
+    group = race * 10 + (age_band(age) if by == "race_age" else 0)
+    _, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
+    w = counts[inverse].astype(np.float64) ** -power
+    return w * (len(w) / w.sum())
+
+
 def band_name(band: int) -> str:
     lo, hi = AGE_BANDS[band]
     return f"{lo}+" if band == len(AGE_BANDS) - 1 else f"{lo}-{hi}"

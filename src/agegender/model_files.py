@@ -20,6 +20,7 @@ import numpy as np
 
 from agegender.errors import AgeGenderError, DataError
 from agegender.images import COLORS, INTERPOLATIONS
+from agegender.near_dups import BYTES as SIGNATURE_BYTES
 from agegender.near_dups import SeenRecord
 
 FORMAT = "agegender-checkpoint"
@@ -108,6 +109,12 @@ def read_seen(path: str | os.PathLike) -> SeenRecord | None:
                 arrays.append(data.reshape(info["shape"]))
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise DataError(f"{path}: its record of training images is unreadable: {e}") from None
+    if arrays[1].ndim != 2 or arrays[1].shape[1] != SIGNATURE_BYTES:
+        raise DataError(
+            f"{path}: its record of training images was made by an older version (signatures "
+            f"of {arrays[1].shape[-1]} bytes, not {SIGNATURE_BYTES}): refresh it with "
+            "python tools/record_seen.py --refresh CHECKPOINT CACHE"
+        )
     return SeenRecord(*arrays)
 
 

@@ -5,7 +5,7 @@ was trained on.
 A face's **signature** is its gray 128 px crop reduced to two grids of box averages over the
 central 96 px (the borders move most when a photo is re-cropped): a coarse 8x8 to search with
 and a fine 12x12 to decide with. Each grid is standardised (mean 0, std 1: brightness and
-contrast cancel out) and stored at 4 bits a cell: 104 bytes a face.
+contrast cancel out) and stored, the coarse at 4 bits a cell, the fine at 8: 176 bytes a face.
 
 Two faces are **the same photograph** when, at the best of 25 relative shifts of up to
 ``SHIFT`` px each way (computed on the query's pixels), the median absolute difference of their
@@ -37,16 +37,17 @@ MARGIN = 16  #: pixels left out on each side
 GRID = 12  #: the fine grid, GRID x GRID box averages: what decides
 COARSE = 8  #: the coarse grid: what the search looks for candidates with
 SHIFT = 2  #: relative shifts searched, in WORK pixels, each way
-STEP = 0.32  #: 4-bit storage: a cell is round(z / STEP) in -7..8, z in std units
-MATCH_MAX = 0.125  #: median |difference| (std units) under which two faces are one photo
+STEP = 0.32  #: the coarse grid's 4-bit cells: round(z / STEP) in -7..8, z in std units
+FINE_STEP = 0.02  #: the fine grid's int8 cells: round(z / FINE_STEP) in -127..127 (+-2.54 std)
+MATCH_MAX = 0.1  #: median |difference| (std units) under which two faces are one photo
 #: unshifted coarse distance within which pairs are searched with shifts: a copy shifted 2 px
 #: both ways moved by 0.50 at most on 500 UTKFace faces (about 40 candidates per face)
 CANDIDATE_MAX = 0.55
 #: coarse distance at the best shift within which pairs are compared cell by cell: every pair
 #: of UTKFace faces found the same photo by its pixels (at 32 px) was within 0.30
 COARSE_MAX = 0.35
-SIGNATURE_VERSION = 1
-BYTES = (GRID * GRID + COARSE * COARSE) // 2  #: storage per face: both grids, 4 bits a cell
+SIGNATURE_VERSION = 2  # 2: int8 fine grid, MATCH_MAX 0.1
+BYTES = COARSE * COARSE // 2 + GRID * GRID  #: storage per face: 32 + 144 bytes
 
 
 def work_faces(images: np.ndarray) -> np.ndarray:
@@ -105,8 +106,14 @@ def grids(
 
 
 def signatures(faces: np.ndarray) -> np.ndarray:
-    """The packed signatures of ``faces``: ``(N, BYTES)`` uint8, both grids at 4 bits."""
-    return np.concatenate([pack(grids(faces, COARSE)), pack(grids(faces, GRID))], axis=1)
+    """The packed signatures of ``faces``: ``(N, BYTES)`` uint8, the coarse grid at 4 bits a
+    cell, the fine one at 8 (its rounding, 0.01 std at most, stays far below ``MATCH_MAX``)."""
+    fine = np.clip(np.round(grids(faces, GRID) / FINE_STEP), -127, 127).astype(np.int8)
+    return np.concatenate([pack(grids(faces, COARSE)), fine.view(np.uint8)], axis=1)
+
+
+def _unpack_fine(packed: np.ndarray) -> np.ndarray:
+    return packed.view(np.int8).astype(np.float32) * FINE_STEP
 
 
 def pack(grid: np.ndarray) -> np.ndarray:
@@ -145,13 +152,14 @@ def find_pairs(
     if len(base) == 0 or len(query_faces) == 0:
         return []
     half = COARSE * COARSE // 2
-    base_coarse, base_fine = _unit(unpack(base[:, :half])), unpack(base[:, half:])
+    base_coarse, base_fine = _unit(unpack(base[:, :half])), _unpack_fine(base[:, half:])
     cut = 1 - CANDIDATE_MAX**2 / 2  # cosine similarity of unit vectors at that distance
     coarse_cut = 1 - COARSE_MAX**2 / 2
     found: dict[tuple[int, int], float] = {}
     for s in range(0, len(query_faces), chunk):
         part = query_faces[s : s + chunk]
-        coarse = _unit(grids(part, COARSE, shifts=True))  # (q, 25, 64)
+        # clipped as storage clips it, or a face with an extreme cell would not match itself
+        coarse = _unit(np.clip(grids(part, COARSE, shifts=True), -7 * STEP, 8 * STEP))
         sim = coarse[:, coarse.shape[1] // 2] @ base_coarse.T  # (q, M), unshifted
         if self_search:
             sim[np.arange(len(sim)), np.arange(s, s + len(sim))] = -np.inf
@@ -165,7 +173,8 @@ def find_pairs(
         qi, bj = qi[keep], bj[keep]
         if not len(qi):
             continue
-        fine = grids(part, GRID, shifts=True)  # (q, 25, 144)
+        # clipped to what storage keeps: cells beyond it in both faces agree, as they should
+        fine = np.clip(grids(part, GRID, shifts=True), -127 * FINE_STEP, 127 * FINE_STEP)
         for p in range(0, len(qi), 4096):
             qp, bp = qi[p : p + 4096], bj[p : p + 4096]
             diff = np.abs(fine[qp] - base_fine[bp][:, None, :])
@@ -204,7 +213,7 @@ def groups(n: int, pairs: list[tuple[int, int, float]] | list[tuple[int, int]]) 
 @dataclass(frozen=True)
 class SeenRecord:
     """What a model was trained and validated on: the content hashes (first 8 bytes of the
-    16-byte blake2b) and packed signatures of those images, 112 bytes an image."""
+    16-byte blake2b) and packed signatures of those images, 184 bytes an image."""
 
     hashes: np.ndarray  # (N, 8) uint8
     signatures: np.ndarray  # (N, BYTES) uint8

@@ -11,7 +11,10 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.helper
+import onnx.numpy_helper
 import torch
 from torch import nn
 
@@ -45,10 +48,14 @@ def export_onnx(
     model: str | os.PathLike = "default",
     out: str | os.PathLike = "agegender.onnx",
     opset: int = 18,
+    half_weights: bool = False,
 ) -> Path:
     """Write ``model`` (``default``, a run folder or a checkpoint) as ONNX with a dynamic batch.
 
-    Returns the path. The file is written atomically.
+    ``half_weights`` stores the weights as fp16, each cast to fp32 when the file is loaded
+    (onnxruntime folds the casts at start-up): half the file, the same fp32 arithmetic, and no
+    loss at all for a checkpoint whose weights are fp16 already (the bundled ones). Returns the
+    path. The file is written atomically.
     """
     if not OPSETS[0] <= opset <= OPSETS[1]:  # outside, the exporter prints the whole graph
         raise ConfigError(f"opset must be {OPSETS[0]}-{OPSETS[1]} (the exporter's), got {opset}")
@@ -64,11 +71,40 @@ def export_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     # whatever fails, no half-written file is left behind
     with fileio.atomic_path(out, ".onnx") as tmp:
-        _export(wrapper, example, tmp, names, opset, meta)
+        # weights stored in half stay exactly the checkpoint's when the exporter does not fold
+        # BatchNorm into them (onnxruntime folds it at load, in fp32)
+        _export(wrapper, example, tmp, names, opset, meta, fold=not half_weights)
+        if half_weights:
+            proto = onnx.load(str(tmp))
+            _store_half(proto)
+            onnx.save(proto, str(tmp))
     return out
 
 
-def _export(wrapper: ExportWrapper, example, tmp: Path, names: list[str], opset: int, meta):
+def _store_half(proto: onnx.ModelProto, smallest: int = 256) -> None:
+    """Float initializers of ``smallest`` values or more stored as fp16, behind a Cast."""
+    graph = proto.graph
+    casts, halves = [], []
+    for init in list(graph.initializer):
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < smallest:
+            continue
+        half = onnx.numpy_helper.from_array(
+            onnx.numpy_helper.to_array(init).astype(np.float16), f"{init.name}.fp16"
+        )
+        graph.initializer.remove(init)
+        halves.append(half)
+        casts.append(
+            onnx.helper.make_node("Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT)
+        )
+    graph.initializer.extend(halves)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)  # before their users: the graph stays in order
+
+
+def _export(
+    wrapper: ExportWrapper, example, tmp: Path, names: list[str], opset: int, meta, fold: bool
+) -> None:
     c, h, w = example.shape[1:]
     try:
         with warnings.catch_warnings():
@@ -87,6 +123,7 @@ def _export(wrapper: ExportWrapper, example, tmp: Path, names: list[str], opset:
                 output_names=names,
                 opset_version=opset,
                 dynamo=False,
+                do_constant_folding=fold,
                 dynamic_axes={"image": {0: "batch"}, **{n: {0: "batch"} for n in names}},
             )
     except Exception as e:  # an exporter failure is not the user's input: say what broke
@@ -96,11 +133,78 @@ def _export(wrapper: ExportWrapper, example, tmp: Path, names: list[str], opset:
             f"ONNX export failed (opset {opset}): {type(e).__name__}: {first}"
         ) from e
     proto = onnx.load(str(tmp))
-    for key, value in {
-        "agegender_model": json.dumps(meta["model"]),
-        "agegender_data_config": json.dumps(meta["data_config"]),
-        "input": f"uint8 (batch, {c}, {h}, {w}), {meta['data_config']['color']}, 0-255",
-    }.items():
+    described = {k: v for k, v in meta.items() if k in DESCRIBED}
+    _set_metadata(
+        proto,
+        {
+            # everything a predictor needs, read without torch through onnxruntime
+            "agegender": json.dumps(described, default=str),
+            "agegender_model": json.dumps(meta["model"]),
+            "agegender_data_config": json.dumps(meta["data_config"]),
+            "input": f"uint8 (batch, {c}, {h}, {w}), {meta['data_config']['color']}, 0-255",
+        },
+    )
+    onnx.save(proto, str(tmp))
+
+
+#: what of a checkpoint's metadata its ONNX file carries (the weights' record stays behind)
+DESCRIBED = ("format", "version", "model", "data_config", "epoch", "metrics", "config", "seen")
+
+
+def _set_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
+    keep = [p for p in proto.metadata_props if p.key not in values]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in values.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(proto, str(tmp))
+
+
+class _Faces:
+    """onnxruntime's calibration reader over uint8 faces ``(N, H, W, C)``, a batch at a time."""
+
+    def __init__(self, faces: np.ndarray, input_name: str, batch: int = 32) -> None:
+        self.faces, self.name, self.batch, self.at = faces, input_name, batch, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.at >= len(self.faces):
+            return None
+        x = self.faces[self.at : self.at + self.batch].transpose(0, 3, 1, 2)
+        self.at += self.batch
+        return {self.name: np.ascontiguousarray(x)}
+
+
+def quantize_onnx(
+    fp32: str | os.PathLike, out: str | os.PathLike, faces: np.ndarray, reduce_range: bool = True
+) -> Path:
+    """A statically quantised copy of an exported model: int8 weights per output channel,
+    uint8 activations, QDQ format, the ranges calibrated on ``faces`` (``(N, H, W, C)`` uint8
+    at the model's size: training faces, never test ones). ``reduce_range`` keeps weights to 7
+    bits, so that CPUs without VNNI (AVX2) cannot saturate in their int8 dot products.
+    Written atomically, with the fp32 file's metadata."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = Path(out)
+    name = onnx.load(str(fp32)).graph.input[0].name
+    with fileio.atomic_path(out, ".onnx") as tmp, fileio.atomic_path(out, ".pre.onnx") as pre:
+        # shapes inferred and BatchNorm folded into the convolutions first, as onnxruntime
+        # advises: the weights are then quantised as they will be used
+        quant_pre_process(str(fp32), str(pre))
+        quantize_static(
+            str(pre),
+            str(tmp),
+            _Faces(faces, name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        proto = onnx.load(str(tmp))
+        meta = {p.key: p.value for p in onnx.load(str(fp32)).metadata_props}
+        meta["agegender_precision"] = "int8"
+        _set_metadata(proto, meta)
+        onnx.save(proto, str(tmp))
+    return out

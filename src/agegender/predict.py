@@ -14,7 +14,9 @@ torch; only ``backend="torch"`` does.
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -27,11 +29,26 @@ from PIL import Image
 from agegender.detect import align_face, get_detector
 from agegender.errors import AgeGenderError
 from agegender.images import load_photo, open_photo, preprocess, upright_size
-from agegender.model_files import WEIGHTS, read_meta, resolve_checkpoint
-from agegender.runtime import OnnxBackend, OnnxLoadError, age_interval
+from agegender.model_files import BUNDLED_NAMES, WEIGHTS, bundled, read_meta, resolve_checkpoint
+from agegender.runtime import OnnxBackend, OnnxLoadError, age_interval, int8_is_fast
 
 ASTRONAUT = Path(__file__).parent / "assets" / "astronaut.jpg"
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("onnx", "torch")
+PRECISIONS = ("auto", "fp32", "int8")
+
+
+def onnx_meta(backend: OnnxBackend) -> dict[str, Any] | None:
+    """The model description an exported file carries (None for files exported before)."""
+    text = backend.metadata.get("agegender")
+    return json.loads(text) if text else None
+
+
+def _open_onnx(path: Path, threads: int | None) -> OnnxBackend:
+    try:
+        return OnnxBackend(path, threads)
+    except OnnxLoadError as e:
+        raise AgeGenderError(f"cannot load the ONNX model {path}: {e}") from None
+
 
 ImageInput = str | os.PathLike | bytes | IO[bytes] | Image.Image | np.ndarray
 # what locate() accepts besides file objects (anything with .read)
@@ -97,6 +114,39 @@ def _torch_backend(path: Path, device: str, amp: str, threads: int | None) -> tu
     return net, TorchBackend(net, dev, amp=bf16)
 
 
+def _onnx_model(
+    model: str | os.PathLike, onnx_path: str | os.PathLike | None, precision: str
+) -> tuple[Path | None, Path | None]:
+    """``(ONNX file, checkpoint)`` for a model: a bundled one's own file, an ``.onnx`` given,
+    or a checkpoint's ``NAME.int8.onnx`` newer than it. The ONNX file is None for the fp32
+    model of a checkpoint, which :func:`_onnx_backend` exports beside it and keeps fresh."""
+    if precision not in PRECISIONS:
+        raise AgeGenderError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if onnx_path is not None:
+        return Path(onnx_path), None
+    spec = Path(model)
+    if spec.suffix == ".onnx":
+        if not spec.is_file():
+            raise AgeGenderError(f"no such model: {model}")
+        return spec, None
+    checkpoint = resolve_checkpoint(model) if str(model) not in BUNDLED_NAMES else None
+    base = (bundled(str(model)) if checkpoint is None else checkpoint).with_suffix("")
+    int8, fp32 = base.with_suffix(".int8.onnx"), base.with_suffix(".onnx")
+    fresh = int8.is_file() and (
+        checkpoint is None or int8.stat().st_mtime >= checkpoint.stat().st_mtime
+    )
+    if precision == "int8" and not fresh:
+        raise AgeGenderError(
+            f"{model} has no int8 model ({int8.name}, newer than its weights): make one with "
+            f"agegender export --int8 --onnx {int8}"
+        )
+    if fresh and (precision == "int8" or (precision == "auto" and int8_is_fast())):
+        return int8, checkpoint
+    if checkpoint is None and fp32.is_file():
+        return fp32, None
+    return None, checkpoint or resolve_checkpoint(model)
+
+
 def _onnx_backend(path: Path, onnx_path: Path | None, threads: int | None) -> OnnxBackend:
     """ONNX Runtime on ``onnx_path``, or on the export of the checkpoint at ``path`` (made on
     first use next to it, or in the user's cache for the bundled model)."""
@@ -157,36 +207,51 @@ class Predictor:
     def load(
         cls,
         model: str | os.PathLike = "default",
-        device: str = "cpu",
+        device: str = "auto",
         tta: bool | None = None,
-        backend: str = "torch",
+        backend: str = "onnx",
         onnx_path: str | os.PathLike | None = None,
         threads: int | None = None,
         detector: str | None = "yunet",
         amp: str = "auto",
+        precision: str = "auto",
     ) -> Predictor:
-        """Load ``model`` (``default`` = the bundled one, a run folder or a checkpoint).
+        """Load ``model``: ``default`` (the bundled fast model), ``accurate`` (the bundled
+        larger one), a run folder, a checkpoint or an ``.onnx`` file.
 
-        ``tta``: mirror test-time augmentation; ``None`` follows the model's recipe.
-        ``backend``: ``torch`` or ``onnx`` (exported on first use next to a checkpoint file,
-        or read from ``onnx_path``). ``detector=None`` accepts aligned faces only.
-        ``amp`` (torch backend): ``auto`` runs the network in bf16 autocast where the hardware
-        does bf16 natively (CUDA, CPUs with AMX/AVX-512-BF16), ``bf16`` forces it, ``off``
-        keeps fp32. On the bundled model's test split bf16 scores the same as fp32 (gender
-        93.29 %, MAE 4.847 both) and runs a batch of 12 faces 3.3x faster on such a CPU; single
-        ages move by about 0.1 year.
+        ``backend``: ``onnx`` (ONNX Runtime on the CPU, no torch needed: the bundled models
+        ship as ONNX files; a checkpoint without one is exported on first use, which needs
+        torch) or ``torch`` (for CUDA users; ``device`` and ``amp`` apply to it only).
+        ``precision`` (onnx): ``auto`` takes a model's int8 file where it has one and the CPU
+        runs int8 fast (AVX2 and up), ``int8`` or ``fp32`` insist. ``tta``: mirror test-time
+        augmentation; ``None`` follows the model's recipe. ``threads``: intra-op threads
+        (default: every core this process may use). ``detector=None`` accepts aligned faces
+        only. ``amp`` (torch): ``auto`` runs bf16 autocast where the hardware does bf16
+        natively, ``bf16`` forces it, ``off`` keeps fp32.
         """
         if backend not in BACKENDS:
             raise AgeGenderError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-        path = resolve_checkpoint(model)
-        meta = read_meta(path)
-        if tta is None:
-            tta = bool(meta.get("config", {}).get("train", {}).get("tta", False))
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise AgeGenderError(
+                f"--device: unknown device {device!r}; valid: auto, cpu, cuda, cuda:N, mps"
+            )
+        if backend == "onnx" and device not in ("auto", "cpu"):
+            raise AgeGenderError(f"--device {device} runs on torch: add --backend torch")
         net = None
         if backend == "torch":
+            path = resolve_checkpoint(model)
+            meta = read_meta(path)
             net, runner = _torch_backend(path, device, amp, threads)
         else:
-            runner = _onnx_backend(path, Path(onnx_path) if onnx_path else None, threads)
+            onnx_file, path = _onnx_model(model, onnx_path, precision)
+            if onnx_file is None:  # a checkpoint without its ONNX file: exported once, here
+                runner = _onnx_backend(path, None, threads)
+            else:
+                runner = _open_onnx(onnx_file, threads)
+            meta = onnx_meta(runner) or read_meta(path)
+            path = path or runner.path
+        if tta is None:
+            tta = bool(meta.get("config", {}).get("train", {}).get("tta", False))
         det = get_detector(detector) if detector is not None else None
         return cls(net, meta, runner, det, tta, path)
 

@@ -94,6 +94,13 @@ def cpu_class() -> str:
     return "basic"
 
 
+def int8_is_fast() -> bool:
+    """Whether int8 models beat fp32 here: ONNX Runtime's int8 kernels need AVX2 at least
+    (on older x86 CPUs they fall back to slow paths; ARM has its own dot-product kernels)."""
+    machine = platform.machine().lower()
+    return cpu_class() != "basic" or machine in ("arm64", "aarch64")
+
+
 def default_threads() -> int:
     """Intra-op threads for one inference session: every core this process may use."""
     return max(int(cpu_info()["cores"] or 1), 1)

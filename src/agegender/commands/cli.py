@@ -99,9 +99,22 @@ def _split(p: argparse.ArgumentParser, where: str) -> None:
     )
 
 
+def _precision(p: argparse.ArgumentParser, where: str) -> None:
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "int8"),
+        default=_default(where, "precision"),
+        help="ONNX Runtime: auto = the model's int8 file where it has one and this CPU runs "
+        "int8 fast",
+    )
+
+
 def _backend(p: argparse.ArgumentParser, where: str) -> None:
     p.add_argument(
-        "--backend", choices=("torch", "onnx"), default=_default(where, "backend"), help="runtime"
+        "--backend",
+        choices=("onnx", "torch"),
+        default=_default(where, "backend"),
+        help="runtime: ONNX Runtime (no torch needed) or torch (CUDA; needs agegender[train])",
     )
 
 
@@ -251,6 +264,11 @@ def _sweep(p: argparse.ArgumentParser) -> Handler:
 def _evaluate(p: argparse.ArgumentParser) -> Handler:
     at = "agegender.commands.evaluate:evaluate"
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument(
+        "--compare",
+        metavar="OTHER",
+        help="a second model: both on the images neither saw, the differences in compare.md",
+    )
     p.add_argument("--data", metavar="CACHE_OR_FOLDER", help=DATA_HELP)
     _split(p, at)
     _tta(p)
@@ -259,6 +277,8 @@ def _evaluate(p: argparse.ArgumentParser) -> Handler:
     )
     _device(p, at)
     _amp(p, at)
+    _backend(p, at)
+    _precision(p, at)
     p.add_argument(
         "--include-seen",
         action="store_true",
@@ -276,12 +296,17 @@ def _evaluate(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(a: argparse.Namespace) -> int:
-        from agegender.commands.evaluate import evaluate, format_summary
+        from agegender.commands.evaluate import compare, evaluate, format_summary
 
-        kw = {k: getattr(a, k) for k in ("split", "tta", "device", "batch_size", "amp", "quiet")}
+        keys = ("split", "tta", "device", "batch_size", "amp", "quiet", "backend", "precision")
+        kw = {k: getattr(a, k) for k in keys}
         kw.update(
             timing=not a.no_timing, timing_reps=a.timing_reps, exclude_seen=not a.include_seen
         )
+        if a.compare:
+            compare(a.model, a.compare, out_dir=a.out, data=a.data, **kw)
+            print((Path(a.out) / "compare.md").read_text())
+            return 0
         m = evaluate(a.model, a.data, out_dir=a.out, **kw)
         print(format_summary(m, a.out))
         return 0
@@ -334,6 +359,7 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
     )
     _tta(p)
     _backend(p, at)
+    _precision(p, at)
     _amp(p, at)
     p.add_argument(
         "--batch-size", type=_int_in(1), default=_default(at, "batch_size"), help="images a batch"
@@ -345,22 +371,38 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
         from agegender.commands.predict import predict_files
 
         keys = ("model", "aligned", "output", "tta", "backend", "batch_size", "device", "amp")
-        kw = {k: getattr(a, k) for k in keys}
+        kw = {k: getattr(a, k) for k in (*keys, "precision")}
         return predict_files(a.paths, annotate_dir=a.annotate, quiet=a.quiet, **kw)
 
     return run
 
 
 def _export(p: argparse.ArgumentParser) -> Handler:
-    at = "agegender.onnx_export:export_onnx"
+    at = "agegender.commands.export:export"
     p.add_argument("--model", default=_default(at, "model"), help=MODEL_HELP)
     p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write it")
     p.add_argument("--opset", type=int, default=_default(at, "opset"), help="ONNX opset")
+    p.add_argument(
+        "--int8", action="store_true", help="statically quantised (int8 weights, uint8 values)"
+    )
+    p.add_argument(
+        "--half-weights",
+        action="store_true",
+        help="store fp32 weights as fp16 (half the file, the same fp32 arithmetic)",
+    )
+    p.add_argument("--data", metavar="CACHE", help="with --int8: its training faces calibrate")
+    p.add_argument(
+        "--calibration-images",
+        type=_int_in(1),
+        default=_default(at, "calibration_images"),
+        help="with --int8: how many training faces",
+    )
 
     def run(a: argparse.Namespace) -> int:
-        from agegender.onnx_export import export_onnx
+        from agegender.commands.export import export
 
-        path = export_onnx(a.model, a.onnx, opset=a.opset)
+        kw = {"opset": a.opset, "int8": a.int8, "data": a.data, "half_weights": a.half_weights}
+        path = export(a.model, a.onnx, calibration_images=a.calibration_images, **kw)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return 0
 
@@ -422,6 +464,7 @@ def _serve(p: argparse.ArgumentParser) -> Handler:
     )
     _device(p, app)
     _backend(p, app)
+    _precision(p, app)
     _amp(p, app)
     _tta(p)
 
@@ -429,6 +472,7 @@ def _serve(p: argparse.ArgumentParser) -> Handler:
         from agegender.commands.serve import serve
 
         keys = ("model", "workers", "queue", "max_upload_mb", "device", "backend", "tta", "amp")
+        keys += ("precision",)
         serve(host=a.host, port=a.port, **{k: getattr(a, k) for k in keys})
         return 0
 
@@ -476,7 +520,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = 
         "shrunk while decoding). Exit 0 when every image was read, 1 when some failed.",
         _predict,
     ),
-    "export": ("Export a model to ONNX (uint8 faces in, dynamic batch).", _export),
+    "export": (
+        "Export a model to ONNX (uint8 faces in, dynamic batch), in fp32 or, with --int8, "
+        "statically quantised and calibrated on training faces.",
+        _export,
+    ),
     "demo": (
         "Run the bundled model on a bundled public-domain photo and write the annotated image "
         "(with --synthetic, or without a bundled model: prepare and explore synthetic faces).",

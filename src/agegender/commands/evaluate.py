@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import nn
+from tqdm import tqdm
 
 from agegender import fileio
 from agegender.checkpoint import load_checkpoint, read_seen, resolve_checkpoint
@@ -31,6 +32,9 @@ from agegender.data import SPLITS, is_cache, open_cache, prepare, read_manifest
 from agegender.errors import DataError
 from agegender.images import preprocess_batch
 from agegender.metrics import compute_metrics
+from agegender.model_files import WEIGHTS
+from agegender.predict import Predictor
+from agegender.runtime import cpu_info, default_threads
 from agegender.torch_runtime import device_name, predict_arrays, resolve_device, use_amp
 
 GOOD_AGE_ERROR = 5  # show(): a face counts as right within this many years
@@ -106,25 +110,31 @@ def _skipped_line(skipped: dict[str, Any], root: Path) -> str:
 
 
 def _unseen(
-    checkpoint: Path, cache: Any, rows: np.ndarray, where: str
+    checkpoints: list[Path], cache: Any, rows: np.ndarray, where: str
 ) -> tuple[np.ndarray, int | None]:
-    """``rows`` without the images the checkpoint was trained or validated on, or near-copies
-    of them (by its record), and how many were left out (None: it keeps no record)."""
-    record = read_seen(checkpoint)
-    if record is None:
+    """``rows`` without the images any of the checkpoints was trained or validated on, or
+    near-copies of them (by their records), and how many were left out (None: the first
+    keeps no record)."""
+    records = [read_seen(c) for c in checkpoints]
+    if records[0] is None:
         print(
-            f"agegender: {checkpoint.name} keeps no record of its training images: nothing "
+            f"agegender: {checkpoints[0].name} keeps no record of its training images: nothing "
             "was left out, and the scores may include images it trained on",
             file=sys.stderr,
         )
         return rows, None
-    seen = record.seen([cache.content_hash[i] for i in rows], cache.images[rows])
+    hashes, faces = [cache.content_hash[i] for i in rows], cache.images[rows]
+    seen = np.zeros(len(rows), bool)
+    for record in records:
+        if record is not None:
+            seen |= record.seen(hashes, faces)
     if seen.all():
         raise DataError(f"every image of {where} was seen in training (or is a near-copy)")
     if seen.any():
         print(
-            f"agegender: left out {int(seen.sum()):,} of {len(rows):,} images that the model "
-            "trained or validated on, or near-copies of them",
+            f"agegender: left out {int(seen.sum()):,} of {len(rows):,} images that the "
+            f"model{'s' if len(records) > 1 else ''} trained or validated on, or near-copies "
+            "of them",
             file=sys.stderr,
         )
     return rows[~seen], int(seen.sum())
@@ -137,6 +147,7 @@ def _load(
     device: torch.device,
     work_dir: Path,
     exclude_seen: bool = True,
+    also_unseen_by: list[Path] = (),
 ) -> _Loaded:
     """Model, metadata and the labelled images to run it on (already at the model's size).
 
@@ -174,7 +185,7 @@ def _load(
         raise DataError(f"{where} holds no usable images")
     excluded = None
     if exclude_seen:
-        rows, excluded = _unseen(checkpoint, cache, rows, where)
+        rows, excluded = _unseen([checkpoint, *also_unseen_by], cache, rows, where)
     if cache.color != color:
         raise DataError(
             f"the model expects {color} images but {root} holds {cache.color} ones: prepare a "
@@ -207,41 +218,53 @@ def _default_tta(meta: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------- timing
 
 
-def time_inference(
-    model: nn.Module,
-    images: np.ndarray,
-    device: torch.device,
-    batch_size: int = 256,
-    tta: bool = False,
-    amp: bool = False,
-    reps: int = 50,
-) -> dict[str, Any]:
+def _runner(d: _Loaded, backend: str, precision: str, tta: bool, dev, bf16: bool, batch: int):
+    """``faces (N, H, W, C) -> outputs``: the network as ``backend`` runs it, and its name."""
+    if backend == "onnx":
+        # the model as predict and serve run it by default (the bundled models' ONNX files)
+        onnx = Predictor.load(
+            d.checkpoint if d.checkpoint.parent != WEIGHTS else d.checkpoint.stem,
+            backend="onnx",
+            precision=precision,
+            detector=None,
+        ).backend
+        return (lambda x: onnx(x, tta)), f"ONNX Runtime {onnx.path.name}"
+    return (lambda x: predict_arrays(d.model, x, dev, batch_size=batch, tta=tta, amp=bf16)), "torch"
+
+
+def predict_all(run, images: np.ndarray, batch_size: int, progress: bool) -> dict[str, np.ndarray]:
+    """``run`` over ``images`` in batches, the outputs concatenated."""
+    parts: dict[str, list[np.ndarray]] = {}
+    starts = range(0, len(images), batch_size)
+    for s in tqdm(starts, desc="predicting", unit="batch", leave=False, disable=not progress):
+        for k, v in run(images[s : s + batch_size]).items():
+            parts.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def time_inference(run, images: np.ndarray, batch_size: int = 256, reps: int = 50) -> dict:
     """Median inference time per image at batch size 1 and at ``batch_size``, in ms.
 
     Batch 1 is the median of ``reps`` single-image calls after a warm-up; the batch figure is
     the median over ``max(1, min(5, reps // 10))`` full batches (images repeated to fill one).
-    Times are for the whole :func:`~agegender.torch_runtime.predict_arrays` call
-    (normalisation, TTA, copy back), which is what a user of the model waits for.
+    Times are for the whole call of ``run`` (normalisation, TTA, copy back), which is what a
+    user of the model waits for.
     """
 
-    def run(x: np.ndarray) -> float:
+    def timed(x: np.ndarray) -> float:
         t0 = time.perf_counter()
-        predict_arrays(model, x, device, batch_size=len(x), tta=tta, amp=amp)
+        run(x)
         return time.perf_counter() - t0
 
     one = images[:1]
     for _ in range(min(5, reps)):
-        run(one)
-    single = [run(one) for _ in range(reps)]
+        timed(one)
+    single = [timed(one) for _ in range(reps)]
     batch = images[np.arange(batch_size) % len(images)]
     batches = max(1, min(5, reps // 10))
-    run(batch)
-    many = [run(batch) / batch_size for _ in range(batches)]
+    timed(batch)
+    many = [timed(batch) / batch_size for _ in range(batches)]
     return {
-        "device": device_name(device),
-        "threads": torch.get_num_threads(),
-        "tta": tta,
-        "amp": amp,
         "batch1_ms_per_image": 1000 * statistics.median(single),
         "batch1_calls": reps,
         "batch_size": batch_size,
@@ -266,6 +289,9 @@ def evaluate(
     amp: str = "auto",
     quiet: bool = False,
     exclude_seen: bool = True,
+    backend: str = "torch",
+    precision: str = "auto",
+    also_unseen_by: list[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Evaluate a model and write ``metrics.json``, ``report.md``, ``predictions.csv``,
     ``confusion.png``, ``age_scatter.png``, ``mae_by_band.png`` and ``reliability.png``.
@@ -286,6 +312,10 @@ def evaluate(
         exclude_seen: leave out every image the model trained or validated on, and
             near-copies of them, by the record its checkpoint keeps (says how many, and
             ``metrics.json`` keeps the count as ``excluded_seen_in_training``).
+        backend: ``torch`` (the checkpoint) or ``onnx`` (its ONNX file as ``predict`` runs it,
+            in ``precision`` ``auto``, ``fp32`` or ``int8``).
+        also_unseen_by: other models whose training images are left out too (see
+            :func:`compare`).
 
     Returns the metrics, as written to ``metrics.json``.
     """
@@ -303,11 +333,11 @@ def evaluate(
     dev = resolve_device(device, option="--device")
     bf16 = use_amp(dev, amp)
     with tempfile.TemporaryDirectory(prefix="agegender-eval-") as tmp:
-        d = _load(model_spec, data, split, dev, Path(tmp), exclude_seen)
+        others = [resolve_checkpoint(m) for m in also_unseen_by]
+        d = _load(model_spec, data, split, dev, Path(tmp), exclude_seen, others)
     tta = _default_tta(d.meta) if tta is None else tta
-    pred = predict_arrays(
-        d.model, d.images, dev, batch_size=batch_size, tta=tta, amp=bf16, progress=not quiet
-    )
+    run, runtime = _runner(d, backend, precision, tta, dev, bf16, batch_size)
+    pred = predict_all(run, d.images, batch_size, progress=not quiet)
     m = compute_metrics(
         d.ages, d.genders, d.races, pred["age"], pred["p_female"], pred.get("age_std")
     )
@@ -320,11 +350,14 @@ def evaluate(
         skipped=d.skipped,
         excluded_seen_in_training=d.excluded,
         tta=tta,
-        amp=bf16,
-        device=device_name(dev),
+        amp=bf16 and backend == "torch",
+        device=device_name(dev) if backend == "torch" else cpu_info()["name"],
+        runtime=runtime,
     )
     if timing:
-        m["timing"] = time_inference(d.model, d.images, dev, batch_size, tta, bf16, timing_reps)
+        m["timing"] = time_inference(run, d.images, batch_size, timing_reps)
+        threads = torch.get_num_threads() if backend == "torch" else default_threads()
+        m["timing"].update(device=m["device"], threads=threads, tta=tta, amp=m["amp"])
 
     out.mkdir(parents=True, exist_ok=True)
     report.write_predictions(out / "predictions.csv", d, pred)
@@ -332,6 +365,52 @@ def evaluate(
     fileio.write_text(out / "report.md", report.render(m))
     fileio.write_json(out / "metrics.json", m)
     return m
+
+
+def _diff_row(name: str, a: float, b: float, percent: bool = False) -> list[str]:
+    spec, scale = (".2%", 100) if percent else (".3f", 1)
+    return [name, format(a, spec), format(b, spec), f"{(b - a) * scale:+.2f}"]
+
+
+def compare(
+    model: str | os.PathLike,
+    other: str | os.PathLike,
+    out_dir: str | os.PathLike = "runs/evaluate",
+    **kw: Any,
+) -> dict[str, Any]:
+    """Evaluate two models on the same images, those neither trained nor validated on (by both
+    records): each gets its report in ``out_dir/a`` and ``out_dir/b``, the differences go to
+    ``compare.json`` and ``compare.md`` (``b`` minus ``a``). ``kw`` as :func:`evaluate` takes."""
+    out = Path(out_dir)
+    a = evaluate(model, out_dir=out / "a", also_unseen_by=[other], **kw)
+    b = evaluate(other, out_dir=out / "b", also_unseen_by=[model], **kw)
+    rows = [
+        _diff_row("gender accuracy", a["gender_accuracy"], b["gender_accuracy"], percent=True),
+        _diff_row("age MAE (years)", a["age_mae"], b["age_mae"]),
+    ]
+    for kind in ("race", "age"):
+        for key, what in (("gender_accuracy", "gender accuracy"), ("age_mae", "age MAE")):
+            wa, wb = a["worst_groups"][kind][key], b["worst_groups"][kind][key]
+            if wa and wb:
+                name = f"{what}, worst {kind} (a: {wa['group']}, b: {wb['group']})"
+                rows.append(_diff_row(name, wa["value"], wb["value"], key == "gender_accuracy"))
+    result = {
+        "a": {"model": str(model), **{k: a[k] for k in ("gender_accuracy", "age_mae", "n")}},
+        "b": {"model": str(other), **{k: b[k] for k in ("gender_accuracy", "age_mae", "n")}},
+        "rows": rows,
+    }
+    lines = [
+        "# Comparison",
+        "",
+        f"a = `{model}`, b = `{other}`, on the same {a['n']:,} images of {a['data']}: those "
+        "neither model trained or validated on. Differences are b - a (accuracy in points).",
+        *report.table(["metric", "a", "b", "b - a"], rows),
+        "Each model's report: [a/report.md](a/report.md), [b/report.md](b/report.md).",
+        "",
+    ]
+    fileio.write_json(out / "compare.json", result)
+    fileio.write_text(out / "compare.md", "\n".join(lines))
+    return result
 
 
 def format_summary(metrics: dict[str, Any], out_dir: str | os.PathLike) -> str:

@@ -74,11 +74,12 @@ def predict_files(
     output: str | os.PathLike | None = None,
     annotate_dir: str | os.PathLike | None = None,
     tta: bool | None = None,
-    backend: str = "torch",
+    backend: str = "onnx",
     batch_size: int = 64,
-    device: str = "cpu",
+    device: str = "auto",
     quiet: bool = False,
     amp: str = "auto",
+    precision: str = "auto",
 ) -> int:
     """The ``agegender predict`` command; returns the exit code (0 all read, 1 some failed).
 
@@ -103,6 +104,7 @@ def predict_files(
         backend=backend,
         detector=None if aligned else "yunet",
         amp=amp,
+        precision=precision,
     )
     out_f, tmp = None, None
     if out_path is not None:

@@ -131,7 +131,7 @@ def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _table(header: list[str], rows: list[list[object]]) -> list[str]:
+def table(header: list[str], rows: list[list[object]]) -> list[str]:
     lines = ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return [*lines, ""]
@@ -156,7 +156,7 @@ def _worst_lines(m: dict[str, Any]) -> list[str]:
             )  # fmt: skip
     if not rows:
         return []
-    return ["Worst groups (of 30 images or more):", *_table(
+    return ["Worst groups (of 30 images or more):", *table(
         ["metric", "group", "value", "overall", "gap"], rows)]  # fmt: skip
 
 
@@ -198,16 +198,16 @@ def render(m: dict[str, Any]) -> str:
     if m["age_interval"]:
         iv = m["age_interval"]
         summary.append(["90 % age interval coverage", f"{iv['coverage']:.1%}"])
-    lines += _table(["metric", "value"], summary)
+    lines += table(["metric", "value"], summary)
     lines += _worst_lines(m)
 
     lines += ["## Gender"]
-    lines += _table(
+    lines += table(
         ["true gender", "n", "accuracy"],
         [[name, f"{sum(conf[i]):,}", fmt(g[name], ".2%")] for i, name in enumerate(GENDERS)],
     )
     lines += ["Confusion matrix (rows: true, columns: predicted; row percentages):"]
-    lines += _table(
+    lines += table(
         ["true \\ predicted", *GENDERS],
         [
             [name, *(f"{conf[i][j]:,} ({conf[i][j] / max(sum(conf[i]), 1):.1%})" for j in range(2))]
@@ -217,21 +217,21 @@ def render(m: dict[str, Any]) -> str:
     lines += ["![confusion matrix](confusion.png)", ""]
 
     lines += ["## Age"]
-    lines += _table(
+    lines += table(
         ["age band", "n", "MAE (years)", "gender accuracy"],
         [
             [k, f"{v['n']:,}", fmt(v["mae"], ".2f"), fmt(v.get("gender_accuracy"), ".2%")]
             for k, v in m["age_mae_by_band"].items()
         ],
     )
-    lines += _table(
+    lines += table(
         ["decade", "n", "MAE (years)"],
         [[k, f"{v['n']:,}", fmt(v["mae"], ".2f")] for k, v in m["age_mae_by_decade"].items()],
     )
     lines += ["![predicted vs true age](age_scatter.png) ![MAE by age band](mae_by_band.png)", ""]
 
     lines += ["## Fairness by race", "", "UTKFace's race labels; small groups give noisy numbers."]
-    lines += _table(
+    lines += table(
         ["race", "n", "gender accuracy", "age MAE (years)"],
         [
             [r, f"{v['n']:,}", fmt(v["gender_accuracy"], ".2%"), fmt(v["age_mae"], ".2f")]
@@ -246,7 +246,7 @@ def render(m: dict[str, Any]) -> str:
         f"Expected calibration error {cal['ece']:.4f}: the image-weighted mean gap between "
         "accuracy and confidence max(p, 1 - p) over 10 equal-width bins on [0.5, 1].",
     ]
-    lines += _table(
+    lines += table(
         ["confidence bin", "n", "mean confidence", "accuracy"],
         [
             [
@@ -273,7 +273,7 @@ def render(m: dict[str, Any]) -> str:
     if "timing" in m:
         t = m["timing"]
         lines += ["## Speed"]
-        lines += _table(
+        lines += table(
             ["batch size", "ms per image", "calls (median)"],
             [
                 [1, f"{t['batch1_ms_per_image']:.2f}", t["batch1_calls"]],

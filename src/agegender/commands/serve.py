@@ -298,10 +298,11 @@ def create_app(
     max_upload_mb: float = MAX_UPLOAD_MB,
     max_pixels: int = MAX_PIXELS,
     max_batch: int = MAX_BATCH,
-    device: str = "cpu",
-    backend: str = "torch",
+    device: str = "auto",
+    backend: str = "onnx",
     tta: bool | None = None,
     amp: str = "auto",
+    precision: str = "auto",
 ) -> Any:
     """The FastAPI application (serve it with ``uvicorn``; ``agegender serve`` does).
 
@@ -320,7 +321,9 @@ def create_app(
     """
     _check_options(workers, queue, max_upload_mb, max_batch)
     if predictor is None:
-        predictor = Predictor.load(model, device=device, backend=backend, tta=tta, amp=amp)
+        predictor = Predictor.load(
+            model, device=device, backend=backend, tta=tta, amp=amp, precision=precision
+        )
     pool = ThreadPoolExecutor(workers, thread_name_prefix="agegender")
     limits = Limits(int(max_upload_mb * 1e6), max_batch, max_pixels)
 

@@ -35,7 +35,7 @@ from agegender import distributed, fileio
 from agegender.augment import DRAWS
 from agegender.checkpoint import load_checkpoint, load_weights, read_meta, save_checkpoint
 from agegender.config import Config, check_config, load_config, to_dict, to_toml
-from agegender.data import SPLITS, Cache, is_cache, open_cache, prepare
+from agegender.data import SPLITS, Cache, balance_weights, is_cache, open_cache, prepare
 from agegender.errors import ConfigError, DataError
 from agegender.images import preprocess_batch
 from agegender.losses import UncertaintyWeights
@@ -71,6 +71,7 @@ class Data:
     seen: SeenRecord | None = None  # what the model trains and validates on, for its checkpoints
     soft_gender: torch.Tensor | None = None  # a teacher's P(female) per training image
     soft_age: torch.Tensor | None = None  # ... and its age distribution (N, K), maybe (N, 0)
+    weights: torch.Tensor | None = None  # how often each training image is drawn (data.balance)
 
 
 def _cache_dir(cfg: Config, device: torch.device, out: Path, quiet: bool) -> Path:
@@ -134,7 +135,13 @@ def load_data(
         gender[split] = torch.as_tensor(cache.gender[rows], dtype=torch.float32, device=device)
     rows = np.concatenate([idx["train"], idx["val"]])
     seen = SeenRecord.of([cache.content_hash[i] for i in rows], cache.images[rows])
-    return Data(cache, x, age, gender, seen)
+    data = Data(cache, x, age, gender, seen)
+    if d.balance != "none":
+        w = balance_weights(
+            cache.race[idx["train"]], cache.age[idx["train"]], d.balance, d.balance_power
+        )
+        data.weights = torch.as_tensor(w, dtype=torch.float32, device=device)
+    return data
 
 
 # --------------------------------------------------------------------------- model and optimizer
@@ -286,7 +293,10 @@ def train_one_epoch(run: Run, data: Data, epoch: int) -> dict[str, float]:
     run.train_model.train()
     rank, world = distributed.rank(), distributed.world_size()
     x_all, n = data.x["train"], len(data.x["train"])
-    perm = torch.randperm(n, device=device, generator=run.gen)
+    if data.weights is None:
+        perm = torch.randperm(n, device=device, generator=run.gen)
+    else:  # data.balance: an epoch of n draws, smaller groups more often
+        perm = torch.multinomial(data.weights, n, replacement=True, generator=run.gen)
     steps = n // t.batch_size if n >= t.batch_size else 1  # drop the ragged last batch
     # Sums stay on the device: a .item() per step would stall the GPU queue
     sums = torch.zeros(3, device=device)  # loss * batch, correct genders, age absolute error

@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 from PIL import Image
 
 from agegender.predict import ASTRONAUT
-from agegender.torch_runtime import device_name
+from agegender.runtime import cpu_class, cpu_info
 
 
 def faces(data: str | None, n: int, seed: int) -> tuple[list[bytes], str]:
@@ -88,7 +87,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds not counted")
     ap.add_argument("--workers", type=int, default=1, help="server inference threads")
     ap.add_argument("--queue", type=int, default=16, help="server queue (503 beyond)")
-    ap.add_argument("--threads", type=int, default=2, help="the server's torch/OpenMP threads")
+    ap.add_argument("--threads", type=int, default=2, help="the server's OpenMP threads")
     ap.add_argument("--n", type=int, default=200, help="distinct faces to send")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the result to this file")
@@ -97,6 +96,7 @@ def main() -> None:
     bodies, source = faces(args.data, args.n, args.seed)
     port = free_port()
     server = start_server(port, args)
+    health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
     url = f"http://127.0.0.1:{port}/api/predict"
     latencies: list[float] = []
     server_ms: list[float] = []
@@ -140,7 +140,9 @@ def main() -> None:
         server.wait(10)
     done = len(latencies) + sum(errors.values())
     result = {
-        "device": device_name(torch.device("cpu")),
+        "cpu": f"{cpu_info()['name']} ({cpu_class()}, {cpu_info()['cores']} cores)",
+        "model_file": health.get("checkpoint"),
+        "backend": health.get("backend"),
         "server_threads": args.threads,
         "workers": args.workers,
         "clients": args.clients,

@@ -30,13 +30,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from agegender.commands.train import (
-    Data,
     build_model,
     build_run,
     train_one_epoch,
     wrap_for_training,
 )
 from agegender.config import load_config
+from agegender.dataset import Data
 from agegender.optim import build_scheduler
 from agegender.torch_runtime import device_name, resolve_device, use_amp
 

@@ -287,13 +287,13 @@ def test_output_replaces_old_results_whole_or_not_at_all(models, tmp_path, monke
     before = out.read_bytes()
     calls = []
 
-    def interrupted(self, images, aligned=False, workers=2):
+    def interrupted(self, located):  # the network's half of a batch
         if calls:
             raise KeyboardInterrupt
         calls.append(1)
-        return [[] for _ in images]
+        return [[] for _ in located]
 
-    monkeypatch.setattr(Predictor, "predict_batch", interrupted)
+    monkeypatch.setattr(Predictor, "finish", interrupted)
     argv += ["--output", str(out), "--batch-size", "1", "--quiet"]
     assert main(argv) == 130  # interrupted in the second batch
     assert out.read_bytes() == before

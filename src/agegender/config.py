@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,7 @@ else:  # pragma: no cover
 
 #: the seed of prepare's train/val/test split: the bundled models were trained on its split
 SPLIT_SEED = 1
+MAX_EPOCHS = 100_000  #: far beyond any recipe, short of running forever
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         value = float(value)
     if type(value) is not kind:
         raise ConfigError(f"{key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    if kind is float and not math.isfinite(value):  # nan trains to NaN, inf never ends
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     choices = CHOICES.get(key)
     if choices and value not in choices:
         shown = ", ".join(repr(c) for c in choices)
@@ -265,13 +269,16 @@ def check_config(cfg: Config, models: list[str] | None = None) -> None:
     ``models``: the registered model names ``model.name`` must be one of (the caller passes
     :func:`agegender.models.list_models`, which this torch-free module cannot import).
     """
-    t, d, m = cfg.train, cfg.data, cfg.model
+    t, d, m, loss, aug = cfg.train, cfg.data, cfg.model, cfg.loss, cfg.aug
     bad = [
-        (t.epochs < 1, "train.epochs must be >= 1"),
-        (t.batch_size < 1, "train.batch_size must be >= 1"),
-        (t.eval_batch_size < 1, "train.eval_batch_size must be >= 1"),
-        (t.lr <= 0, "train.lr must be > 0"),
-        (t.threads < 0, "train.threads must be >= 0 (0 = all cores)"),
+        (not 1 <= t.epochs <= MAX_EPOCHS, f"train.epochs must be 1-{MAX_EPOCHS:,}"),
+        (not 1 <= t.batch_size <= 65536, "train.batch_size must be 1-65536"),
+        (not 1 <= t.eval_batch_size <= 65536, "train.eval_batch_size must be 1-65536"),
+        (not 0 < t.lr <= 10, "train.lr must be in (0, 10]"),
+        (not 0 <= t.momentum < 1, "train.momentum must be in [0, 1)"),
+        (not 0 < t.plateau_factor < 1, "train.plateau_factor must be in (0, 1)"),
+        (t.plateau_patience < 0, "train.plateau_patience must be >= 0"),
+        (not 0 <= t.threads <= 1024, "train.threads must be 0-1024 (0 = all cores)"),
         (t.seed < 0, "train.seed must be >= 0"),
         (t.grad_clip < 0, "train.grad_clip must be >= 0 (0 = off)"),
         (t.early_stopping < 0, "train.early_stopping must be >= 0 (0 = off)"),
@@ -283,6 +290,14 @@ def check_config(cfg: Config, models: list[str] | None = None) -> None:
         (not 0 <= d.balance_power <= 1, "data.balance_power must be in [0, 1]"),
         (m.dropout >= 1, "model.dropout must be below 1 (< 0 = the model's default)"),
         (not 0 <= cfg.distill.weight <= 1, "distill.weight must be in [0, 1]"),
+        (loss.w_age < 0 or loss.w_gender < 0, "loss.w_age and loss.w_gender must be >= 0"),
+        (loss.w_age == loss.w_gender == 0, "loss.w_age and loss.w_gender cannot both be 0"),
+        (not 0 < loss.sigma <= 50, "loss.sigma must be in (0, 50] years"),
+        (not 0 <= aug.rotate <= 180, "aug.rotate must be 0-180 degrees"),
+        *(
+            (not 0 <= getattr(aug, k) < 1, f"aug.{k} must be in [0, 1)")
+            for k in ("brightness", "contrast", "scale", "shift")
+        ),
         (models is not None and m.name not in models, f"unknown model.name {m.name!r}; "
          f"registered: {', '.join(models or [])}"),
     ]  # fmt: skip

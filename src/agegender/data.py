@@ -31,13 +31,16 @@ import numpy as np
 from agegender import fileio, near_dups
 from agegender.config import SPLIT_SEED
 from agegender.errors import DataError
-from agegender.images import COLORS, face_config, find_images, load_face
+from agegender.images import COLORS, face_config, find_images, link_problem, load_face
 
 GENDERS = ("male", "female")  # UTKFace: 0 = male, 1 = female
 RACES = ("White", "Black", "Asian", "Indian", "Others")  # UTKFace race codes 0..4
 AGE_RANGE = (1, 120)
 AGE_BANDS = ((0, 9), (10, 19), (20, 39), (40, 59), (60, 200))
 SPLITS = ("train", "val", "test")
+#: how files that hold paths are written and read: a file name that is not valid UTF-8 keeps its
+#: bytes (os.fsencode of what is read gives them back) instead of failing the whole run
+PATHS_IN_TEXT = {"encoding": "utf-8", "errors": "surrogateescape"}
 CACHE_VERSION = 2  # 2: near-duplicate groups in the manifest
 
 # age_gender_race_datetime, then the extension as it really occurs: ".jpg.chip.jpg",
@@ -114,11 +117,19 @@ def band_name(band: int) -> str:
     return f"{lo}+" if band == len(AGE_BANDS) - 1 else f"{lo}-{hi}"
 
 
+def _real(path: Path) -> Path:
+    """The file's real path; a broken link or a link loop stays as it was found."""
+    try:
+        return path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
 def _hash_file(path: Path) -> tuple[str, str | None]:
     try:
         data = path.read_bytes()
     except OSError as e:
-        return "", f"unreadable: {e.strerror or e}"
+        return "", f"unreadable: {link_problem(path) or e.strerror or e}"
     if not data:
         return "", "unreadable: empty file"
     return hashlib.blake2b(data, digest_size=16).hexdigest(), None
@@ -249,13 +260,18 @@ class _Row:
 def _fingerprint(paths: list[Path]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for p in paths:
-        st = p.stat()
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = p.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # a broken link: it has its row, and changes the fingerprint if mended
+            size = mtime = -1
+        # the name's own bytes: a name that is not valid UTF-8 is still a name
+        h.update(os.fsencode(p) + f"\0{size}\0{mtime}\n".encode())
     return h.hexdigest()
 
 
 def _write_manifest(path: Path, rows: list[_Row]) -> None:
-    with fileio.atomic_write(path, newline="") as f:
+    with fileio.atomic_write(path, newline="", **PATHS_IN_TEXT) as f:
         w = csv.writer(f)
         w.writerow(MANIFEST_COLUMNS)
         for r in rows:
@@ -276,7 +292,7 @@ def _write_manifest(path: Path, rows: list[_Row]) -> None:
 
 def read_manifest(cache_dir: str | os.PathLike) -> list[dict[str, str]]:
     """The rows of ``manifest.csv`` as dicts of strings."""
-    with (Path(cache_dir) / "manifest.csv").open(newline="") as f:
+    with (Path(cache_dir) / "manifest.csv").open(newline="", **PATHS_IN_TEXT) as f:
         return list(csv.DictReader(f))
 
 
@@ -359,7 +375,7 @@ def _read_cache(root: Path) -> tuple[np.ndarray, list[_Row], dict[str, Any]]:
 
     line = 1
     try:
-        with (root / "manifest.csv").open(newline="") as f:
+        with (root / "manifest.csv").open(newline="", **PATHS_IN_TEXT) as f:
             reader = csv.reader(f)
             if tuple(next(reader, ())) != MANIFEST_COLUMNS:
                 raise ValueError("not the manifest header")
@@ -496,7 +512,7 @@ def prepare(
         raise DataError("no data folder given")
     # every file once, by its real path, sorted: the first of byte-identical copies is then
     # the same whatever the order or spelling of the folders given
-    paths = sorted({p.resolve() for p in find_images(data_dirs)})
+    paths = sorted({_real(p) for p in find_images(data_dirs)})
     out_dir = Path(out)
     images_path = out_dir / "images.npy"
     meta_path = out_dir / "cache.json"
@@ -599,7 +615,7 @@ def write_split_file(cache_dir: str | os.PathLike, path: str | os.PathLike) -> i
     image, sorted by name); returns the number of rows."""
     rows = sorted((r for r in read_manifest(cache_dir) if r["status"] == "kept"),
                   key=lambda r: Path(r["path"]).name)  # fmt: skip
-    with fileio.atomic_write(path, newline="") as f:
+    with fileio.atomic_write(path, newline="", **PATHS_IN_TEXT) as f:
         w = csv.writer(f)
         w.writerow(SPLIT_FILE_COLUMNS)
         for r in rows:
@@ -610,7 +626,7 @@ def write_split_file(cache_dir: str | os.PathLike, path: str | os.PathLike) -> i
 def read_split_file(path: str | os.PathLike) -> dict[str, str]:
     """A split file (see :func:`write_split_file`) as ``{content_hash: split}``."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", **PATHS_IN_TEXT) as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"--split-file {path}: cannot read it ({e})") from None
@@ -765,11 +781,26 @@ def is_cache(path: str | os.PathLike) -> bool:
     return (p / "images.npy").is_file() and (p / "manifest.csv").is_file()
 
 
+def unfinished_cache(path: str | os.PathLike) -> bool:
+    """What a killed (or still running) ``prepare`` leaves: its files, and no ``cache.json``."""
+    p = Path(path)
+    if not p.is_dir() or (p / "cache.json").is_file():
+        return False
+    names = [q.name for q in p.iterdir()]
+    ours = ("images.", "manifest.csv", "summary.json", "images-compact.")
+    return any(n.startswith(ours) for n in names)
+
+
 def open_cache(path: str | os.PathLike) -> Cache:
     """Open a cache written by :func:`prepare` (images memory-mapped, not loaded)."""
     root = Path(path)
     if not root.exists():
         raise DataError(f"no such cache directory: {path}")
+    if unfinished_cache(root) and not is_cache(root):
+        raise DataError(
+            f"{path} is an unfinished cache (prepare was interrupted, or is still running): "
+            "run agegender prepare again"
+        )
     if not is_cache(root):
         raise DataError(
             f"{path} is not a prepared cache (no images.npy and manifest.csv): "

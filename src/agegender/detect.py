@@ -11,7 +11,7 @@ to be brought into that geometry before prediction. This module does it in three
    landmark positions that YuNet finds in UTKFace's own crops, with a similarity transform.
 
 >>> list_detectors()
-['yunet']
+['yunet', 'yunet-fast']
 >>> face = FacialArea((0.0, 0.0, 200.0, 200.0), 1.0, UTKFACE_TEMPLATE_200)
 >>> img = np.zeros((200, 200, 3), np.uint8)
 >>> align_face(img, face).shape
@@ -405,7 +405,13 @@ def _points(pts: np.ndarray) -> tuple[Point, ...]:
     return tuple((float(x), float(y)) for x, y in pts)
 
 
-_DETECTORS: dict[str, Callable[..., Detector]] = {"yunet": YuNetDetector}
+#: name -> (class, the settings that name stands for)
+_DETECTORS: dict[str, tuple[Callable[..., Detector], dict[str, Any]]] = {
+    "yunet": (YuNetDetector, {}),
+    # one framing pass on a 224 px crop, no mirror: about a third of the default's
+    # refinement (benchmarks/predict_speed.py measures both, time and accuracy)
+    "yunet-fast": (YuNetDetector, {"refine": 1, "refine_size": 224, "flip": False}),
+}
 
 
 def list_detectors() -> list[str]:
@@ -418,17 +424,17 @@ def get_detector(name: str = "yunet", **kwargs: Any) -> Detector:
 
     Raises :class:`~agegender.errors.ConfigError` for an unknown name or argument.
     """
-    cls = _DETECTORS.get(name)
-    if cls is None:
+    if name not in _DETECTORS:
         known = ", ".join(list_detectors())
         raise ConfigError(f"unknown detector {name!r}; known detectors: {known}")
+    cls, preset = _DETECTORS[name]
     params = inspect.signature(cls).parameters
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         raise ConfigError(
             f"detector {name!r} takes no argument {', '.join(unknown)}; valid: {', '.join(params)}"
         )
-    return cls(**kwargs)
+    return cls(**{**preset, **kwargs})
 
 
 # --------------------------------------------------------------------------- alignment

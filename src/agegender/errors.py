@@ -13,3 +13,7 @@ class DataError(AgeGenderError):
 
 class ConfigError(AgeGenderError):
     """A recipe or a ``key=value`` override is invalid."""
+
+
+class TrainingError(AgeGenderError):
+    """A training run that cannot go on (a loss that is not a number)."""

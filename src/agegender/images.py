@@ -21,6 +21,7 @@ Everything here is NumPy and Pillow: no torch.
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -86,14 +87,32 @@ def open_image(src: str | os.PathLike | IO[bytes], max_pixels: int = MAX_PIXELS)
         raise ValueError("not an image (unknown format)") from None
     except Image.DecompressionBombError as e:
         raise ValueError(f"decompression bomb: {e}") from None
-    except FileNotFoundError:
-        raise ValueError("no such file") from None
     except OSError as e:
+        link = link_problem(src) if isinstance(src, (str, os.PathLike)) else None
+        if link:
+            raise ValueError(link) from None
+        if isinstance(e, FileNotFoundError):
+            raise ValueError("no such file") from None
         raise ValueError(f"corrupt image: {e}") from None
     w, h = img.size
     if w * h > max_pixels:
         raise ValueError(f"decompression bomb: {w}x{h} pixels exceeds {max_pixels:,}")
     return img
+
+
+def link_problem(path: str | os.PathLike) -> str | None:
+    """``"broken symbolic link"``, ``"symbolic link loop"`` or None (not a bad link)."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "broken symbolic link"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return None
+    return None
 
 
 def upright_size(img: Image.Image) -> tuple[int, int]:
@@ -339,8 +358,13 @@ def find_images(
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in suffixes)
-        elif p.exists():
+            # a broken link or a link loop is kept too: it gets its row and its reason
+            found += sorted(
+                q
+                for q in p.rglob("*")
+                if q.suffix.lower() in suffixes and (q.is_file() or link_problem(q))
+            )
+        elif p.exists() or link_problem(p):
             found.append(p)
         else:
             raise DataError(f"no such file or directory: {p}")

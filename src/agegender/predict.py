@@ -305,7 +305,11 @@ class Predictor:
         chans = self.data_config["input_size"][0]
         arr = np.stack(crops) if crops else np.zeros((0, self.size, self.size, chans), np.uint8)
         sx, sy = w / rgb.shape[1], h / rgb.shape[0]
-        boxes = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in (f.box for f in found)]
+        # in the photo's own pixels, within it (a face cut by the edge reaches past it)
+        boxes = [
+            (max(x0 * sx, 0.0), max(y0 * sy, 0.0), min(x1 * sx, w), min(y1 * sy, h))
+            for x0, y0, x1, y1 in (f.box for f in found)
+        ]
         return arr, boxes, [f.score for f in found]
 
     def predict(self, image: ImageInput, aligned: bool = False) -> list[Face]:
@@ -324,6 +328,14 @@ class Predictor:
         threads, the network sees all their faces in batches. A bad image yields its
         ``ValueError``/``AgeGenderError``/``OSError`` (or ``TypeError`` for an item of no
         accepted type) in its place instead of stopping the batch."""
+        return self.finish(self.locate_all(images, aligned, workers))
+
+    def locate_all(
+        self, images: Sequence[ImageInput], aligned: bool = False, workers: int = 2
+    ) -> list[Any]:
+        """:meth:`locate` for each image in ``workers`` threads: its result, or the exception
+        a bad image raised. What :meth:`finish` takes; the two halves of
+        :meth:`predict_batch`, so a caller can decode the next batch while this one runs."""
         if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
             raise TypeError("predict_batch takes a sequence of images; use predict for one")
 
@@ -333,8 +345,13 @@ class Predictor:
             except (ValueError, TypeError, AgeGenderError, OSError) as e:
                 return e
 
-        with ThreadPoolExecutor(max(workers, 1)) as pool:
-            located = list(pool.map(locate, images))
+        if workers <= 1 or len(images) <= 1:
+            return [locate(img) for img in images]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(locate, images))
+
+    def finish(self, located: list[Any]) -> list[list[Face] | Exception]:
+        """The faces of every image :meth:`locate_all` found, through the network at once."""
         ok = [r for r in located if not isinstance(r, Exception)]
         crops = np.concatenate([r[0] for r in ok]) if ok else np.zeros((0,))
         faces = self._faces(crops, [b for r in ok for b in r[1]], [s for r in ok for s in r[2]])

@@ -28,7 +28,7 @@ from agegender import fileio
 from agegender.checkpoint import load_checkpoint, read_seen, resolve_checkpoint
 from agegender.commands import report
 from agegender.config import load_config
-from agegender.data import SPLITS, is_cache, open_cache, prepare, read_manifest
+from agegender.data import SPLITS, is_cache, open_cache, prepare, read_manifest, unfinished_cache
 from agegender.errors import DataError
 from agegender.images import preprocess_batch
 from agegender.metrics import compute_metrics
@@ -168,7 +168,7 @@ def _load(
 
     root = _run_cache(model_spec) if data is None else Path(data)
     skipped = None
-    if is_cache(root):
+    if is_cache(root) or unfinished_cache(root):  # open_cache says what is wrong with the latter
         cache = open_cache(root)
         rows = cache.indices(None if split == "all" else split)
         source = f"{root} ({'all images' if split == 'all' else f'{split} split'})"

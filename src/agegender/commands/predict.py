@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -80,6 +81,7 @@ def predict_files(
     quiet: bool = False,
     amp: str = "auto",
     precision: str = "auto",
+    detector: str = "yunet",
 ) -> int:
     """The ``agegender predict`` command; returns the exit code (0 all read, 1 some failed).
 
@@ -102,7 +104,7 @@ def predict_files(
         device=device,
         tta=tta,
         backend=backend,
-        detector=None if aligned else "yunet",
+        detector=None if aligned else detector,
         amp=amp,
         precision=precision,
     )
@@ -124,9 +126,8 @@ def predict_files(
     )
     done = False
     try:
-        for s in range(0, len(files), batch_size):
-            chunk = files[s : s + batch_size]
-            for i, (path, res) in enumerate(zip(chunk, predictor.predict_batch(chunk, aligned))):
+        for s, chunk, results in _pipelined(predictor, files, batch_size, aligned):
+            for i, (path, res) in enumerate(zip(chunk, results)):
                 error = None
                 faces: list[Face] = []
                 if isinstance(res, Exception):
@@ -160,6 +161,21 @@ def predict_files(
             f"agegender predict: {failed} of {len(files)} images could not be read", file=sys.stderr
         )
     return 1 if failed else 0
+
+
+def _pipelined(predictor: Predictor, files: list[Path], batch_size: int, aligned: bool):
+    """``(start, files, results)`` batch after batch, the next batch decoded (and its faces
+    found) in a thread while the network runs on this one: decoding and the network overlap,
+    and both cores stay busy."""
+    starts = range(0, len(files), batch_size)
+    with ThreadPoolExecutor(1, thread_name_prefix="agegender-decode") as decoder:
+        ahead = decoder.submit(predictor.locate_all, files[:batch_size], aligned)
+        for s in starts:
+            located = ahead.result()
+            if s + batch_size < len(files):
+                nxt = files[s + batch_size : s + 2 * batch_size]
+                ahead = decoder.submit(predictor.locate_all, nxt, aligned)
+            yield s, files[s : s + batch_size], predictor.finish(located)
 
 
 def _print_table(path: Path, faces: list[Face], error: str | None) -> None:

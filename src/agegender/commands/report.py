@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from agegender import fileio
-from agegender.data import GENDERS, RACES
+from agegender.data import GENDERS, PATHS_IN_TEXT, RACES
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -291,7 +291,7 @@ def write_predictions(path: Path, d: Any, pred: dict[str, np.ndarray]) -> Path:
     ``races``), written atomically."""
     std = pred.get("age_std")
     header = ["path", "age_true", "gender_true", "race", "age_pred", "p_female", "gender_pred"]
-    with fileio.atomic_write(path, newline="") as f:
+    with fileio.atomic_write(path, newline="", **PATHS_IN_TEXT) as f:
         w = csv.writer(f)
         w.writerow(header + (["age_std"] if std is not None else []))
         for i in range(len(d.ages)):

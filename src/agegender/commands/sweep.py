@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -79,8 +80,13 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         raise ConfigError(f"{path}: a sweep needs base = RECIPE and at least one [[run]]")
     runs = []
     for r in table["run"]:
-        if set(r) - {"name", "overrides", "study", "note"} or "name" not in r:
+        if (
+            not isinstance(r, dict)
+            or set(r) - {"name", "overrides", "study", "note"}
+            or "name" not in r
+        ):
             raise ConfigError(f"{path}: each [[run]] takes name, overrides, study, note; got {r}")
+        _check_run(path, r)
         runs.append(
             SweepRun(
                 r["name"],
@@ -102,6 +108,28 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     for run in sweep.runs:  # fail before hours of training, not in the middle
         load_config(sweep.base, _overrides(sweep, run, "/data", "/root", Path("/out"), {}))
     return sweep
+
+
+#: a run's name is its folder's: one path component, no "..", nothing hidden
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+
+
+def _check_run(path: str | os.PathLike, r: dict[str, Any]) -> None:
+    name, overrides = r["name"], r.get("overrides", [])
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"{path}: run name {name!r} must be a plain name (letters, digits, _ . + -): it "
+            "names the run's folder"
+        )
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"{path}: run {name}: overrides must be a list of key=value strings")
+    study = r.get("study", {})
+    if not isinstance(study, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in study.values()
+    ):
+        raise ConfigError(f"{path}: run {name}: study must be a table of numbers")
+    if not isinstance(r.get("note", ""), str):
+        raise ConfigError(f"{path}: run {name}: note must be text")
 
 
 def _overrides(

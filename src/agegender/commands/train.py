@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,14 +36,20 @@ from agegender import distributed, fileio
 from agegender.augment import DRAWS
 from agegender.checkpoint import load_checkpoint, load_weights, read_meta, save_checkpoint
 from agegender.config import Config, check_config, load_config, to_dict, to_toml
-from agegender.data import SPLITS, Cache, balance_weights, is_cache, open_cache, prepare
-from agegender.errors import ConfigError, DataError
-from agegender.images import preprocess_batch
+from agegender.dataset import Data, load_data
+from agegender.errors import ConfigError, DataError, TrainingError
 from agegender.losses import UncertaintyWeights
 from agegender.models import count_parameters, from_config, list_models, normalize, to_channels_last
 from agegender.near_dups import SeenRecord
 from agegender.optim import build_optimizer, build_scheduler, param_groups
-from agegender.runs import check_new_run_dir, plot_curves, read_history, run_dir, write_history
+from agegender.runs import (
+    RUN_FILES,
+    check_new_run_dir,
+    plot_curves,
+    read_history,
+    run_dir,
+    write_history,
+)
 from agegender.step import TrainForward, distill_targets, graph_train_forward, recipe_loss
 from agegender.torch_runtime import (
     autocast,
@@ -50,101 +57,10 @@ from agegender.torch_runtime import (
     forward_tta,
     peak_memory_mb,
     resolve_device,
-    to_tensor,
     use_amp,
 )
 
 PLOT_EVERY_S = 20.0  # least seconds between two redraws of curves.png during training
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class Data:
-    """The splits as uint8 tensors ``(N, C, H, W)`` plus labels, on the training device."""
-
-    cache: Cache | None
-    x: dict[str, torch.Tensor]
-    age: dict[str, torch.Tensor]
-    gender: dict[str, torch.Tensor]
-    seen: SeenRecord | None = None  # what the model trains and validates on, for its checkpoints
-    soft_gender: torch.Tensor | None = None  # a teacher's P(female) per training image
-    soft_age: torch.Tensor | None = None  # ... and its age distribution (N, K), maybe (N, 0)
-    weights: torch.Tensor | None = None  # how often each training image is drawn (data.balance)
-
-
-def _cache_dir(cfg: Config, device: torch.device, out: Path, quiet: bool) -> Path:
-    """The cache to train on: ``data.cache``, or ``data.root`` prepared into it first."""
-    d = cfg.data
-    if not d.root:
-        if not d.cache:
-            raise ConfigError("set data.cache (a prepared cache) or data.root (image folders)")
-        if not is_cache(d.cache):
-            open_cache(d.cache)  # raises the helpful error
-        return Path(d.cache)
-    cache_dir = Path(d.cache) if d.cache else out / "cache"
-    # One writer at a time: rank 0 prepares, then the first process of every other machine
-    # (which reuses it on a shared disk, or builds its own); the others wait, then read.
-    rank = distributed.rank()
-    for my_turn in (rank == 0, rank > 0 and distributed.local_rank() == 0):
-        if my_turn:
-            roots = [r.strip() for r in d.root.split(",")]
-            prepare(roots, cache_dir, size=d.size, color=d.color, seed=d.split_seed, quiet=quiet)
-        distributed.barrier(device)
-    return cache_dir
-
-
-def load_data(
-    cfg: Config, data_config: dict, device: torch.device, out: Path, quiet: bool = False
-) -> Data:
-    """Open (or prepare) the cache and put the splits on ``device``, as ``data_config`` (the
-    model's) says: a cache of another size is resized by the one resize prediction uses too.
-
-    The whole uint8 training set goes to the device once (21k faces at 128 px gray are 340 MB),
-    so a step never waits on a loader and augmentation runs there too.
-    """
-    d = cfg.data
-    cache_dir = _cache_dir(cfg, device, out, quiet)
-    cache = open_cache(cache_dir)
-    train_splits = [s.strip() for s in d.train_splits.split(",")]
-    if not set(train_splits) <= set(SPLITS):
-        raise ConfigError(f"data.train_splits must name splits from {SPLITS}, got {d.train_splits}")
-    idx = {
-        "train": np.sort(np.concatenate([cache.indices(s) for s in train_splits])),
-        "val": cache.indices("val"),
-        "test": cache.indices("test"),
-    }
-    if d.limit > 0 and len(idx["train"]) > d.limit:
-        rng = np.random.default_rng(cfg.train.seed)
-        # only training is reduced: val and test stay whole, so reduced runs stay comparable
-        idx["train"] = np.sort(rng.choice(idx["train"], d.limit, replace=False))
-    if len(idx["train"]) == 0 or len(idx["val"]) == 0:
-        raise DataError(f"{cache_dir}: the train or val split is empty")
-    if d.color != cache.color:
-        raise ConfigError(
-            f"data.color={d.color} but {cache_dir} holds {cache.color} images: prepare a "
-            f"{d.color} cache (agegender prepare ... --color {d.color}) or set data.color"
-        )
-    x, age, gender = {}, {}, {}
-    for split, rows in idx.items():
-        # Fancy indexing a memmap reads just those rows; (N, H, W, C) -> (N, C, H, W) view
-        images = preprocess_batch(cache.images[rows], data_config)
-        x[split] = to_tensor(images, device).contiguous(memory_format=torch.channels_last)
-        age[split] = torch.as_tensor(cache.age[rows], dtype=torch.float32, device=device)
-        gender[split] = torch.as_tensor(cache.gender[rows], dtype=torch.float32, device=device)
-    rows = np.concatenate([idx["train"], idx["val"]])
-    seen = SeenRecord.of([cache.content_hash[i] for i in rows], cache.images[rows])
-    data = Data(cache, x, age, gender, seen)
-    if d.balance != "none":
-        w = balance_weights(
-            cache.race[idx["train"]], cache.age[idx["train"]], d.balance, d.balance_power
-        )
-        data.weights = torch.as_tensor(w, dtype=torch.float32, device=device)
-    return data
-
-
-# --------------------------------------------------------------------------- model and optimizer
 
 
 @dataclass
@@ -234,9 +150,14 @@ def _distill(cfg: Config) -> bool:
 
 
 def save_state(run: Run, epoch: int) -> None:
-    """What ``--resume`` needs beyond the weights, written atomically."""
+    """Everything ``--resume`` needs, in one file written atomically (and flushed to disk): the
+    weights, optimizer, scheduler, random streams and history of ``epoch``. One file is
+    consistent by construction; a run killed while it was written resumes from the epoch before.
+    """
     device = run.device
     state = {
+        "format": 2,  # 1: the weights only in last.safetensors, no history
+        "model": run.model.state_dict(),
         "optimizer": run.opt.state_dict(),
         "scheduler": run.sched.state_dict() if run.sched is not None else {},
         "weights": run.weights.state_dict() if run.weights is not None else {},
@@ -246,6 +167,7 @@ def save_state(run: Run, epoch: int) -> None:
         "epoch": epoch,
         "best_loss": run.best_loss,
         "best_epoch": run.best_epoch,
+        "history": run.history,
     }
     with fileio.atomic_path(run.out / "last.state.pt") as tmp:
         torch.save(state, tmp)
@@ -257,7 +179,19 @@ def resume_run(run: Run) -> int:
     # every rank reads what rank 0 wrote (several machines need a shared disk for this)
     try:
         state = torch.load(out / "last.state.pt", map_location=device, weights_only=True)
-        run.model.load_state_dict(load_weights(out / "last.safetensors", device))
+        if state.get("format", 1) >= 2:
+            run.model.load_state_dict(state["model"])
+            run.history = state["history"]
+        else:  # an older run folder: its parts must be of the same epoch
+            weights_epoch = read_meta(out / "last.safetensors").get("epoch")
+            if weights_epoch != state["epoch"]:
+                raise DataError(
+                    f"cannot resume {out}: its last weights are of epoch {weights_epoch} and "
+                    f"its optimizer state of epoch {state['epoch']} (killed between the two); "
+                    "best.safetensors still loads"
+                )
+            run.model.load_state_dict(load_weights(out / "last.safetensors", device))
+            run.history = read_history(out / "history.csv")[: state["epoch"]]
         run.opt.load_state_dict(state["optimizer"])
         if run.sched is not None:
             run.sched.load_state_dict(state["scheduler"])
@@ -268,14 +202,23 @@ def resume_run(run: Run) -> int:
         if device.type == "cuda" and "cuda_rng" in state:  # dropout draws from it there
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         run.best_loss, run.best_epoch = state["best_loss"], state["best_epoch"]
-    except (RuntimeError, OSError, KeyError, ValueError, UnpicklingError, SafetensorError) as e:
-        # a file cut short by a full disk, or edited: say which, not PyTorch's internals
+    except DataError:
+        raise
+    except (
+        RuntimeError, OSError, KeyError, ValueError, TypeError, EOFError, UnpicklingError,
+        SafetensorError, AttributeError,
+    ) as e:  # fmt: skip
+        # a file cut short by a full disk or a kill, or edited: say which, not torch's internals
+        why = str(e).splitlines()[0][:200] if str(e) else "empty or cut short"
         raise DataError(
-            f"cannot resume {out}: its last checkpoint is damaged ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''}); best.safetensors may "
-            "still load"
+            f"cannot resume {out}: its last checkpoint is damaged ({type(e).__name__}: {why}); "
+            "best.safetensors may still load"
         ) from None
-    run.history = read_history(out / "history.csv")
+    if len(run.history) != state["epoch"]:
+        raise DataError(
+            f"cannot resume {out}: its state is of epoch {state['epoch']} but holds "
+            f"{len(run.history)} epochs of history"
+        )
     return state["epoch"] + 1
 
 
@@ -376,7 +319,16 @@ def validate(
 
 def end_epoch(run: Run, epoch: int, tr: dict, va: dict, seconds: float, plotted: float) -> float:
     """Record an epoch: history row, best epoch, checkpoints, curves (at most every
-    ``PLOT_EVERY_S``), the epoch line. Returns when ``curves.png`` was last drawn."""
+    ``PLOT_EVERY_S``), the epoch line. Returns when ``curves.png`` was last drawn.
+
+    A loss that is not a number stops the run before anything of this epoch is written: the
+    checkpoints keep the last good epoch."""
+    if not (math.isfinite(tr["loss"]) and math.isfinite(va["loss"])):
+        raise TrainingError(
+            f"the loss became {tr['loss'] if not math.isfinite(tr['loss']) else va['loss']} in "
+            f"epoch {epoch} (a learning rate too high?): the run stops; "
+            + (f"its checkpoints keep epoch {epoch - 1}" if epoch > 1 else "nothing was saved")
+        )
     lr = run.opt.param_groups[0]["lr"]
     row = {"epoch": epoch, **{f"train_{k}": tr[k] for k in ("loss", "acc", "mae")}}
     row.update({f"val_{k}": va[k] for k in ("loss", "acc", "mae")})
@@ -397,9 +349,10 @@ def end_epoch(run: Run, epoch: int, tr: dict, va: dict, seconds: float, plotted:
             plot_curves(run.history, run.out / "curves.png")
             plotted = time.monotonic()
     run.log(
-        f"epoch {epoch:3d}/{run.cfg.train.epochs}  loss {tr['loss']:.3f}/{va['loss']:.3f}  "
-        f"acc {tr['acc']:.3f}/{va['acc']:.3f}  mae {tr['mae']:.2f}/{va['mae']:.2f}  "
-        f"lr {lr:.2e}  {seconds:.0f}s {row['img_per_s']:.0f} img/s{'  *' if improved else ''}"
+        f"epoch {epoch:3d}/{run.cfg.train.epochs}  train loss {tr['loss']:.3f} acc "
+        f"{tr['acc']:.3f} mae {tr['mae']:.2f} | val loss {va['loss']:.3f} acc {va['acc']:.3f} "
+        f"mae {va['mae']:.2f}  lr {lr:.2e}  {seconds:.0f}s {row['img_per_s']:.0f} img/s"
+        f"{'  * best' if improved else ''}"
     )
     return plotted
 
@@ -447,8 +400,11 @@ def train(cfg: Config | None, resume: str | os.PathLike | None = None, quiet: bo
             dist.destroy_process_group()
 
 
-def _setup(cfg: Config, resume: str | os.PathLike | None, device: torch.device) -> Path:
-    """The run folder (picked once, by rank 0), threads, cuDNN and the seeds."""
+def _setup(
+    cfg: Config, resume: str | os.PathLike | None, device: torch.device
+) -> tuple[Path, bool]:
+    """The run folder (picked once, by rank 0) and whether this call made it; threads, cuDNN
+    and the seeds."""
     t = cfg.train
     rank, world = distributed.rank(), distributed.world_size()
     if t.batch_size % world:
@@ -474,16 +430,31 @@ def _setup(cfg: Config, resume: str | os.PathLike | None, device: torch.device) 
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
+    created = rank == 0 and not out.exists()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out, created
 
 
 def _train(cfg: Config, resume: str | os.PathLike | None, device: torch.device, quiet: bool):
+    out, created = _setup(cfg, resume, device)
+    try:
+        return _run(cfg, resume, device, quiet or distributed.rank() > 0, out)
+    except BaseException:
+        # a run that failed before its first checkpoint leaves no folder behind (the next one
+        # would be numbered past it); one that saved an epoch keeps it, for --resume
+        if created and not any((out / f).exists() for f in RUN_FILES):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(
+    cfg: Config, resume: str | os.PathLike | None, device: torch.device, quiet: bool, out: Path
+) -> Path:
+    """Everything after the set-up: data, model, epochs, the final evaluation. ``quiet``: one
+    voice, progress bars and epoch lines come from rank 0 only."""
     t = cfg.train
     rank, world = distributed.rank(), distributed.world_size()
-    quiet = quiet or rank > 0  # one voice: progress bars and epoch lines come from rank 0
-    out = _setup(cfg, resume, device)
     amp = use_amp(device, t.amp)
     model = build_model(cfg, device)
     data = load_data(cfg, model.data_config, device, out, quiet)

@@ -1,0 +1,249 @@
+"""Bad inputs and interruptions, answered with one line and nothing lost (the CLI and training
+half of the reliability issue; the web service's half is in test_serve.py)."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_checkpoint
+from PIL import Image
+
+from agegender.checkpoint import save_checkpoint
+from agegender.commands import train as train_mod
+from agegender.commands.cli import main
+from agegender.commands.sweep import load_sweep
+from agegender.commands.train import train
+from agegender.config import load_config
+from agegender.data import open_cache, prepare, read_manifest
+from agegender.errors import ConfigError, DataError, TrainingError
+from agegender.model_files import read_meta
+from agegender.models import create_model
+from agegender.synthetic import draw_face
+
+SMOKE = Path(__file__).parents[1] / "configs" / "smoke.toml"
+ODD = os.fsdecode(b"26_1_2_20170116174525125\xff.jpg")  # a name that is not valid UTF-8
+
+
+@pytest.fixture
+def awkward_folder(tmp_path):
+    """Faces, one with a name that is not UTF-8, a dangling link and a link loop."""
+    root = tmp_path / "faces"
+    root.mkdir()
+    for i in range(12):
+        draw_face(20 + i, i % 2, i % 5, 64, seed=i).save(
+            root / f"{20 + i}_{i % 2}_{i % 5}_2017{i:09d}.jpg"
+        )
+    draw_face(26, 1, 2, 64, seed=99).save(root / ODD)
+    (root / "30_0_1_20170101000000000.jpg").symlink_to(tmp_path / "gone.jpg")
+    (root / "31_0_1_20170101000000001.jpg").symlink_to(root / "32_0_1_20170101000000002.jpg")
+    (root / "32_0_1_20170101000000002.jpg").symlink_to(root / "31_0_1_20170101000000001.jpg")
+    return root
+
+
+def test_prepare_gives_odd_names_and_bad_links_their_rows(awkward_folder, tmp_path):
+    s = prepare([awkward_folder], tmp_path / "c", size=32, quiet=True)
+    assert s["files_found"] == 16
+    rows = {os.fsencode(Path(r["path"]).name): r["status"] for r in read_manifest(tmp_path / "c")}
+    assert rows[b"30_0_1_20170101000000000.jpg"] == "unreadable: broken symbolic link"
+    assert rows[b"31_0_1_20170101000000001.jpg"] == "unreadable: symbolic link loop"
+    # the odd name keeps its bytes through the manifest (its timestamp field is not a number)
+    assert rows[os.fsencode(ODD)].startswith("unparsable")
+    assert len(open_cache(tmp_path / "c")) == 12
+
+
+def test_predict_answers_bad_links_and_keeps_odd_names(awkward_folder, tmp_path, capsys):
+    out = tmp_path / "p.jsonl"
+    model = make_checkpoint(tmp_path / "m.safetensors")
+    argv = ["predict", str(awkward_folder), "--aligned", "--model", str(model), "--quiet"]
+    assert main([*argv, "--output", str(out)]) == 1  # some images could not be read
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 16
+    errors = {Path(r["path"]).name: r["error"] for r in rows}
+    assert errors["30_0_1_20170101000000000.jpg"] == "broken symbolic link"
+    assert errors["32_0_1_20170101000000002.jpg"] == "symbolic link loop"
+    # os.fsencode of the JSON path gives the file's own bytes back
+    assert any(os.fsencode(r["path"]).endswith(b"\xff.jpg") for r in rows)
+    # a dangling link named on the command line is a row too, not the end of the run
+    assert main([*argv[:1], str(awkward_folder / "30_0_1_20170101000000000.jpg"), *argv[2:]]) == 1
+    assert "broken symbolic link" in capsys.readouterr().out
+
+
+def test_the_next_prepare_clears_what_a_killed_one_left(awkward_folder, tmp_path, capsys):
+    cache = tmp_path / "c"
+    cache.mkdir()
+    dead = 2**22 + 12345  # no such process: its temporary files are garbage
+    for name in (f"images.tmp{dead}.npy", f"manifest.csv.tmp{dead}", f"summary.json.tmp{dead}"):
+        (cache / name).write_bytes(b"x" * 100)
+    # before the next prepare, the folder is an unfinished cache, and says so
+    with pytest.raises(DataError, match="an unfinished cache"):
+        open_cache(cache)
+    model = make_checkpoint(tmp_path / "m.safetensors")
+    args = [
+        "evaluate",
+        str(model),
+        "--data",
+        str(cache),
+        "--no-timing",
+        "--out",
+        str(tmp_path / "e"),
+    ]
+    assert main(args) == 2
+    assert "an unfinished cache (prepare was interrupted" in capsys.readouterr().err
+    prepare([awkward_folder], cache, size=32, quiet=True)
+    assert not [p for p in cache.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("train.lr=nan", "train.lr must be a finite number"),
+        ("train.lr=inf", "train.lr must be a finite number"),
+        ("loss.w_age=nan", "loss.w_age must be a finite number"),
+        ("loss.sigma=nan", "loss.sigma must be a finite number"),
+        ("loss.w_gender=-1", "loss.w_age and loss.w_gender must be >= 0"),
+        ("train.grad_clip=nan", "train.grad_clip must be a finite number"),
+        ("train.momentum=nan", "train.momentum must be a finite number"),
+        ("aug.rotate=nan", "aug.rotate must be a finite number"),
+        ("train.epochs=99999999999999999999", "train.epochs must be 1-100,000"),
+        ("train.momentum=1.5", "train.momentum must be in [0, 1)"),
+        ("aug.shift=2", "aug.shift must be in [0, 1)"),
+    ],
+)
+def test_every_value_no_run_can_use_is_one_line(cache64, tmp_path, capsys, override, says):
+    argv = ["train", str(SMOKE), f"data.cache={cache64}", f"run.out={tmp_path / 'r'}", override]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("run", "says"),
+    [
+        ("name = 5", "run name 5 must be a plain name"),
+        ('name = "../../x"', "run name '../../x' must be a plain name"),
+        ('name = "a/b"', "must be a plain name"),
+        ('name = "a"\noverrides = "train.epochs=1"', "overrides must be a list"),
+        ('name = "a"\nstudy = { acc = "high" }', "study must be a table of numbers"),
+    ],
+)
+def test_sweep_runs_are_checked(tmp_path, run, says):
+    (tmp_path / "s.toml").write_text(f'base = "{SMOKE}"\n[[run]]\n{run}\n')
+    with pytest.raises(ConfigError, match=says.replace("[", r"\[").replace("(", r"\(")):
+        load_sweep(tmp_path / "s.toml")
+
+
+def _smoke(cache, out, *extra):
+    base = [f"data.cache={cache}", f"run.out={out}", "train.threads=2", "data.limit=128"]
+    return load_config(SMOKE, [*base, "train.tta=false", "train.amp=off", *extra])
+
+
+def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_good_epoch(
+    cache64, tmp_path, monkeypatch
+):
+    real = train_mod.train_one_epoch
+
+    def nan_in_epoch_2(run, data, epoch):
+        out = real(run, data, epoch)
+        return {**out, "loss": float("nan")} if epoch == 2 else out
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", nan_in_epoch_2)
+    with pytest.raises(TrainingError, match=r"loss became nan in epoch 2.*keep epoch 1"):
+        train(_smoke(cache64, tmp_path / "r", "train.epochs=3"), quiet=True)
+    assert read_meta(tmp_path / "r" / "last.safetensors")["epoch"] == 1
+    assert train_mod.torch.load(tmp_path / "r" / "last.state.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_kill_between_the_weights_and_the_state_resumes_exactly(cache64, tmp_path, monkeypatch):
+    """The state file is the whole resume set: a run killed after writing epoch 2's weights
+    but before its state resumes from epoch 1 and ends where an unbroken run ends."""
+    full = train(_smoke(cache64, tmp_path / "full", "train.epochs=2"), quiet=True)
+    real = train_mod.save_state
+
+    def die_in_epoch_2(run, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt  # last.safetensors of epoch 2 is written already
+        real(run, epoch)
+
+    monkeypatch.setattr(train_mod, "save_state", die_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(_smoke(cache64, tmp_path / "killed", "train.epochs=2"), quiet=True)
+    monkeypatch.setattr(train_mod, "save_state", real)
+    assert read_meta(tmp_path / "killed" / "last.safetensors")["epoch"] == 2  # torn set
+    train(None, resume=tmp_path / "killed", quiet=True)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(r / "last.safetensors")) for r in (full, tmp_path / "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_damaged_state_is_one_line(cache64, tmp_path, capsys):
+    run = train(_smoke(cache64, tmp_path / "r"), quiet=True)
+    (run / "last.state.pt").write_bytes(b"")  # a zero-length file: a full disk, a kill
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "its last checkpoint is damaged" in err and err.count("\n") == 1
+
+
+def test_a_failed_run_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(SMOKE, [f"data.cache={tmp_path / 'no-cache'}", "run.name=gone"])
+    with pytest.raises(DataError):
+        train(cfg, quiet=True)
+    assert not (tmp_path / "runs" / "train" / "gone").exists()
+
+
+def test_the_epoch_line_says_which_is_train_and_which_val(cache64, tmp_path, capsys):
+    train(_smoke(cache64, tmp_path / "r"), quiet=False)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch"))
+    assert "train loss" in line and "| val loss" in line
+
+
+def test_checkpoints_get_the_mode_of_other_files(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", create_model("resnet-mt-small"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (path, path.with_suffix(".json")):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        ({"input_size": "abc"}, "input_size 'abc' is not"),
+        ({"input_size": [1, -64, -64]}, "input_size [1, -64, -64] is not"),
+        ({"color": "cmyk"}, "color 'cmyk' is not one of"),
+        ({"std": [0.0]}, "std [0.0] is not 1 number(s) > 0"),
+        ({"interpolation": "magic"}, "interpolation 'magic' is not one of"),
+    ],
+)
+def test_an_edited_sidecar_is_one_line(tmp_path, capsys, edit, says):
+    ckpt = make_checkpoint(tmp_path / "m.safetensors")
+    sidecar = ckpt.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    meta["data_config"].update(edit)
+    sidecar.write_text(json.dumps(meta))
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    assert main(["predict", str(tmp_path / "a.png"), "--aligned", "--model", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1
+
+
+def test_boxes_stay_inside_the_photo(utkface_dir):
+    from agegender.predict import Predictor
+
+    face = np.asarray(Image.open(sorted(utkface_dir.glob("*.jpg"))[100]).convert("RGB"))
+    photo = np.full((300, 400, 3), 120, np.uint8)
+    photo[0:200, 0:200] = face  # at the corner: the detector's box reaches past it
+    (found,) = Predictor.load(threads=2).predict(photo)
+    x0, y0, x1, y1 = found.box
+    assert 0 <= x0 < x1 <= 400 and 0 <= y0 < y1 <= 300
+
+
+def test_help_shows_no_default_of_none(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert "(default: None)" not in capsys.readouterr().out

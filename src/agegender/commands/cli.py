@@ -473,13 +473,34 @@ def _serve(p: argparse.ArgumentParser) -> Handler:
     _precision(p, app)
     _amp(p, app)
     _tta(p)
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require it on /api/ requests (Authorization: Bearer KEY); or AGEGENDER_API_KEY",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name to answer besides the interface's own (repeatable)",
+    )
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a web origin whose pages may post to the API, e.g. https://app.example",
+    )
 
     def run(a: argparse.Namespace) -> int:
         from agegender.commands.serve import serve
 
         keys = ("model", "workers", "queue", "max_upload_mb", "device", "backend", "tta", "amp")
-        keys += ("precision",)
-        serve(host=a.host, port=a.port, **{k: getattr(a, k) for k in keys})
+        keys += ("precision", "api_key")
+        kw = {k: getattr(a, k) for k in keys}
+        kw.update(allow_hosts=tuple(a.allow_host), allow_origins=tuple(a.allow_origin))
+        serve(host=a.host, port=a.port, **kw)
         return 0
 
     return run

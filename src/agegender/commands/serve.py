@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import html
 import io
-import json
 import logging
 import math
 import os
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,21 +44,72 @@ from typing import Annotated, Any
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel
 
 from agegender import __version__
+from agegender.commands.web import BodyLimit, Guard, HeaderDeadline, allowed_hosts
 from agegender.errors import ConfigError
-from agegender.images import MAX_PIXELS, decode_rgb, open_image, upright_size
+from agegender.images import decode_rgb, open_image, upright_size
 from agegender.predict import Predictor
 
 MAX_UPLOAD_MB = 10.0
 MAX_BATCH = 16  # images per /api/predict/batch request
+#: pixels an image may have, and a request (a batch) in all, read from the headers before any
+#: is decoded: a 35 kB PNG can claim 36 MP and cost seconds, a batch of them a minute
+MAX_IMAGE_PIXELS = 16_000_000
+MAX_REQUEST_PIXELS = 64_000_000
 NETWORK_BATCH = 32  # queued uploads that go through the network together
 #: PIL format names the service decodes; MPO is the multi-picture JPEG that phones write
 FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 PAGE = Path(__file__).resolve().parents[1] / "assets" / "index.html"
 
 log = logging.getLogger("agegender.serve")
+
+
+class Detail(BaseModel):
+    """What every error answer holds."""
+
+    detail: str
+
+
+#: the answers other than 200 that the prediction endpoints give, for the OpenAPI schema
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Detail, "description": text}
+    for code, text in {
+        400: "unknown host name (see --allow-host), or an unreadable form",
+        401: "no API key, or a wrong one (where the service has --api-key)",
+        403: "a post from another web origin (see --allow-origin)",
+        413: "a file over --max-upload-mb, or too many files",
+        415: "not a JPEG, PNG or WebP image",
+        422: "truncated or corrupt data, too many pixels, a flat image, or a missing field",
+        503: "the queue is full: retry after the Retry-After header's seconds",
+    }.items()
+}
+
+
+def docs_page(schema: dict[str, Any]) -> str:
+    """The API reference, one self-contained HTML page made from the OpenAPI schema."""
+    esc = html.escape
+    parts = [
+        "<!doctype html><meta charset=utf-8><title>agegender API</title>",
+        "<style>body{font:15px system-ui,sans-serif;max-width:52em;margin:2em auto;padding:0 1em}"
+        "code{background:#eee;padding:0 .2em}h2{margin-top:2em}</style>",
+        f"<h1>{esc(schema['info']['title'])} {esc(schema['info']['version'])}</h1>",
+        f"<p>{esc(schema['info'].get('description', ''))} The schema: "
+        "<a href=/openapi.json><code>/openapi.json</code></a>.</p>",
+    ]
+    for path, methods in schema["paths"].items():
+        for method, op in methods.items():
+            parts.append(f"<h2><code>{method.upper()} {esc(path)}</code></h2>")
+            parts.append(f"<p>{esc(op.get('description') or op.get('summary', ''))}</p>")
+            codes = ", ".join(
+                f"<b>{esc(code)}</b> {esc(r.get('description', ''))}"
+                for code, r in op.get("responses", {}).items()
+            )
+            parts.append(f"<p>Answers: {codes}.</p>")
+    return "\n".join(parts)
 
 
 class ImageError(Exception):
@@ -68,7 +120,7 @@ class ImageError(Exception):
         self.status, self.detail = status, detail
 
 
-def check_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def check_upload(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """Read only the header of an uploaded file: its upright ``(width, height)``.
 
     Raises :class:`ImageError` with 415 for anything but JPEG/PNG/WebP and 422 for an
@@ -90,14 +142,18 @@ def check_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     return upright_size(img)
 
 
-def decode_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_upload(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """The bytes of an uploaded file -> an upright RGB ``(H, W, 3)`` uint8 array, after
-    :func:`check_upload`; truncated or corrupt pixel data raises :class:`ImageError` 422."""
+    :func:`check_upload`; truncated or corrupt pixel data raises :class:`ImageError` 422, and
+    so does an image of one flat colour (a header with no picture behind it decodes so)."""
     check_upload(data, max_pixels)
     try:
-        return decode_rgb(data, max_pixels)
+        rgb = decode_rgb(data, max_pixels)
     except ValueError as e:
         raise ImageError(422, str(e)) from None
+    if rgb.min() == rgb.max():
+        raise ImageError(422, "the image is one flat colour: no picture in it (truncated?)")
+    return rgb
 
 
 class _Batcher:
@@ -164,52 +220,8 @@ class _Batcher:
             self.draining -= 1
 
 
-class _BodyLimit:
-    """ASGI middleware: refuse request bodies over a size limit with 413 while they stream in,
-    before they are parsed or spooled to disk (uvicorn itself has no limit). ``limit(path)`` is
-    ``(bytes, message)``, or None for no limit."""
-
-    def __init__(self, app: Any, limit: Callable[[str], tuple[int, str] | None]) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        found = self.limit(scope["path"]) if scope["type"] == "http" else None
-        if found is None:
-            return await self.app(scope, receive, send)
-        limit, too_large = found
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return await _send_json(send, 413, too_large)
-        received = 0
-
-        async def limited() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    # raised inside the route's body parsing: FastAPI answers it as a 413
-                    raise HTTPException(413, too_large)
-            return message
-
-        await self.app(scope, limited, send)
-
-
 def _too_large(limit: int) -> str:
     return f"upload too large: the limit is {limit / 1e6:g} MB per image"
-
-
-async def _send_json(send: Callable, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def _check_options(
@@ -233,11 +245,29 @@ def _check_options(
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may cost: bytes per file, files per batch, pixels per image."""
+    """What one request may cost: bytes per file, files per batch, pixels per image and in
+    all."""
 
     max_bytes: int
     max_batch: int
     max_pixels: int
+    max_request_pixels: int = MAX_REQUEST_PIXELS
+
+    def within_budget(self, uploads: list[bytes]) -> list[ImageError | None]:
+        """Per upload of a batch: None, or the 422 of one past the request's pixel budget
+        (read from the headers; a file that cannot be read is left to the decoder's answer)."""
+        spent, out = 0, []
+        for data in uploads:
+            try:
+                w, h = check_upload(data, self.max_pixels)
+            except ImageError:
+                out.append(None)
+                continue
+            spent += w * h
+            over = spent > self.max_request_pixels
+            budget = f"{self.max_request_pixels / 1e6:g} MP"
+            out.append(ImageError(422, f"past the request's budget of {budget}") if over else None)
+        return out
 
     def body(self, path: str) -> tuple[int, str] | None:
         """The body limit of ``path`` and its 413 message (see :class:`_BodyLimit`)."""
@@ -296,13 +326,17 @@ def create_app(
     workers: int = 1,
     queue: int = 16,
     max_upload_mb: float = MAX_UPLOAD_MB,
-    max_pixels: int = MAX_PIXELS,
+    max_pixels: int = MAX_IMAGE_PIXELS,
     max_batch: int = MAX_BATCH,
     device: str = "auto",
     backend: str = "onnx",
     tta: bool | None = None,
     amp: str = "auto",
     precision: str = "auto",
+    host: str = "127.0.0.1",
+    allow_hosts: tuple[str, ...] = (),
+    allow_origins: tuple[str, ...] = (),
+    api_key: str | None = None,
 ) -> Any:
     """The FastAPI application (serve it with ``uvicorn``; ``agegender serve`` does).
 
@@ -316,8 +350,13 @@ def create_app(
         max_upload_mb: largest accepted file; a larger one in a batch gets its own 413 result.
         max_batch: files per batch request; a batch body over ``max_batch * max_upload_mb`` is
             refused whole with 413.
-        max_pixels: largest accepted image (width x height), checked before decoding.
-        device, backend, tta, amp: as :meth:`Predictor.load` takes them.
+        max_pixels: largest accepted image (width x height), checked before decoding; a batch
+            may hold ``MAX_REQUEST_PIXELS`` in all.
+        device, backend, tta, amp, precision: as :meth:`Predictor.load` takes them.
+        host: the interface the service is bound to: only its names are answered (a web page
+            cannot drive a loopback service through DNS rebinding), with ``allow_hosts``.
+        allow_origins: web origins besides the service's own whose pages may post to it.
+        api_key: required on ``/api/`` requests (``Authorization: Bearer KEY``).
     """
     _check_options(workers, queue, max_upload_mb, max_batch)
     if predictor is None:
@@ -337,9 +376,20 @@ def create_app(
         version=__version__,
         description="Age and gender of every face in a photo (UTKFace-trained multi-task CNN).",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's page loads its scripts from a CDN: /docs is ours, local
+        redoc_url=None,
     )
     app.state.predictor = predictor
-    app.add_middleware(_BodyLimit, limit=limits.body)
+    app.add_middleware(BodyLimit, limit=limits.body)
+    hosts = allowed_hosts(host, allow_hosts)
+    app.add_middleware(Guard, hosts=hosts, origins=allow_origins, api_key=api_key or None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # one line, as every other error (FastAPI's own answer is a list of objects)
+        problems = [f"{e.get('msg', 'invalid')}: {'.'.join(map(str, e.get('loc', ())[1:]))}"
+                    for e in exc.errors()]  # fmt: skip
+        return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, 422)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -349,6 +399,7 @@ def create_app(
     run = functools.partial(run_batch, predictor, max_pixels)
     batcher = _Batcher(run, pool, workers, workers + queue, NETWORK_BATCH)
     settings = {"workers": workers, "queue": queue, "max_upload_mb": max_upload_mb}
+    settings["api_key"] = bool(api_key)
     _add_routes(app, predictor, batcher, limits, settings)
     return app
 
@@ -369,6 +420,11 @@ def _add_routes(
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """The API described from its OpenAPI schema: one local page, no script."""
+        return HTMLResponse(docs_page(app.openapi()))
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness and what is loaded."""
@@ -386,7 +442,7 @@ def _add_routes(
             "in_flight": batcher.inside,
         }
 
-    @app.post("/api/predict")
+    @app.post("/api/predict", responses=ERRORS)
     async def predict(
         image: Annotated[UploadFile, File(description="JPEG, PNG or WebP")],
         aligned: Annotated[bool, Form(description="a UTKFace-style face crop: no detection")] = (
@@ -406,7 +462,7 @@ def _add_routes(
             raise result
         return result
 
-    @app.post("/api/predict/batch")
+    @app.post("/api/predict/batch", responses=ERRORS)
     async def predict_batch(
         images: Annotated[list[UploadFile], File(description="JPEG, PNG or WebP files")],
         aligned: Annotated[bool, Form()] = False,
@@ -415,13 +471,18 @@ def _add_routes(
         if len(images) > limits.max_batch:
             raise HTTPException(413, f"too many images: at most {limits.max_batch} per request")
         answers: list[Any] = []  # an oversized file's error, or None until it is predicted
-        items = []
+        uploads: list[bytes | None] = []
         for upload in images:
             try:
-                items.append((await read(upload), aligned))
+                uploads.append(await read(upload))
                 answers.append(None)
             except ImageError as e:
+                uploads.append(None)
                 answers.append(e)
+        budget = limits.within_budget([u for u in uploads if u is not None])
+        refused = iter(budget)
+        answers = [next(refused) if u is not None else a for u, a in zip(uploads, answers)]
+        items = [(u, aligned) for u, a in zip(uploads, answers) if u is not None and a is None]
         start = time.perf_counter()
         # a batch of only oversized files never takes a place in the queue
         predicted = iter(await batcher.submit(items) if items else [])
@@ -447,17 +508,26 @@ def serve(
     """Load the model, then serve :func:`create_app` with uvicorn until interrupted.
 
     Bad options and a port that cannot be bound raise :class:`ConfigError` before the model is
-    loaded, and before the address is announced. ``port=0`` takes any free port.
+    loaded, and before the address is announced. ``port=0`` takes any free port. The API key
+    comes from ``api_key`` or the environment's ``AGEGENDER_API_KEY``.
     """
     _check_options(**kwargs)
+    kwargs["api_key"] = kwargs.get("api_key") or os.environ.get("AGEGENDER_API_KEY") or None
     sock = _bind(host, port)
     try:
-        app = create_app(**kwargs)
+        app = create_app(host=host, **kwargs)
         port = sock.getsockname()[1]
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=HeaderDeadline)
         server = uvicorn.Server(config)
         url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
         print(f"agegender: serving on {url} (API docs at /docs)", flush=True)
+        if host in ("0.0.0.0", "::") and not kwargs["api_key"]:
+            print(
+                "agegender: every interface, no --api-key: anyone who can reach this machine "
+                "can use the service",
+                file=sys.stderr,
+                flush=True,
+            )
         with suppress(KeyboardInterrupt):  # a clean stop, as uvicorn.run treats it
             server.run(sockets=[sock])
     finally:

@@ -573,7 +573,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Age and gender estimation from face images, trained on UTKFace.",
         formatter_class=_Formatter,
     )
-    parser.add_argument("--version", action="version", version=f"agegender {__version__}")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"agegender {__version__}\ncode: MIT; the bundled weights: non-commercial research "
+        "only (trained on UTKFace; see agegender/weights/TERMS.md)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (text, add_options) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text, formatter_class=_Formatter)

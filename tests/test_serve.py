@@ -578,3 +578,160 @@ def test_the_api_answers_what_its_schema_says(api_schema):
             case.call_and_validate(excluded_checks=[positive_data_acceptance])
 
         answers_as_documented()
+
+
+# --------------------------------------------------------------------------- video and webcam
+
+
+def _face_frames(n: int, moving: bool = True) -> list[bytes]:
+    """JPEG frames of the bundled photo's face walking over a background."""
+    import cv2
+
+    from agegender.images import decode_rgb
+    from agegender.synthetic import Scene
+
+    face = cv2.resize(decode_rgb(ASTRONAUT.read_bytes())[40:240, 124:324], (200, 200))
+    scene = Scene([face], [lambda t: (200 + (200 * t if moving else 0), 180, 120)], frames=n)
+    return [encode(Image.fromarray(f)) for f in scene.render()]
+
+
+def _track(client, data: bytes, session: str):
+    return client.post("/api/track", files={"image": ("f.jpg", data)}, data={"session": session})
+
+
+def test_live_frames_keep_one_track_per_session(client):
+    frames = _face_frames(8)
+    answers = []
+    for data in frames:
+        r = _track(client, data, "tab-one-1")
+        assert r.status_code == 200
+        answers.append(r.json())
+    assert [len(a["faces"]) for a in answers] == [1] * 8
+    tracks = [a["faces"][0]["track"] for a in answers]
+    assert tracks[:2] == [None, None] and set(tracks[2:]) == {tracks[2]}  # a person from frame 3
+    last = answers[-1]["faces"][0]
+    assert set(last["frame"]) == {"age", "age_interval", "gender", "p_female"}
+    assert last["age_interval"][0] < last["age"] < last["age_interval"][1]
+    # another tab is another session: its face is not yet a person
+    r = _track(client, frames[0], "tab-two-2")
+    assert r.json()["faces"][0]["track"] is None
+
+
+@pytest.mark.parametrize("session", ["short", "no spaces allowed", "x" * 65, "semi;colon1"])
+def test_live_session_ids_are_checked(client, session):
+    r = client.post("/api/track", files={"image": ("f.jpg", _face_frames(1)[0])},
+                    data={"session": session})  # fmt: skip
+    assert r.status_code == 422 and "session must be" in r.json()["detail"]
+
+
+def test_live_sessions_are_bounded(predictor, monkeypatch):
+    """The service holds at most MAX_SESSIONS trackers, the least recently used dropped first,
+    and forgets one idle for SESSION_IDLE_S."""
+    from agegender.commands import serve_video
+
+    sessions = serve_video.Sessions(predictor, max_sessions=2, idle_s=60)
+    a, b = sessions.get("aaaaaaaa"), sessions.get("bbbbbbbb")
+    assert sessions.get("aaaaaaaa") is a  # a used again: b is now the least recent
+    sessions.get("cccccccc")
+    assert list(sessions.held) == ["aaaaaaaa", "cccccccc"] and sessions.get("bbbbbbbb") is not b
+    clock = [time.monotonic()]
+    monkeypatch.setattr(serve_video.time, "monotonic", lambda: clock[0])
+    sessions.get("dddddddd")
+    clock[0] += 61
+    sessions.get("eeeeeeee")
+    assert list(sessions.held) == ["eeeeeeee"]
+
+
+def test_video_upload_answers_its_persons(client, tmp_path):
+    from agegender.synthetic import write_video
+
+    frames = [decode_upload(f) for f in _face_frames(30)]
+    clip = write_video(frames, tmp_path / "walk.mp4")
+    r = client.post("/api/video", files={"video": ("walk.mp4", clip.read_bytes())},
+                    data={"fps": "25"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["frames"] == 30 and len(body["tracks"]) == 1
+    assert {"track", "age", "age_interval", "gender", "p_female", "box"} <= set(body["tracks"][0])
+
+
+@pytest.mark.parametrize(
+    ("data", "form", "status", "words"),
+    [
+        (b"this is not a video" * 100, {}, 422, "not a video"),
+        (b"", {}, 422, "not a video"),
+        (None, {"fps": "0"}, 422, "fps must be in"),
+        (None, {"fps": "nan"}, 422, "fps must be in"),
+    ],
+)
+def test_bad_video_uploads(client, tmp_path, data, form, status, words):
+    if data is None:
+        data = b"\x00" * 100
+    r = client.post("/api/video", files={"video": ("x.mp4", data)}, data=form)
+    assert r.status_code == status and words in r.json()["detail"]
+
+
+def test_video_limits(predictor, tmp_path, monkeypatch):
+    from agegender.commands import serve_video
+    from agegender.synthetic import write_video
+
+    frames = [decode_upload(f) for f in _face_frames(50, moving=False)]
+    clip = write_video(frames, tmp_path / "two_s.mp4").read_bytes()  # 2 s at 25 fps
+    monkeypatch.setattr(serve_video, "MAX_VIDEO_S", 1.0)
+    app = create_app(predictor=predictor, max_video_mb=len(clip) / 1e6 * 2)
+    with TestClient(app, base_url=LOCAL) as c:
+        r = c.post("/api/video", files={"video": ("c.mp4", clip)})
+        assert r.status_code == 422 and "the limit is 1 s" in r.json()["detail"]
+        r = c.post("/api/video", files={"video": ("c.mp4", clip * 3)})
+        assert r.status_code == 413 and "video too large" in r.json()["detail"]
+
+
+def _y4m(frames: list[np.ndarray], path) -> None:
+    """A YUV4MPEG2 file: what Chromium's fake camera plays (in a loop)."""
+    import cv2
+
+    h, w = frames[0].shape[:2]
+    with open(path, "wb") as f:
+        f.write(f"YUV4MPEG2 W{w} H{h} F25:1 Ip A1:1 C420jpeg\n".encode())
+        for rgb in frames:
+            f.write(b"FRAME\n" + cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420).tobytes())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium + chromium-driver")
+def test_page_live_webcam_in_headless_chromium(predictor, tmp_path):
+    """The page's webcam mode, with Chromium's fake camera playing a clip of a face: Live
+    sends frames to /api/track and labels the person with its track number."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    camera = tmp_path / "camera.y4m"
+    _y4m([decode_upload(f) for f in _face_frames(50, moving=False)], camera)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-video-capture={camera}"):  # fmt: skip
+        options.add_argument(arg)
+    service = Service(executable_path=CHROMEDRIVER)
+    with LiveServer(create_app(predictor=predictor)) as server:
+        driver = webdriver.Chrome(options=options, service=service)
+        try:
+            driver.get(server.url + "/")
+            driver.find_element(By.ID, "camera").click()
+            live = WebDriverWait(driver, 20).until(ec.element_to_be_clickable((By.ID, "live")))
+            live.click()
+            WebDriverWait(driver, 60).until(
+                lambda d: d.find_element(By.CSS_SELECTOR, "#faces td.label").text.startswith("#")
+            )
+            label = driver.find_element(By.CSS_SELECTOR, "#faces td.label").text
+            assert label.startswith("#1 ")  # the first person of this session
+            status = driver.find_element(By.ID, "status").text
+            assert status.startswith("live: 1 person")
+            live.click()  # stops
+            assert driver.find_element(By.ID, "live").text == "Live"
+        finally:
+            driver.quit()

@@ -52,7 +52,10 @@ def main() -> None:
     src = src / "best.safetensors" if src.is_dir() else src
     dst = WEIGHTS / f"{args.name}.safetensors"
     kw = {"data": args.cache, "split": "test", "timing": False, "quiet": True}
+    report = Path("reports/bundled") / f"{args.name}.json"
     results: dict = {"source": str(src)}
+    if src.resolve() == dst.resolve() and report.is_file():  # re-exported: keep its fp32/fp16
+        results = {**json.loads(report.read_text()), **results}
     with tempfile.TemporaryDirectory() as tmp:
         if src.resolve() != dst.resolve():
             model, meta = load_checkpoint(src)
@@ -75,9 +78,8 @@ def main() -> None:
     results["int8_kept"] = _within(results["onnx_fp32"], results["onnx_int8"], INT8_TOLERANCE)
     if not results["int8_kept"]:
         int8.unlink()
-    out = Path("reports/bundled")
-    out.mkdir(parents=True, exist_ok=True)
-    fileio.write_json(out / f"{args.name}.json", results)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    fileio.write_json(report, results)
     print(json.dumps(results, indent=1))
     print(f"bundled {src} as {args.name}: {json.dumps(read_meta(dst)['model'])}")
     for f in sorted(WEIGHTS.glob(f"{args.name}.*")):

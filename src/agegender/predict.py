@@ -17,7 +17,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from agegender.errors import AgeGenderError
 from agegender.images import load_photo, open_photo, preprocess, upright_size
 from agegender.model_files import BUNDLED_NAMES, WEIGHTS, bundled, read_meta, resolve_checkpoint
 from agegender.runtime import OnnxBackend, OnnxLoadError, age_interval, int8_is_fast
+from agegender.video import DETECTOR, LIVE_RATE, LOW, MAX_MISSED_S, Tracker, sampled
 
 ASTRONAUT = Path(__file__).parent / "assets" / "astronaut.jpg"
 BACKENDS = ("onnx", "torch")
@@ -200,6 +201,7 @@ class Predictor:
         self.tta = tta
         self.checkpoint = checkpoint
         self.data_config: dict[str, Any] = meta["data_config"]
+        self.detector_name: str | None = getattr(detector, "name", None)
         self.size = int(self.data_config["input_size"][1])
         self.color = self.data_config["color"]
 
@@ -253,14 +255,35 @@ class Predictor:
         if tta is None:
             tta = bool(meta.get("config", {}).get("train", {}).get("tta", False))
         det = get_detector(detector) if detector is not None else None
-        return cls(net, meta, runner, det, tta, path)
+        predictor = cls(net, meta, runner, det, tta, path)
+        predictor.detector_name = detector
+        return predictor
 
     # ------------------------------------------------------------------ faces
 
     def _faces(self, crops: np.ndarray, boxes: list, scores: list) -> list[Face]:
         if len(crops) == 0:
             return []
-        out = self.backend(crops, self.tta)
+        return self._faces_of(self.backend(crops, self.tta), boxes, scores)
+
+    def track(
+        self,
+        source: Any,
+        fps: float | None = None,
+        detect_every: int = 1,
+        keep_ended: int | None = None,
+    ) -> Tracking:
+        """Faces tracked through a video file, a camera index or an iterable of RGB frames:
+        iterate the result for each sampled frame's faces and track ids; its ``tracks`` then
+        hold one estimate per person (see :mod:`agegender.video`). ``fps``: frames a second
+        to look at (None: all); ``detect_every``: detect on every k-th of those, the tracks'
+        boxes carried in between. ``source=None``: frames are pushed one by one to the
+        result's :meth:`Tracking.step`, of which ``keep_ended`` ended tracks are kept."""
+        if self.detector is None:
+            raise AgeGenderError("tracking needs a face detector: load the predictor with one")
+        return Tracking(self, source, fps, detect_every, keep_ended)
+
+    def _faces_of(self, out: dict[str, np.ndarray], boxes: list, scores: list) -> list[Face]:
         faces = []
         for i, (box, score) in enumerate(zip(boxes, scores)):
             age = float(out["age"][i])
@@ -364,3 +387,101 @@ class Predictor:
                 results.append(faces[k : k + len(r[1])])
                 k += len(r[1])
         return results
+
+
+# --------------------------------------------------------------------------- video
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """One sampled frame of a tracked video: its faces with their track ids (None: not yet a
+    confirmed track) and, when ``detected`` is False, the boxes the tracks were carried to."""
+
+    index: int
+    time_s: float
+    detected: bool
+    faces: list[tuple[int | None, Face]]
+    carried: list[tuple[int, tuple[float, float, float, float]]]
+
+
+class Tracking:
+    """What :meth:`Predictor.track` returns: an iterator of :class:`FrameResult`; ``tracks``
+    holds one summary per person seen (so far, while iterating). An interrupted iteration
+    keeps the tracks found up to there.
+
+    With ``source=None`` there is nothing to iterate: frames are pushed one by one with
+    :meth:`step` (a webcam's frames through the web service), and ``keep_ended`` bounds how
+    many ended tracks are remembered. ``detector``: one to share (its threshold at ``LOW``).
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        source: Any,
+        fps: float | None = None,
+        every: int = 1,
+        keep_ended: int | None = None,
+        detector: Any = None,
+    ) -> None:
+        if every < 1:
+            raise AgeGenderError(f"detect_every must be 1 or more, got {every}")
+        self.predictor, self.every = predictor, every
+        self.frames, self.rate = sampled(source, fps) if source is not None else (None, LIVE_RATE)
+        # low-scoring faces continue tracks (a blurred frame), only confident ones start them:
+        # the detector passes them down to LOW (a shared one may be given, already so)
+        self.detector = detector or get_detector(
+            predictor.detector_name or DETECTOR, score_threshold=LOW
+        )
+        max_missed = max(round(MAX_MISSED_S * self.rate), 1)
+        self.tracker = Tracker(max_missed=max_missed, keep_ended=keep_ended)
+        self.seen = 0
+        self.last_rgb: np.ndarray | None = None  # the latest frame's pixels, for drawing
+
+    def __iter__(self) -> Iterator[FrameResult]:
+        if self.frames is None:
+            raise AgeGenderError("a live tracking has no source to iterate: push frames to step()")
+        for k, frame in enumerate(self.frames):
+            yield self.step(frame.rgb, frame.time_s, frame.index, detect=k % self.every == 0)
+
+    def step(
+        self, rgb: np.ndarray, time_s: float, index: int | None = None, detect: bool = True
+    ) -> FrameResult:
+        """One frame (RGB) at ``time_s`` seconds: its faces and their tracks. ``index``: the
+        frame's number in its source (by default counted from the time, at :data:`LIVE_RATE`
+        frames a second); ``detect=False`` carries the tracks' boxes instead of detecting."""
+        index = round(time_s * self.rate) if index is None else index
+        self.seen += 1
+        self.last_rgb = rgb
+        if not detect:
+            carried = [(i, tuple(map(float, b))) for i, b in self.tracker.carried(index)]
+            return FrameResult(index, time_s, False, [], carried)
+        faces, outs = self._analyse(rgb)
+        ids = self.tracker.step(index, time_s, faces, outs)
+        return FrameResult(index, time_s, True, list(zip(ids, faces)), [])
+
+    def estimate(self, track_id: int) -> dict[str, Any] | None:
+        """The running estimate of a track still in view (``age``, ``age_interval``,
+        ``gender``, ``p_female``), None for one that has ended or is unknown."""
+        for t in self.tracker.active:
+            if t.id == track_id:
+                return t.evidence.estimate()
+        return None
+
+    def _analyse(self, rgb: np.ndarray) -> tuple[list[Face], list[dict]]:
+        p = self.predictor
+        found = self.detector.detect_faces(rgb)
+        if not found:
+            return [], []
+        crops = np.stack([preprocess(align_face(rgb, f, 200), p.data_config) for f in found])
+        out = p.backend(crops, p.tta)
+        h, w = rgb.shape[:2]
+        boxes = [
+            (max(a, 0.0), max(b, 0.0), min(c, w), min(d, h))
+            for a, b, c, d in (f.box for f in found)
+        ]
+        per_face = [{k: v[i] for k, v in out.items()} for i in range(len(found))]
+        return p._faces_of(out, boxes, [f.score for f in found]), per_face
+
+    @property
+    def tracks(self) -> list[dict[str, Any]]:
+        return self.tracker.tracks()

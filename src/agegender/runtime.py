@@ -44,6 +44,8 @@ def merge_views(views: list[dict[str, Any]]) -> dict[str, Any]:
     if all("age_std" in v for v in views):
         second = sum(v["age_std"] ** 2 + v["age"] ** 2 for v in views) / n
         out["age_std"] = (second - age**2).clip(min=0) ** 0.5
+    if all("age_probs" in v for v in views):  # the mixture of the views' distributions
+        out["age_probs"] = sum(v["age_probs"] for v in views) / n
     return out
 
 

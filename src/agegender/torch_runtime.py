@@ -99,6 +99,7 @@ def forward_tta(model: nn.Module, x: torch.Tensor, tta: bool) -> dict[str, torch
         view = {"age": out["age"].float(), "p_female": torch.sigmoid(out["gender"].float())}
         if "age_std" in out:
             view["age_std"] = out["age_std"].float()
+            view["age_probs"] = out["age_logits"].float().softmax(dim=-1)
         views.append(view)
     return merge_views(views)
 

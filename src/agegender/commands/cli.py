@@ -342,27 +342,50 @@ def _show(p: argparse.ArgumentParser) -> Handler:
 
 def _predict(p: argparse.ArgumentParser) -> Handler:
     at = "agegender.commands.predict:predict_files"
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (recursive)")
+    vat = "agegender.commands.video:predict_video"
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="image files or folders (recursive), or one video (.mp4, .mkv, .avi, .mov, ...)",
+    )
     p.add_argument("--model", default=_default(at, "model"), help=MODEL_HELP)
     p.add_argument("--aligned", action="store_true", help="images are aligned face crops")
     p.add_argument(
         "--detector",
         choices=("yunet", "yunet-fast"),
-        default=_default(at, "detector"),
-        help="yunet-fast: one landmark refinement pass instead of two (faster per face)",
+        help="yunet-fast: one landmark refinement pass instead of two (faster per face); "
+        f"default: {_default(at, 'detector')} for photos, {_default(vat, 'detector')} for video",
     )
     p.add_argument(
         "--output",
         metavar="FILE.jsonl",
-        help="one JSON object per image, moved into place when the run ends; an existing file "
-        "is replaced only if it ends in .jsonl or .json and is not an input",
+        help="one JSON object per image (per person for a video), moved into place when the "
+        "run ends; an existing file is replaced only if it ends in .jsonl or .json and is not "
+        "an input",
     )
     p.add_argument(
         "--annotate",
-        metavar="DIR",
-        help="write each image with boxes and labels to DIR/NAME.jpg (refused if that would "
-        "replace an input image)",
+        metavar="DIR|FILE.mp4",
+        help="images: write each with boxes and labels to DIR/NAME.jpg (refused if that would "
+        "replace an input image); a video or camera: write the annotated video to FILE.mp4",
     )
+    v = p.add_argument_group("video and camera")
+    v.add_argument(
+        "--camera", type=_int_in(0), metavar="N", help="track the faces of camera N (Ctrl-C ends)"
+    )
+    v.add_argument(
+        "--fps", type=float, default=_default(vat, "fps"), help="frames a second to look at "
+        "(default: every frame)",
+    )  # fmt: skip
+    v.add_argument(
+        "--detect-every",
+        type=_int_in(1, 100),
+        default=_default(vat, "detect_every"),
+        help="detect faces on every k-th of those frames; tracks carry the boxes in between",
+    )
+    v.add_argument("--frames", metavar="FILE.jsonl", help="every sampled frame's faces and tracks")
+    v.add_argument("--csv", metavar="FILE.csv", help="one row per person")
     _tta(p)
     _backend(p, at)
     _precision(p, at)
@@ -374,10 +397,33 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(a: argparse.Namespace) -> int:
+        from agegender.video import is_video
+
+        videos = [x for x in a.paths if is_video(x) and not Path(x).is_dir()]
+        if a.camera is not None or videos:
+            if (a.camera is not None and a.paths) or len(a.paths) > 1:
+                raise ConfigError("give one video, or --camera N, alone (images separately)")
+            if a.aligned:
+                raise ConfigError("--aligned is for face crops, not video")
+            if a.fps is not None and not 0 < a.fps <= 1000:
+                raise ConfigError(f"--fps must be in (0, 1000], got {a.fps}")
+            from agegender.commands.video import predict_video
+
+            keys = ("tta", "backend", "device", "amp", "precision")
+            return predict_video(
+                a.camera if a.camera is not None else videos[0], a.model, a.output, a.frames,
+                a.csv, a.annotate, a.fps, a.detect_every, a.detector or _default(vat, "detector"),
+                a.quiet, **{k: getattr(a, k) for k in keys},
+            )  # fmt: skip
+        if not a.paths:
+            raise ConfigError("give image files or folders, a video, or --camera N")
+        if a.frames or a.csv or a.fps is not None:
+            raise ConfigError("--frames, --csv and --fps are for a video or a camera")
         from agegender.commands.predict import predict_files
 
         keys = ("model", "aligned", "output", "tta", "backend", "batch_size", "device", "amp")
-        kw = {k: getattr(a, k) for k in (*keys, "precision", "detector")}
+        kw = {k: getattr(a, k) for k in (*keys, "precision")}
+        kw["detector"] = a.detector or _default(at, "detector")
         return predict_files(a.paths, annotate_dir=a.annotate, quiet=a.quiet, **kw)
 
     return run
@@ -468,6 +514,12 @@ def _serve(p: argparse.ArgumentParser) -> Handler:
     p.add_argument(
         "--max-upload-mb", type=float, default=_default(app, "max_upload_mb"), help="per file"
     )
+    p.add_argument(
+        "--max-video-mb",
+        type=float,
+        default=_default(app, "max_video_mb"),
+        help="per clip sent to /api/video",
+    )
     _device(p, app)
     _backend(p, app)
     _precision(p, app)
@@ -496,7 +548,8 @@ def _serve(p: argparse.ArgumentParser) -> Handler:
     def run(a: argparse.Namespace) -> int:
         from agegender.commands.serve import serve
 
-        keys = ("model", "workers", "queue", "max_upload_mb", "device", "backend", "tta", "amp")
+        keys = ("model", "workers", "queue", "max_upload_mb", "max_video_mb", "device", "backend")
+        keys += ("tta", "amp")
         keys += ("precision", "api_key")
         kw = {k: getattr(a, k) for k in keys}
         kw.update(allow_hosts=tuple(a.allow_host), allow_origins=tuple(a.allow_origin))
@@ -544,7 +597,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = 
     "predict": (
         "Estimate age and gender of every face in photos (files or folders): detect, align "
         "to UTKFace's geometry, predict. Photos of up to 150 MP are read (those over 40 MP "
-        "shrunk while decoding). Exit 0 when every image was read, 1 when some failed.",
+        "shrunk while decoding). Exit 0 when every image was read, 1 when some failed. A "
+        "video or a camera: faces tracked from frame to frame, one estimate per person.",
         _predict,
     ),
     "export": (

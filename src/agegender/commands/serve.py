@@ -9,8 +9,11 @@ once at start-up and shared by every request (the same object the CLI and the Py
 - ``POST /api/predict/batch``: up to ``max_batch`` ``images`` fields; one result per image, and a
   bad image (an oversized one included) gets its ``error`` and ``status`` without failing the
   others. Only a request over ``max_batch`` files' worth of bytes in total is refused whole.
+- ``POST /api/track`` (a webcam's frames, tracked per client session) and ``POST /api/video``
+  (an uploaded clip, answered with its persons): see :mod:`agegender.commands.serve_video`.
 - ``GET /health``, ``GET /docs`` (OpenAPI) and ``GET /``: a single self-contained page (no build
-  step, no CDN) to pick, drop or photograph an image and see the faces labelled.
+  step, no CDN) to pick, drop or photograph an image and see the faces labelled, follow the
+  faces of the webcam live, or send a clip.
 
 Decoding, detection and the network run in a small thread pool so the event loop stays free;
 uploads that queue up while the network is busy go through it together as one batch, and a
@@ -26,7 +29,6 @@ import asyncio
 import errno
 import functools
 import html
-import io
 import logging
 import math
 import os
@@ -46,47 +48,28 @@ import uvicorn
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel
 
 from agegender import __version__
+from agegender.commands.serve_video import MAX_VIDEO_MB, add_video_routes
+from agegender.commands.uploads import (
+    ERRORS,
+    MAX_IMAGE_PIXELS,
+    MAX_REQUEST_PIXELS,
+    ImageError,
+    check_upload,
+    decode_upload,
+    too_large,
+)
 from agegender.commands.web import BodyLimit, Guard, HeaderDeadline, allowed_hosts
 from agegender.errors import ConfigError
-from agegender.images import decode_rgb, open_image, upright_size
 from agegender.predict import Predictor
 
 MAX_UPLOAD_MB = 10.0
 MAX_BATCH = 16  # images per /api/predict/batch request
-#: pixels an image may have, and a request (a batch) in all, read from the headers before any
-#: is decoded: a 35 kB PNG can claim 36 MP and cost seconds, a batch of them a minute
-MAX_IMAGE_PIXELS = 16_000_000
-MAX_REQUEST_PIXELS = 64_000_000
 NETWORK_BATCH = 32  # queued uploads that go through the network together
-#: PIL format names the service decodes; MPO is the multi-picture JPEG that phones write
-FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 PAGE = Path(__file__).resolve().parents[1] / "assets" / "index.html"
 
 log = logging.getLogger("agegender.serve")
-
-
-class Detail(BaseModel):
-    """What every error answer holds."""
-
-    detail: str
-
-
-#: the answers other than 200 that the prediction endpoints give, for the OpenAPI schema
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Detail, "description": text}
-    for code, text in {
-        400: "unknown host name (see --allow-host), or an unreadable form",
-        401: "no API key, or a wrong one (where the service has --api-key)",
-        403: "a post from another web origin (see --allow-origin)",
-        413: "a file over --max-upload-mb, or too many files",
-        415: "not a JPEG, PNG or WebP image",
-        422: "truncated or corrupt data, too many pixels, a flat image, or a missing field",
-        503: "the queue is full: retry after the Retry-After header's seconds",
-    }.items()
-}
 
 
 def docs_page(schema: dict[str, Any]) -> str:
@@ -110,50 +93,6 @@ def docs_page(schema: dict[str, Any]) -> str:
             )
             parts.append(f"<p>Answers: {codes}.</p>")
     return "\n".join(parts)
-
-
-class ImageError(Exception):
-    """An upload the service refuses: ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
-def check_upload(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """Read only the header of an uploaded file: its upright ``(width, height)``.
-
-    Raises :class:`ImageError` with 415 for anything but JPEG/PNG/WebP and 422 for an
-    unreadable header, more than ``max_pixels`` pixels, or a decompression bomb, so an
-    oversized image costs nothing to refuse.
-    """
-    if not data:
-        raise ImageError(422, "empty file")
-    try:
-        # PIL's own bomb check (about 179 M pixels) still applies; ours is the lower limit
-        img = open_image(io.BytesIO(data), max_pixels=2**62)
-    except ValueError as e:
-        raise ImageError(415 if str(e).startswith("not an image") else 422, str(e)) from None
-    if img.format not in FORMATS:
-        raise ImageError(415, f"unsupported image format {img.format}: send JPEG, PNG or WebP")
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ImageError(422, f"too many pixels: {w}x{h} exceeds the limit of {max_pixels:,}")
-    return upright_size(img)
-
-
-def decode_upload(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """The bytes of an uploaded file -> an upright RGB ``(H, W, 3)`` uint8 array, after
-    :func:`check_upload`; truncated or corrupt pixel data raises :class:`ImageError` 422, and
-    so does an image of one flat colour (a header with no picture behind it decodes so)."""
-    check_upload(data, max_pixels)
-    try:
-        rgb = decode_rgb(data, max_pixels)
-    except ValueError as e:
-        raise ImageError(422, str(e)) from None
-    if rgb.min() == rgb.max():
-        raise ImageError(422, "the image is one flat colour: no picture in it (truncated?)")
-    return rgb
 
 
 class _Batcher:
@@ -201,6 +140,17 @@ class _Batcher:
         finally:
             self.inside -= 1
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` in the pool, on its own (not batched), admitted as an upload is: 503 when
+        the service is full."""
+        if self.inside >= self.capacity:
+            raise HTTPException(503, "server busy, retry shortly", headers={"Retry-After": "1"})
+        self.inside += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
+        finally:
+            self.inside -= 1
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -220,15 +170,12 @@ class _Batcher:
             self.draining -= 1
 
 
-def _too_large(limit: int) -> str:
-    return f"upload too large: the limit is {limit / 1e6:g} MB per image"
-
-
 def _check_options(
     workers: int = 1,
     queue: int = 16,
     max_upload_mb: float = MAX_UPLOAD_MB,
     max_batch: int = MAX_BATCH,
+    max_video_mb: float = MAX_VIDEO_MB,
     **_: Any,
 ) -> None:
     """Refuse limits the service cannot run with, before the model is loaded."""
@@ -241,6 +188,8 @@ def _check_options(
         raise ConfigError(f"max_upload_mb must be 0.001 MB (1 kB) or more, got {max_upload_mb}")
     if max_batch < 1:
         raise ConfigError(f"max_batch must be 1 or more, got {max_batch}")
+    if not (math.isfinite(max_video_mb) and max_video_mb >= 0.01):
+        raise ConfigError(f"max_video_mb must be 0.01 MB or more, got {max_video_mb}")
 
 
 @dataclass(frozen=True)
@@ -251,6 +200,7 @@ class Limits:
     max_bytes: int
     max_batch: int
     max_pixels: int
+    max_video_bytes: int = int(MAX_VIDEO_MB * 1e6)
     max_request_pixels: int = MAX_REQUEST_PIXELS
 
     def within_budget(self, uploads: list[bytes]) -> list[ImageError | None]:
@@ -272,8 +222,11 @@ class Limits:
     def body(self, path: str) -> tuple[int, str] | None:
         """The body limit of ``path`` and its 413 message (see :class:`_BodyLimit`)."""
         # multipart framing adds a few hundred bytes per part; 64 kB of slack is plenty
-        if path == "/api/predict":
-            return self.max_bytes + 65536, _too_large(self.max_bytes)
+        if path in ("/api/predict", "/api/track"):
+            return self.max_bytes + 65536, too_large(self.max_bytes)
+        if path == "/api/video":
+            limit = f"{self.max_video_bytes / 1e6:g} MB"
+            return self.max_video_bytes + 65536, f"video too large: the limit is {limit}"
         if path == "/api/predict/batch":
             total = self.max_batch * self.max_bytes
             return total + 65536, (
@@ -328,6 +281,7 @@ def create_app(
     max_upload_mb: float = MAX_UPLOAD_MB,
     max_pixels: int = MAX_IMAGE_PIXELS,
     max_batch: int = MAX_BATCH,
+    max_video_mb: float = MAX_VIDEO_MB,
     device: str = "auto",
     backend: str = "onnx",
     tta: bool | None = None,
@@ -351,20 +305,22 @@ def create_app(
         max_batch: files per batch request; a batch body over ``max_batch * max_upload_mb`` is
             refused whole with 413.
         max_pixels: largest accepted image (width x height), checked before decoding; a batch
-            may hold ``MAX_REQUEST_PIXELS`` in all.
+            may hold ``MAX_REQUEST_PIXELS`` in all. A video's frames may be as large.
+        max_video_mb: largest clip ``/api/video`` accepts (see
+            :mod:`agegender.commands.serve_video` for its other limits).
         device, backend, tta, amp, precision: as :meth:`Predictor.load` takes them.
         host: the interface the service is bound to: only its names are answered (a web page
             cannot drive a loopback service through DNS rebinding), with ``allow_hosts``.
         allow_origins: web origins besides the service's own whose pages may post to it.
         api_key: required on ``/api/`` requests (``Authorization: Bearer KEY``).
     """
-    _check_options(workers, queue, max_upload_mb, max_batch)
+    _check_options(workers, queue, max_upload_mb, max_batch, max_video_mb)
     if predictor is None:
         predictor = Predictor.load(
             model, device=device, backend=backend, tta=tta, amp=amp, precision=precision
         )
     pool = ThreadPoolExecutor(workers, thread_name_prefix="agegender")
-    limits = Limits(int(max_upload_mb * 1e6), max_batch, max_pixels)
+    limits = Limits(int(max_upload_mb * 1e6), max_batch, max_pixels, int(max_video_mb * 1e6))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -399,8 +355,11 @@ def create_app(
     run = functools.partial(run_batch, predictor, max_pixels)
     batcher = _Batcher(run, pool, workers, workers + queue, NETWORK_BATCH)
     settings = {"workers": workers, "queue": queue, "max_upload_mb": max_upload_mb}
+    settings["max_video_mb"] = max_video_mb
     settings["api_key"] = bool(api_key)
     _add_routes(app, predictor, batcher, limits, settings)
+    add_video_routes(app, predictor, batcher.call, limits.max_bytes, limits.max_video_bytes,
+                     max_pixels)  # fmt: skip
     return app
 
 
@@ -413,7 +372,7 @@ def _add_routes(
     async def read(upload: UploadFile) -> bytes:
         data = await upload.read(limits.max_bytes + 1)
         if len(data) > limits.max_bytes:
-            raise ImageError(413, _too_large(limits.max_bytes))
+            raise ImageError(413, too_large(limits.max_bytes))
         return data
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

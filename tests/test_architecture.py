@@ -25,6 +25,8 @@ TORCH_FREE = (
     "draw",
     "runs",
     "synthetic",
+    "near_dups",
+    "video",
 )
 
 

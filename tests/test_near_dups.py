@@ -78,14 +78,16 @@ def test_copies_of_real_faces_are_found(utkface_dir):
     assert not nd.find_pairs(originals)
 
 
-def test_signatures_pack_to_104_bytes_and_back():
+def test_signatures_pack_to_176_bytes_and_back():
+    """The coarse grid at 4 bits a cell (32 bytes), the fine one at 8 (144): each comes back
+    to within half its step."""
     faces = np.stack(_faces(5))
     packed = nd.signatures(faces)
-    assert packed.shape == (5, nd.BYTES) == (5, 104) and packed.dtype == np.uint8
-    fine = nd.grids(faces)
-    assert np.abs(nd.unpack(packed[:, 32:]) - np.clip(fine, -7 * nd.STEP, 8 * nd.STEP)).max() < (
-        nd.STEP / 2 + 1e-6
-    )
+    assert packed.shape == (5, nd.BYTES) == (5, 176) and packed.dtype == np.uint8
+    coarse = np.clip(nd.grids(faces, nd.COARSE), -7 * nd.STEP, 8 * nd.STEP)
+    assert np.abs(nd.unpack(packed[:, :32]) - coarse).max() < nd.STEP / 2 + 1e-6
+    fine = np.clip(nd.grids(faces, nd.GRID), -127 * nd.FINE_STEP, 127 * nd.FINE_STEP)
+    assert np.abs(nd._unpack_fine(packed[:, 32:]) - fine).max() < nd.FINE_STEP / 2 + 1e-6
 
 
 @pytest.fixture(scope="module")

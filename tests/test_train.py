@@ -237,8 +237,8 @@ def test_train_errors(tmp_path, capsys):
     ("override", "says"),
     [
         ("data.size=0", "data.size must be 16-1024"),
-        ("train.threads=-1", "train.threads must be >= 0"),
-        ("train.eval_batch_size=0", "train.eval_batch_size must be >= 1"),
+        ("train.threads=-1", "train.threads must be 0-1024"),
+        ("train.eval_batch_size=0", "train.eval_batch_size must be 1-65536"),
         ("model.dropout=5", "model.dropout must be below 1"),
         ("train.seed=-1", "train.seed must be >= 0"),
         ("model.name=nosuch", "unknown model.name 'nosuch'"),

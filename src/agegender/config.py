@@ -55,6 +55,9 @@ class ModelConfig:
     age_head: str = ""  # regression | dldl | coral; "" = the model's default
     bn: bool = False  # batch norm after each conv (seed-cnn family only)
     dropout: float = -1.0  # dropout rate; < 0 = the model's default
+    # start from these weights (default, accurate, a run folder or a checkpoint): fine-tuning.
+    # The model is then the one they belong to, whatever name, age_head and dropout say
+    init: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,9 @@ class TrainConfig:
     cuda_graphs: bool = False
     threads: int = 0  # torch CPU threads per process (0 = the cores / processes per machine)
     grad_clip: float = 0.0  # clip the gradient norm (0 = off)
+    # parameters left as they are, by name prefix, comma-separated: "stem", "stem,stages.0"
+    # (fine-tuning a small set: the early layers' general features stay put)
+    freeze: str = ""
     eval_batch_size: int = 256  # images per step and process when evaluating
 
 

@@ -1,10 +1,16 @@
-"""UTKFace: label parsing, image decoding, de-duplication, splitting and the decoded cache.
+"""Data: label parsing, image decoding, de-duplication, splitting and the decoded cache.
+
+Images come from UTKFace folders (labels in the file names, aligned crops taken as given) and
+from labels files of your own (:mod:`agegender.labels`: ages, ranges, genders, groups), whose
+photos are detected and aligned as ``predict`` does it unless they are crops (``aligned``).
 
 A cache directory written by :func:`prepare` holds:
 
 - ``images.npy``: uint8 array ``(N, H, W, C)`` (C = 1 for gray, 3 for RGB), memory-mappable;
-- ``manifest.csv``: one row per file found, with its labels, content hash, split, status
-  (``kept`` or why it was skipped) and ``index`` (its row in ``images.npy``, -1 if not kept);
+- ``manifest.csv``: one row per image found, with its labels (an age range as ``age_low`` and
+  ``age_high``, -1 for a gender or race not known), where it came from (``origin``), content
+  hash, split, status (``kept`` or why it was skipped), ``index`` (its row in ``images.npy``,
+  -1 if not kept) and the labels files' group columns (``by:NAME``);
 - ``summary.json``: the counts :func:`prepare` printed;
 - ``cache.json``: what the cache was built from, so an unchanged re-run reuses it. It is
   written last and removed before anything else changes, so it marks a complete cache.
@@ -31,7 +37,16 @@ import numpy as np
 from agegender import fileio, near_dups
 from agegender.config import SPLIT_SEED
 from agegender.errors import DataError
-from agegender.images import COLORS, face_config, find_images, link_problem, load_face
+from agegender.images import (
+    COLORS,
+    face_config,
+    find_images,
+    link_problem,
+    load_face,
+    load_photo,
+    preprocess,
+)
+from agegender.labels import LabelRow, read_labels
 
 GENDERS = ("male", "female")  # UTKFace: 0 = male, 1 = female
 RACES = ("White", "Black", "Asian", "Indian", "Others")  # UTKFace race codes 0..4
@@ -41,7 +56,8 @@ SPLITS = ("train", "val", "test")
 #: how files that hold paths are written and read: a file name that is not valid UTF-8 keeps its
 #: bytes (os.fsencode of what is read gives them back) instead of failing the whole run
 PATHS_IN_TEXT = {"encoding": "utf-8", "errors": "surrogateescape"}
-CACHE_VERSION = 2  # 2: near-duplicate groups in the manifest
+CACHE_VERSION = 3  # 2: near-duplicate groups in the manifest; 3: labels files, age ranges
+GROUP_PREFIX = "by:"  #: manifest columns of the labels files' groups
 
 # age_gender_race_datetime, then the extension as it really occurs: ".jpg.chip.jpg",
 # " .jpg.chip.jpg", "jpg.chip.jpg" (no dot), upper case, or a plain ".jpg"/".jpeg"/".png".
@@ -139,16 +155,47 @@ def _hash_chunk(paths: list[Path]) -> list[tuple[str, str | None]]:
     return [_hash_file(p) for p in paths]
 
 
+class _NoFace(ValueError):
+    """A photo without the face a labels row is about."""
+
+
+_detector: Any = None  # one per process that detects (a pool worker), built on first use
+
+
+def detected_face(path: str, config: dict, box: str) -> np.ndarray:
+    """The face of the photo at ``path`` found, aligned and preprocessed as ``predict`` does
+    it (``box``: "x0 y0 x1 y1" of the one meant, "" when it has one face only)."""
+    global _detector
+    from agegender.detect import align_face, get_detector, the_face
+
+    if _detector is None:
+        _detector = get_detector("yunet")
+    rgb, (w, _) = load_photo(path)
+    scale = rgb.shape[1] / w  # boxes are in the photo's pixels; a huge photo decodes shrunk
+    given = tuple(float(v) * scale for v in box.split()) if box else None
+    try:
+        face = the_face(_detector.detect_faces(rgb), given)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise _NoFace(str(e)) from None
+    # UTKFace's geometry at 200 px, then the same resize and colour path as prediction
+    return preprocess(align_face(rgb, face, 200), config)
+
+
 def _decode_chunk(
-    out: str, start: int, paths: list[str], size: int, color: str
+    out: str, start: int, items: list[tuple[str, str | None]], size: int, color: str
 ) -> list[tuple[int, str]]:
-    """Decode ``paths`` into rows ``start...`` of the .npy at ``out``; return the failures."""
+    """Decode ``items`` (path, and None for a crop taken as given or the box of a photo to
+    detect in) into rows ``start...`` of the .npy at ``out``; return the failures."""
     images = np.load(out, mmap_mode="r+")
     config = face_config(size, color)
     failures = []
-    for i, path in enumerate(paths):
+    for i, (path, box) in enumerate(items):
         try:
-            images[start + i] = load_face(path, config)
+            images[start + i] = (
+                load_face(path, config) if box is None else (detected_face(path, config, box))
+            )
+        except _NoFace as e:
+            failures.append((start + i, f"no face: {e}"))
         except ValueError as e:
             failures.append((start + i, f"unreadable: {e}"))
         except Exception as e:  # one bad file must never stop the run
@@ -231,8 +278,12 @@ def parse_split(text: str | tuple[float, ...]) -> tuple[float, float, float]:
 MANIFEST_COLUMNS = (
     "path",
     "age",
+    "age_low",
+    "age_high",
     "gender",
     "race",
+    "origin",
+    "box",
     "content_hash",
     "group",
     "split",
@@ -247,14 +298,26 @@ CONFLICT_YEARS = 5
 @dataclass
 class _Row:
     path: str
-    age: int | None = None
-    gender: int | None = None
-    race: int | None = None
+    age: int | None = None  # whole years; a range's middle
+    gender: int | None = None  # 0 male, 1 female, -1 not known
+    race: int | None = None  # 0..4, -1 not known
     content_hash: str = ""
     group: str = ""  # near-duplicate group: the content hash of its first member
     split: str = ""
     status: str = ""
     index: int = -1
+    age_low: int | None = None
+    age_high: int | None = None
+    origin: str = ""  # the folder or labels file it came from
+    box: str = ""  # "x0 y0 x1 y1": which face of the photo (labels files)
+    groups: dict[str, str] = field(default_factory=dict)
+    aligned: bool = True  # a crop taken as given, else detected and aligned
+    given_split: str = ""  # the labels file's own split for it
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What makes two rows one image: the same bytes and the same face of them."""
+        return self.content_hash, self.box
 
 
 def _fingerprint(paths: list[Path]) -> str:
@@ -270,22 +333,28 @@ def _fingerprint(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _write_manifest(path: Path, rows: list[_Row]) -> None:
+def _write_manifest(path: Path, rows: list[_Row], group_columns: list[str]) -> None:
+    blank = lambda v: "" if v is None else v  # noqa: E731
     with fileio.atomic_write(path, newline="", **PATHS_IN_TEXT) as f:
         w = csv.writer(f)
-        w.writerow(MANIFEST_COLUMNS)
+        w.writerow([*MANIFEST_COLUMNS, *(GROUP_PREFIX + g for g in group_columns)])
         for r in rows:
             w.writerow(
                 [
                     r.path,
-                    "" if r.age is None else r.age,
-                    "" if r.gender is None else r.gender,
-                    "" if r.race is None else r.race,
+                    blank(r.age),
+                    blank(r.age_low),
+                    blank(r.age_high),
+                    blank(r.gender),
+                    blank(r.race),
+                    r.origin,
+                    r.box,
                     r.content_hash,
                     r.group,
                     r.split,
                     r.status,
                     r.index,
+                    *(r.groups.get(g, "") for g in group_columns),
                 ]
             )
 
@@ -296,20 +365,27 @@ def read_manifest(cache_dir: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _parse_row(fields: list[str]) -> _Row:
-    if len(fields) != len(MANIFEST_COLUMNS):
+def _parse_row(fields: list[str], group_columns: list[str]) -> _Row:
+    if len(fields) != len(MANIFEST_COLUMNS) + len(group_columns):
         raise ValueError(f"{len(fields)} fields instead of {len(MANIFEST_COLUMNS)}")
-    path, age, gender, race, digest, group, split, status, index = fields
-    labels = (int(x) if x else None for x in (age, gender, race))
-    r = _Row(path, *labels, digest, group, split, status)
+    path, age, low, high, gender, race, origin, box, digest, group, split, status, index = fields[
+        : len(MANIFEST_COLUMNS)
+    ]
+    number = lambda x: int(x) if x else None  # noqa: E731
+    r = _Row(path, number(age), number(gender), number(race), digest, group, split, status)
+    r.age_low, r.age_high, r.origin, r.box = number(low), number(high), origin, box
+    r.groups = dict(zip(group_columns, fields[len(MANIFEST_COLUMNS) :]))
     r.index = int(index)
     if not status:
         raise ValueError("no status")
     if status == "kept" and not (
         r.age is not None
-        and r.gender in (0, 1)
+        and r.age_low is not None
+        and r.age_high is not None
+        and r.age_low <= r.age <= r.age_high
+        and r.gender in (-1, 0, 1)
         and r.race is not None
-        and 0 <= r.race < len(RACES)
+        and -1 <= r.race < len(RACES)
         and split in SPLITS
         and r.group
         and r.index >= 0
@@ -335,8 +411,9 @@ _SUMMARY_COUNTS = (
 )
 
 
-def _read_cache(root: Path) -> tuple[np.ndarray, list[_Row], dict[str, Any]]:
-    """The memory-mapped images, every manifest row and the summary of the cache at ``root``.
+def _read_cache(root: Path) -> tuple[np.ndarray, list[_Row], dict[str, Any], list[str]]:
+    """The memory-mapped images, every manifest row, the summary and the group columns of the
+    cache at ``root``.
 
     Each file is checked against ``cache.json`` and the others, so that what a killed run or a
     damaged disk left behind raises :class:`_Damaged` here rather than an obscure error later.
@@ -377,12 +454,17 @@ def _read_cache(root: Path) -> tuple[np.ndarray, list[_Row], dict[str, Any]]:
     try:
         with (root / "manifest.csv").open(newline="", **PATHS_IN_TEXT) as f:
             reader = csv.reader(f)
-            if tuple(next(reader, ())) != MANIFEST_COLUMNS:
+            header = next(reader, [])
+            extra = header[len(MANIFEST_COLUMNS) :]
+            if tuple(header[: len(MANIFEST_COLUMNS)]) != MANIFEST_COLUMNS or not all(
+                c.startswith(GROUP_PREFIX) for c in extra
+            ):
                 raise ValueError("not the manifest header")
+            group_columns = [c[len(GROUP_PREFIX) :] for c in extra]
             rows = []
             for fields in reader:
                 line = reader.line_num
-                rows.append(_parse_row(fields))
+                rows.append(_parse_row(fields, group_columns))
     except (ValueError, csv.Error) as e:
         raise _Damaged(root, f"manifest.csv line {line}: {e}") from None
     kept = sorted(r.index for r in rows if r.status == "kept")
@@ -403,7 +485,7 @@ def _read_cache(root: Path) -> tuple[np.ndarray, list[_Row], dict[str, Any]]:
         raise _Damaged(root, "summary.json lacks its counts")
     if (summary["files_found"], summary["kept"]) != (len(rows), len(kept)):
         raise _Damaged(root, "summary.json does not match manifest.csv")
-    return images, rows, summary
+    return images, rows, summary, group_columns
 
 
 def _summarise(rows: list[_Row], extra: dict[str, Any]) -> dict[str, Any]:
@@ -415,9 +497,11 @@ def _summarise(rows: list[_Row], extra: dict[str, Any]) -> dict[str, Any]:
     kept = [r for r in rows if r.status == "kept"]
     return {
         "files_found": len(rows),
-        "parsed": len(rows) - status["unparsable"],
+        "parsed": len(rows) - status["unparsable"] - status["bad label"],
         "unparsable": status["unparsable"],
+        "bad_labels": status["bad label"],
         "unreadable": status["unreadable"],
+        "no_face": status["no face"],
         "duplicate_groups": sum(1 for v in dup_groups.values() if v > 1),
         "conflicting_groups": len(
             {r.content_hash for r in rows if r.status.startswith("conflicting")}
@@ -447,10 +531,12 @@ def _near_duplicate_counts(kept: list[_Row]) -> dict[str, Any]:
 
 
 def _conflict(members: list[_Row]) -> bool:
-    """Copies of one photograph whose labels disagree widely (see ``CONFLICT_YEARS``)."""
+    """Copies of one photograph whose labels disagree widely (see ``CONFLICT_YEARS``); a
+    gender not known disagrees with none."""
     ages = [r.age for r in members]
     span = max(CONFLICT_YEARS, min(ages) / 4)
-    return len({r.gender for r in members}) > 1 or max(ages) - min(ages) > span
+    genders = {r.gender for r in members} - {-1}
+    return len(genders) > 1 or max(ages) - min(ages) > span
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -460,7 +546,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"files found          {s['files_found']:>8,}",
         f"parsed               {s['parsed']:>8,}",
         f"unparsable names     {s['unparsable']:>8,}",
+        *(
+            [f"bad labels           {s['bad_labels']:>8,}  (see manifest.csv)"]
+            if s.get("bad_labels")
+            else []
+        ),
         f"unreadable files     {s['unreadable']:>8,}",
+        *(
+            [f"no usable face       {s['no_face']:>8,}  (none found, or several and no box)"]
+            if s.get("no_face")
+            else []
+        ),
         f"duplicate groups     {s['duplicate_groups']:>8,}  (byte-identical files)",
         f"conflicting groups   {s['conflicting_groups']:>8,}  (copies disagree on age/gender: "
         "dropped)",
@@ -485,8 +581,12 @@ def prepare(
     workers: int = 0,
     quiet: bool = False,
     split_file: str | os.PathLike | None = None,
+    labels: list[str | os.PathLike] = (),  # type: ignore[assignment]
+    aligned: bool = False,
 ) -> dict[str, Any]:
-    """Scan, parse, de-duplicate, decode and split UTKFace images into a cache at ``out``.
+    """Scan, parse, de-duplicate, decode and split images into a cache at ``out``: UTKFace
+    folders ``data_dirs`` and the labels files ``labels`` (see :mod:`agegender.labels`), mixed
+    at will, each row's origin recorded.
 
     Returns the summary (also written to ``out/summary.json``). Files that cannot be used are
     listed in ``manifest.csv`` with the reason; they never stop the run, but a run that keeps
@@ -500,7 +600,14 @@ def prepare(
     to (train, val, test). With the default ``seed`` the splits are those the bundled models
     were trained on; ``splits/utkface.csv`` publishes them. ``split_file`` (such a CSV, with
     ``content_hash`` and ``split`` columns) gives each image it lists its split, whatever the
-    folder layout or the other files; images it does not list are dealt as usual.
+    folder layout or the other files; images it does not list are dealt as usual. A labels
+    file's ``split`` column does the same for its rows.
+
+    UTKFace folders hold UTKFace's aligned crops, taken as given (the bundled models trained
+    so). A labels file's images are photos: each face is found and aligned with the detector
+    and alignment ``predict`` uses, so training sees the geometry prediction will (the
+    ``box`` column picks one face of several); ``aligned=True`` takes them as crops instead.
+    A photo without a face, or with several and no box, is reported in the manifest.
     """
     t0 = time.perf_counter()
     fractions = parse_split(split)
@@ -508,11 +615,12 @@ def prepare(
         raise DataError(f"--color must be one of {', '.join(COLORS)}, got {color!r}")
     if not 16 <= size <= 1024:
         raise DataError(f"--size must be between 16 and 1024, got {size}")
-    if not data_dirs:
-        raise DataError("no data folder given")
+    if not data_dirs and not labels:
+        raise DataError("no data folder or labels file given")
     # every file once, by its real path, sorted: the first of byte-identical copies is then
     # the same whatever the order or spelling of the folders given
-    paths = sorted({_real(p) for p in find_images(data_dirs)})
+    paths = sorted({_real(p) for p in find_images(data_dirs)}) if data_dirs else []
+    labelled, group_columns = _labelled_rows(labels, aligned)
     out_dir = Path(out)
     images_path = out_dir / "images.npy"
     meta_path = out_dir / "cache.json"
@@ -521,11 +629,13 @@ def prepare(
 
     key = {"version": CACHE_VERSION, "files": _fingerprint(paths), "size": size, "color": color}
     key["near_duplicates"] = near_dups.SIGNATURE_VERSION
+    if labels:  # the labels themselves, their images, and how they are read
+        key["labels"] = _labels_fingerprint(labels, labelled, aligned)
     reused = False
     fileio.remove_stale_temps(out_dir)  # what a killed prepare left behind
     try:
         if json.loads(meta_path.read_text()).get("key") == key:
-            _, rows, _ = _read_cache(out_dir)
+            _, rows, _, group_columns = _read_cache(out_dir)
             reused = True
     except (OSError, ValueError, AttributeError):
         pass  # no cache there yet, or not ours: build one
@@ -538,19 +648,23 @@ def prepare(
     try:
         if not reused:
             out_dir.mkdir(parents=True, exist_ok=True)
-            rows, tmp_images = _build(paths, out_dir, size, color, workers, quiet)
+            rows, tmp_images = _build(paths, labelled, out_dir, size, color, workers, quiet)
         kept = [r for r in rows if r.status == "kept"]
         if not kept:
             raise _nothing_usable(rows)
         if not reused:  # a reused manifest has its groups
             _group(kept, np.load(tmp_images, mmap_mode="r"), quiet)
+        if reused:  # the labels files' own splits are not in the manifest: from the labels
+            by_key = {(r.path, r.box): r.given_split for r in labelled}
+            for r in kept:
+                r.given_split = by_key.get((r.path, r.box), "")
         _split(kept, fractions, seed, read_split_file(split_file) if split_file else None)
         # cache.json marks a complete cache: it goes first and comes back last, so that a run
         # killed in between leaves a cache that open_cache refuses and the next run rebuilds
         meta_path.unlink(missing_ok=True)
         if tmp_images is not None:
             fileio.replace(tmp_images, images_path)
-        _write_manifest(out_dir / "manifest.csv", rows)
+        _write_manifest(out_dir / "manifest.csv", rows, group_columns)
         shape = [len(kept), size, size, channels]
         summary = _summarise(
             rows,
@@ -561,6 +675,9 @@ def prepare(
                 "seed": seed,
                 "split_fractions": list(fractions),
                 "data_dirs": [str(Path(d).resolve()) for d in data_dirs],
+                "labels": [str(Path(f).resolve()) for f in labels],
+                "group_columns": group_columns,
+                "age_ranges": sum(1 for r in kept if r.age_low != r.age_high),
                 "cache_dir": str(out_dir),
                 "reused": reused,
                 "seconds": round(time.perf_counter() - t0, 2),
@@ -600,6 +717,7 @@ def _split(
     dealt = split_indices(genders, ages, fractions, seed)
     if given:
         dealt = [SPLITS.index(given.get(r.content_hash, SPLITS[s])) for r, s in zip(kept, dealt)]
+    dealt = [SPLITS.index(r.given_split) if r.given_split else s for r, s in zip(kept, dealt)]
     earliest: dict[str, int] = {}
     for r, s in zip(kept, dealt):
         earliest[r.group] = min(int(s), earliest.get(r.group, len(SPLITS)))
@@ -653,18 +771,63 @@ def _nothing_usable(rows: list[_Row]) -> DataError:
     return DataError(f"none of the {len(rows):,} image files is usable ({why}): {first}{more}")
 
 
+def _labelled_rows(files: list[str | os.PathLike], aligned: bool) -> tuple[list[_Row], list[str]]:
+    """The rows of the labels ``files`` and the union of their group columns."""
+    rows: list[_Row] = []
+    columns: dict[str, None] = {}
+    for f in files:
+        found, groups = read_labels(f)
+        columns.update(dict.fromkeys(groups))
+        for lr in found:
+            rows.append(_from_label(lr, Path(f).name, aligned))
+    if files and not rows:
+        raise DataError(f"--labels {', '.join(map(str, files))}: no rows")
+    return rows, list(columns)
+
+
+def _from_label(lr: LabelRow, origin: str, aligned: bool) -> _Row:
+    r = _Row(str(_real(Path(lr.path))) if lr.path else "", origin=origin, aligned=aligned)
+    r.status = lr.problem
+    if not lr.problem:
+        r.age_low, r.age_high = lr.age_low, lr.age_high
+        r.age = (lr.age_low + lr.age_high) // 2
+        r.gender, r.race, r.groups, r.given_split = lr.gender, lr.race, lr.groups, lr.split
+        r.box = " ".join(f"{v:g}" for v in lr.box) if lr.box else ""
+    return r
+
+
+def _labels_fingerprint(files: list, rows: list[_Row], aligned: bool) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        h.update(Path(f).read_bytes())
+    h.update(_fingerprint([Path(r.path) for r in rows if r.path]).encode())
+    h.update(b"aligned" if aligned else b"detected")
+    return h.hexdigest()
+
+
 def _build(
-    paths: list[Path], out_dir: Path, size: int, color: str, workers: int, quiet: bool
+    paths: list[Path],
+    labelled: list[_Row],
+    out_dir: Path,
+    size: int,
+    color: str,
+    workers: int,
+    quiet: bool,
 ) -> tuple[list[_Row], Path]:
-    """Rows for ``paths`` and a temporary .npy in ``out_dir`` holding the kept images."""
-    rows = [_Row(str(p)) for p in paths]
+    """Rows for ``paths`` (UTKFace names) and ``labelled`` (labels files), and a temporary
+    .npy in ``out_dir`` holding the kept images."""
+    rows = [_Row(str(p), origin=p.parent.name) for p in paths]
     parsed: list[_Row] = []
     for r in rows:
         try:
             r.age, r.gender, r.race = parse_name(r.path)
+            r.age_low = r.age_high = r.age
             parsed.append(r)
         except ValueError as e:
             r.status = f"unparsable: {e}"
+    # labelled rows in a fixed order, so that the first of copies does not hang on the files'
+    parsed += sorted((r for r in labelled if not r.status), key=lambda r: (r.path, r.box))
+    rows += labelled
     if not parsed:  # before hashing and decoding nothing
         raise _nothing_usable(rows)
 
@@ -674,17 +837,17 @@ def _build(
     chunks = _chunks(len(parsed), chunk)
     jobs = [([Path(parsed[i].path) for i in c],) for c in chunks]
     hashed = _pool_map(_hash_chunk, jobs, [len(c) for c in chunks], workers, "hashing", quiet)
-    groups: defaultdict[str, list[_Row]] = defaultdict(list)
+    groups: defaultdict[tuple[str, str], list[_Row]] = defaultdict(list)
     for r, (digest, err) in zip(parsed, (x for part in hashed for x in part)):
         if err:
             r.status = err
         else:
             r.content_hash = digest
-            groups[digest].append(r)
+            groups[r.key].append(r)
 
     unique: list[_Row] = []
     for members in groups.values():
-        if len({(m.age, m.gender) for m in members}) > 1:
+        if len({(m.age_low, m.age_high, m.gender) for m in members}) > 1:
             for m in members:
                 m.status = "conflicting: byte-identical copies disagree on age or gender"
             continue
@@ -705,13 +868,14 @@ def _build(
         )
         del arr
         chunks = _chunks(len(unique), 256)
-        jobs = [(str(tmp), c.start, [unique[i].path for i in c], size, color) for c in chunks]
+        todo = [(u.path, None if u.aligned else u.box) for u in unique]
+        jobs = [(str(tmp), c.start, [todo[i] for i in c], size, color) for c in chunks]
         sizes = [len(c) for c in chunks]
         decoded = _pool_map(_decode_chunk, jobs, sizes, workers, "decoding", quiet)
         failures = dict(x for part in decoded for x in part)
         good = [i for i in range(len(unique)) if i not in failures]
         for i, reason in failures.items():
-            for m in groups[unique[i].content_hash]:
+            for m in groups[unique[i].key]:
                 m.status = reason
         if failures:  # compact so that images.npy holds kept images only
             src = np.load(tmp, mmap_mode="r")
@@ -742,7 +906,9 @@ class Cache:
     """A prepared cache: images and labels aligned by index.
 
     ``images`` is a read-only memory map ``(N, H, W, C)`` uint8; ``age``, ``gender``, ``race``
-    are ``(N,)`` integer arrays; ``split`` is ``(N,)`` strings in :data:`SPLITS`.
+    are ``(N,)`` integer arrays (gender and race -1 where not known; age a range's middle, the
+    range in ``age_low``/``age_high``, equal for a whole-years label); ``split`` is ``(N,)``
+    strings in :data:`SPLITS`; ``groups`` the labels files' group columns, ``(N,)`` strings each.
     """
 
     root: Path
@@ -755,6 +921,14 @@ class Cache:
     summary: dict[str, Any] = field(repr=False)
     content_hash: list[str] = field(repr=False, default_factory=list)
     group: list[str] = field(repr=False, default_factory=list)  # near-duplicate groups
+    age_low: np.ndarray | None = field(repr=False, default=None)
+    age_high: np.ndarray | None = field(repr=False, default=None)
+    origin: list[str] = field(repr=False, default_factory=list)
+    groups: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    @property
+    def has_ranges(self) -> bool:
+        return self.age_low is not None and bool((self.age_low != self.age_high).any())
 
     @property
     def size(self) -> int:
@@ -806,7 +980,7 @@ def open_cache(path: str | os.PathLike) -> Cache:
             f"{path} is not a prepared cache (no images.npy and manifest.csv): "
             "run `agegender prepare DATA_DIR --out CACHE_DIR` first"
         )
-    images, rows, summary = _read_cache(root)
+    images, rows, summary, group_columns = _read_cache(root)
     kept = sorted((r for r in rows if r.status == "kept"), key=lambda r: r.index)
     return Cache(
         root=root,
@@ -819,4 +993,8 @@ def open_cache(path: str | os.PathLike) -> Cache:
         summary=summary,
         content_hash=[r.content_hash for r in kept],
         group=[r.group for r in kept],
+        age_low=np.array([r.age_low for r in kept], dtype=np.int64),
+        age_high=np.array([r.age_high for r in kept], dtype=np.int64),
+        origin=[r.origin for r in kept],
+        groups={g: np.array([r.groups.get(g, "") for r in kept]) for g in group_columns},
     )

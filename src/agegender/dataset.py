@@ -1,5 +1,6 @@
 """A prepared cache's splits as uint8 tensors on the training device, with their labels, the
-record of what the model will have seen, and, when distilling, a teacher's outputs."""
+record of what the model will have seen, and, when distilling, a teacher's outputs; and the
+model a recipe trains (fresh, or from ``model.init``'s weights to fine-tune)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from agegender import distributed
+from agegender.checkpoint import load_checkpoint
 from agegender.config import Config
 from agegender.data import SPLITS, Cache, balance_weights, is_cache, open_cache, prepare
 from agegender.errors import ConfigError, DataError
 from agegender.images import preprocess_batch
+from agegender.model_files import read_meta, resolve_checkpoint
+from agegender.models import create_model, from_config, to_channels_last
 from agegender.near_dups import SeenRecord
 from agegender.torch_runtime import to_tensor
 
@@ -24,8 +29,8 @@ class Data:
 
     cache: Cache | None
     x: dict[str, torch.Tensor]
-    age: dict[str, torch.Tensor]
-    gender: dict[str, torch.Tensor]
+    age: dict[str, torch.Tensor]  # (N, 2): (low, high) years, equal for a whole-years label
+    gender: dict[str, torch.Tensor]  # (N,): 0 male, 1 female, -1 not known
     seen: SeenRecord | None = None  # what the model trains and validates on, for its checkpoints
     soft_gender: torch.Tensor | None = None  # a teacher's P(female) per training image
     soft_age: torch.Tensor | None = None  # ... and its age distribution (N, K), maybe (N, 0)
@@ -89,7 +94,10 @@ def load_data(
         # Fancy indexing a memmap reads just those rows; (N, H, W, C) -> (N, C, H, W) view
         images = preprocess_batch(cache.images[rows], data_config)
         x[split] = to_tensor(images, device).contiguous(memory_format=torch.channels_last)
-        age[split] = torch.as_tensor(cache.age[rows], dtype=torch.float32, device=device)
+        # (N, 2): each label's (low, high) years, equal for a whole age (see agegender.losses)
+        bounds = np.stack([cache.age_low[rows], cache.age_high[rows]], axis=1)
+        age[split] = torch.as_tensor(bounds, dtype=torch.float32, device=device)
+        # -1 where the gender is not known: the losses and accuracies leave those faces out
         gender[split] = torch.as_tensor(cache.gender[rows], dtype=torch.float32, device=device)
     rows = np.concatenate([idx["train"], idx["val"]])
     seen = SeenRecord.of([cache.content_hash[i] for i in rows], cache.images[rows])
@@ -103,3 +111,35 @@ def load_data(
 
 
 # --------------------------------------------------------------------------- model and optimizer
+
+
+def blank_model(cfg: Config) -> nn.Module:
+    """The recipe's network with fresh weights: the one ``model.init`` belongs to, if set."""
+    if cfg.model.init:
+        spec = dict(read_meta(resolve_checkpoint(cfg.model.init))["model"])
+        return create_model(spec.pop("name"), **spec)
+    return from_config(cfg.model, cfg.data.size, cfg.data.color)
+
+
+def build_model(cfg: Config, device: torch.device) -> nn.Module:
+    """The model the recipe names on ``device``: initialised from the torch seed, or from the
+    weights of ``model.init`` (fine-tuning); ``train.freeze``'s parameters left as they are."""
+    if cfg.model.init:
+        model, _ = load_checkpoint(resolve_checkpoint(cfg.model.init), device)
+        model.train()
+    else:
+        model = blank_model(cfg).to(device)
+    prefixes = [p.strip() for p in cfg.train.freeze.split(",") if p.strip()]
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        hit = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        if not hit:
+            tops = sorted({n.rsplit(".", 2)[0] for n in names})
+            raise ConfigError(
+                f"train.freeze: {prefix!r} names no parameter of {model.config['name']}; "
+                f"try one of {', '.join(tops[:8])}"
+            )
+        for n, p in model.named_parameters():
+            if n in hit:
+                p.requires_grad_(False)
+    return to_channels_last(model) if cfg.train.channels_last else model

@@ -437,6 +437,30 @@ def get_detector(name: str = "yunet", **kwargs: Any) -> Detector:
     return cls(**{**preset, **kwargs})
 
 
+def the_face(
+    faces: list[FacialArea], box: tuple[float, float, float, float] | None = None
+) -> FacialArea:
+    """The one face a labelled photo is about: the only one found, or the one that overlaps
+    ``box`` most. Raises ``ValueError`` (the reason, one line) when there is none, or several
+    and no box to choose by."""
+    if not faces:
+        raise ValueError("no face found")
+    if box is None:
+        if len(faces) > 1:
+            raise ValueError(f"{len(faces)} faces: give a box column to say which")
+        return faces[0]
+    boxes = np.array([f.box for f in faces], np.float64)
+    b = np.asarray(box, np.float64)
+    w = np.clip(np.minimum(boxes[:, 2], b[2]) - np.maximum(boxes[:, 0], b[0]), 0, None)
+    h = np.clip(np.minimum(boxes[:, 3], b[3]) - np.maximum(boxes[:, 1], b[1]), 0, None)
+    inter = w * h
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    overlap = inter / (area + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+    if overlap.max() < 0.3:
+        raise ValueError("no face found in the given box")
+    return faces[int(overlap.argmax())]
+
+
 # --------------------------------------------------------------------------- alignment
 
 

@@ -16,6 +16,14 @@ Age heads (``head``), matching ``age_head`` of the model:
 - ``"coral"``: CORAL (Cao, Mirjalili & Raschka 2020): binary cross-entropy of the K - 1 logits
   against the levels ``age > k``, summed over levels and averaged over the batch.
 
+A label may be an age range (FairFace's "20-29", Adience's "(25, 32)"): ``age`` is then
+``(B, 2)``, each row ``(low, high)``, a whole-years label a row with ``low == high`` (a ``(B,)``
+tensor of ages is the same as all rows so). ``regression`` and the DLDL L1 term count the
+distance to the range, 0 inside it; ``dldl`` targets the range's ages evenly, blurred by
+``sigma`` (a whole age: ``N(age, sigma)`` as above); ``coral`` trains the levels the range
+decides (``k < low`` is 1, ``k >= high`` is 0) and leaves those inside it out. A gender of -1
+is not known: that face trains the age only.
+
 All losses are computed in float32, whatever the dtype of the outputs (autocast).
 """
 
@@ -37,12 +45,35 @@ __all__ = [
     "gaussian_label_distribution",
     "gender_loss",
     "multitask_loss",
+    "range_error",
+    "range_label_distribution",
 ]
 
 
 def _check_head(head: str) -> None:
     if head not in AGE_HEADS:
         raise ConfigError(f"unknown age head {head!r}; valid: {', '.join(AGE_HEADS)}")
+
+
+def age_bounds(age: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, high)`` float32 ``(B,)`` of ``(B,)`` ages or ``(B, 2)`` ranges."""
+    if isinstance(age, torch.Tensor) and age.ndim == 2 and age.shape[1] == 2:
+        age = age.float()
+        return age[:, 0], age[:, 1]
+    _check_vector("age", age)
+    age = age.float()
+    return age, age
+
+
+def range_error(pred: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` distance in years from each estimate to its label (0 inside a range).
+
+    >>> range_error(torch.tensor([30.0, 30.0, 30.0]), torch.tensor([[20, 29], [25, 35], [31, 31]]))
+    tensor([1., 0., 1.])
+    """
+    low, high = age_bounds(age)
+    pred = pred.float()
+    return torch.relu(low - pred) + torch.relu(pred - high)
 
 
 def _check_vector(name: str, t: torch.Tensor, batch: int | None = None) -> None:
@@ -63,18 +94,27 @@ def _get(outputs: dict[str, torch.Tensor], key: str, head: str) -> torch.Tensor:
 
 
 def gender_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with logits, averaged over the batch.
+    """Binary cross-entropy with logits, averaged over the faces whose gender is known.
 
     Args:
         logits: ``(B,)`` gender logits (``outputs["gender"]``).
-        target: ``(B,)`` 0 = male, 1 = female (any numeric dtype; soft labels in [0, 1] work).
+        target: ``(B,)`` 0 = male, 1 = female (any numeric dtype; soft labels in [0, 1] work),
+            -1 = not known (left out; a batch of none known gives 0).
 
     >>> round(gender_loss(torch.tensor([0.0, 2.0]), torch.tensor([0, 1])).item(), 4)
+    0.41
+    >>> round(gender_loss(torch.tensor([0.0, 2.0, 5.0]), torch.tensor([0, 1, -1])).item(), 4)
     0.41
     """
     _check_vector("gender logits", logits)
     _check_vector("gender target", target, logits.shape[0])
-    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    target = target.float()
+    known = target >= 0
+    per_face = F.binary_cross_entropy_with_logits(
+        logits.float(), target.clamp(min=0), reduction="none"
+    )
+    # a mean over the known faces (for a batch of all known, the plain mean)
+    return (per_face * known).sum() / known.sum().clamp(min=1)
 
 
 def gaussian_label_distribution(
@@ -105,6 +145,29 @@ def gaussian_label_distribution(
     return log_density.softmax(dim=-1)
 
 
+def range_label_distribution(
+    age: torch.Tensor, num_ages: int = 117, sigma: float = 2.0
+) -> torch.Tensor:
+    """The DLDL target of ``(B,)`` ages or ``(B, 2)`` ranges: for a whole age the Gaussian of
+    :func:`gaussian_label_distribution`, for a range ``[low, high]`` the range's ages evenly,
+    blurred by ``sigma`` (the uniform distribution convolved with ``N(0, sigma)``).
+
+    >>> d = range_label_distribution(torch.tensor([[1, 3]]), num_ages=5, sigma=0.5)
+    >>> [round(v, 3) for v in d[0].tolist()]
+    [0.053, 0.281, 0.333, 0.281, 0.053]
+    """
+    low, high = age_bounds(age)
+    exact = gaussian_label_distribution(low, num_ages, sigma)
+    if bool((low == high).all()):
+        return exact
+    ages = torch.arange(num_ages, device=low.device, dtype=torch.float32)[None, :]
+    # the mass of N(a, sigma) falling in [low - 0.5, high + 0.5]: the range, whole years
+    cdf = lambda x: 0.5 * (1 + torch.erf(x / (sigma * 2**0.5)))  # noqa: E731
+    mass = cdf(high[:, None] + 0.5 - ages) - cdf(low[:, None] - 0.5 - ages)
+    ranged = mass / mass.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+    return torch.where((low == high)[:, None], exact, ranged)
+
+
 def coral_levels(age: torch.Tensor, num_levels: int = 116) -> torch.Tensor:
     """CORAL binary targets: level ``k`` is 1 if ``age > k``, for ``k = 0..num_levels-1``.
 
@@ -126,7 +189,7 @@ def age_loss(
     Args:
         outputs: model outputs; ``"age"`` ``(B,)`` always, ``"age_logits"`` ``(B, K)`` for
             ``dldl`` and ``(B, K - 1)`` for ``coral``.
-        age: ``(B,)`` true ages in years (int or float).
+        age: ``(B,)`` true ages in years (int or float), or ``(B, 2)`` ranges (see the module).
         head: ``"regression"``, ``"dldl"`` or ``"coral"``.
         sigma: label-distribution width in years (``dldl`` only).
 
@@ -142,11 +205,10 @@ def age_loss(
     """
     _check_head(head)
     pred = _get(outputs, "age", head)
-    _check_vector("age target", age)
+    low, high = age_bounds(age)
     _check_vector('outputs["age"]', pred, age.shape[0])
-    target = age.float()
     if head == "regression":
-        return F.l1_loss(pred.float(), target)
+        return range_error(pred, age).mean()
 
     logits = _get(outputs, "age_logits", head)
     if logits.ndim != 2 or logits.shape[0] != age.shape[0]:
@@ -155,15 +217,18 @@ def age_loss(
         )
     logits = logits.float()
     if head == "dldl":
-        label = gaussian_label_distribution(age, logits.shape[1], sigma)
+        label = range_label_distribution(age, logits.shape[1], sigma)
         # KL(label || p) = sum label * (log label - log p); xlogy makes 0 * log 0 = 0.
         kl = (torch.xlogy(label, label) - label * logits.log_softmax(dim=-1)).sum(dim=-1)
-        return kl.mean() + F.l1_loss(pred.float(), target)
+        return kl.mean() + range_error(pred, age).mean()
 
-    levels = coral_levels(age, logits.shape[1])
+    levels = coral_levels(high, logits.shape[1])  # level k is 1 where even the range's top > k
+    # ... and a level inside a range (low <= k < high) is not known: left out
+    ks = torch.arange(logits.shape[1], device=logits.device, dtype=torch.float32)[None, :]
+    decided = ((ks < low[:, None]) | (ks >= high[:, None])).float()
     # Summed over levels (not averaged) as in the CORAL paper and coral-pytorch.
     per_level = F.binary_cross_entropy_with_logits(logits, levels, reduction="none")
-    return per_level.sum(dim=-1).mean()
+    return (per_level * decided).sum(dim=-1).mean()
 
 
 def multitask_loss(
@@ -188,8 +253,8 @@ def multitask_loss(
 
     Args:
         outputs: model outputs, ``"gender"`` ``(B,)``, ``"age"`` ``(B,)`` and the head's extras.
-        age: ``(B,)`` true ages in years.
-        gender: ``(B,)`` 0 = male, 1 = female.
+        age: ``(B,)`` true ages in years, or ``(B, 2)`` ranges.
+        gender: ``(B,)`` 0 = male, 1 = female, -1 = not known.
         head: the model's age head, see :func:`age_loss`.
         w_age, w_gender: fixed task weights.
         log_vars: optional ``(2,)`` log variances, index 0 = age, 1 = gender; see
@@ -207,7 +272,7 @@ def multitask_loss(
      'weight_age': 1.0, 'weight_gender': 1.0}
     """
     _check_head(head)
-    _check_vector("age target", age)
+    age_bounds(age)  # checks its shape
     _check_vector("gender target", gender, age.shape[0])
     logits = outputs.get("gender")
     if logits is None:
@@ -230,7 +295,7 @@ def multitask_loss(
         s = log_vars.float()
         wa, wg = w_age * torch.exp(-s[0]), w_gender * torch.exp(-s[1])
         loss = wa * l_age + s[0] + wg * l_gender + s[1]
-    mae = (outputs["age"].detach().float() - age.float()).abs().mean()
+    mae = range_error(outputs["age"].detach(), age).mean()
     return {
         "loss": loss,
         "loss_age": l_age,

@@ -32,8 +32,15 @@ def compute_metrics(
     age_pred: Any,
     p_female: Any,
     age_std: Any | None = None,
+    groups: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Gender, age, fairness, calibration and uncertainty metrics of one set of predictions.
+
+    ``age_true`` is ``(N,)`` ages or ``(N, 2)`` ranges ``(low, high)``: a range's error is the
+    distance to it (0 inside), which ``age_mae`` averages with the others, and ``age_range``
+    says how many estimates fell inside their range (bands go by a range's middle). A
+    ``gender_true`` or ``race`` of -1 is not known: left out of what needs it. ``groups``:
+    ``{column: (N,) values}``, a table each in ``by_group`` (``n``, gender accuracy, MAE).
 
     A face is predicted female when ``p_female > 0.5``. Calibration uses the confidence
     ``max(p, 1 - p)`` (always in [0.5, 1]) in :data:`ECE_BINS` equal-width bins over [0.5, 1];
@@ -59,7 +66,11 @@ def compute_metrics(
     >>> m["age_interval"]["coverage"], round(m["age_interval"]["mean_width"], 4)
     (0.5, 7.4018)
     """
-    age_true = np.asarray(age_true, dtype=np.float64)
+    bounds = np.asarray(age_true, dtype=np.float64)
+    if bounds.ndim == 1:
+        bounds = np.stack([bounds, bounds], axis=1)
+    low, high = bounds[:, 0], bounds[:, 1]
+    age_true = np.floor((low + high) / 2)  # a range's middle, for bands and decades
     gender_true = np.asarray(gender_true, dtype=np.int64)
     race = np.asarray(race, dtype=np.int64)
     age_pred = np.asarray(age_pred, dtype=np.float64)
@@ -71,10 +82,17 @@ def compute_metrics(
         raise ValueError("no predictions to evaluate")
 
     gender_pred = (p_female > 0.5).astype(np.int64)
-    correct = gender_pred == gender_true
-    abs_err = np.abs(age_pred - age_true)
+    known = gender_true >= 0
+    correct = gender_pred == gender_true  # read only where known
+
+    def accuracy(sel: np.ndarray) -> float | None:
+        return _mean(correct[sel & known].astype(np.float64))
+
+    abs_err = np.maximum(low - age_pred, 0) + np.maximum(age_pred - high, 0)
+    ranged = low != high
     confusion = np.zeros((2, 2), dtype=np.int64)
-    np.add.at(confusion, (gender_true, gender_pred), 1)
+    np.add.at(confusion, (gender_true[known], gender_pred[known]), 1)
+    everyone = np.ones(n, bool)
 
     def by_ranges(ranges: tuple[tuple[int, int], ...]) -> dict[str, dict[str, Any]]:
         out = {}
@@ -92,7 +110,7 @@ def compute_metrics(
         band_name(b): {
             "n": int((bands == b).sum()),
             "mae": _mean(abs_err[bands == b]),
-            "gender_accuracy": _mean(correct[bands == b].astype(np.float64)),
+            "gender_accuracy": accuracy(bands == b),
         }
         for b in range(len(AGE_BANDS))
     }
@@ -102,10 +120,10 @@ def compute_metrics(
     which = np.clip(np.searchsorted(edges[1:-1], confidence, side="right"), 0, ECE_BINS - 1)
     bins, ece = [], 0.0
     for b in range(ECE_BINS):
-        sel = which == b
+        sel = (which == b) & known
         conf, acc = _mean(confidence[sel]), _mean(correct[sel].astype(np.float64))
         if conf is not None and acc is not None:
-            ece += sel.sum() / n * abs(acc - conf)
+            ece += sel.sum() / max(known.sum(), 1) * abs(acc - conf)
         bins.append(
             {
                 "lo": float(edges[b]),
@@ -118,10 +136,10 @@ def compute_metrics(
 
     metrics: dict[str, Any] = {
         "n": n,
-        "gender_accuracy": float(correct.mean()),
+        "gender_known": int(known.sum()),
+        "gender_accuracy": accuracy(everyone),
         "gender_accuracy_by_gender": {
-            name: _mean(correct[gender_true == g].astype(np.float64))
-            for g, name in enumerate(GENDERS)
+            name: accuracy(gender_true == g) for g, name in enumerate(GENDERS)
         },
         "confusion": confusion.tolist(),
         "age_mae": float(abs_err.mean()),
@@ -131,14 +149,35 @@ def compute_metrics(
         "by_race": {
             name: {
                 "n": int((race == r).sum()),
-                "gender_accuracy": _mean(correct[race == r].astype(np.float64)),
+                "gender_accuracy": accuracy(race == r),
                 "age_mae": _mean(abs_err[race == r]),
             }
             for r, name in enumerate(RACES)
         },
         "calibration": {"ece": float(ece), "bins": bins},
         "age_interval": None,
+        "age_range": None,
+        "by_group": {},
     }
+    if ranged.any():
+        inside = (age_pred >= low) & (age_pred <= high)
+        metrics["age_range"] = {
+            "n": int(ranged.sum()),
+            "accuracy": float(inside[ranged].mean()),  # estimates inside their range
+            "distance": float(abs_err[ranged].mean()),  # years outside it, 0 inside
+            "exact_n": int((~ranged).sum()),
+            "exact_mae": _mean(abs_err[~ranged]),
+        }
+    for column, values in (groups or {}).items():
+        values = np.asarray(values).astype(str)
+        metrics["by_group"][column] = {
+            str(v): {
+                "n": int((values == v).sum()),
+                "gender_accuracy": accuracy(values == v),
+                "age_mae": _mean(abs_err[values == v]),
+            }
+            for v in sorted(set(values.tolist()))
+        }
     metrics["worst_groups"] = worst_groups(metrics)
     if age_std is not None:
         std = np.asarray(age_std, dtype=np.float64)
@@ -146,7 +185,9 @@ def compute_metrics(
         metrics["age_interval"] = {
             "level": INTERVAL_LEVEL,
             "z": INTERVAL_Z,
-            "coverage": float((abs_err <= half).mean()),
+            "coverage": float((np.abs(age_pred - age_true) <= half)[~ranged].mean())
+            if (~ranged).any()
+            else None,
             "mean_width": float((2 * half).mean()),
         }
     return metrics
@@ -169,7 +210,7 @@ def worst_groups(m: dict[str, Any]) -> dict[str, dict[str, dict[str, Any] | None
                 for g, v in table.items()
                 if v["n"] >= MIN_GROUP and v[field] is not None
             }
-            if not values:
+            if not values or m[key] is None:
                 out[kind][key] = None
                 continue
             group = pick(values, key=values.__getitem__)

@@ -25,10 +25,11 @@ class TrainForward(nn.Module):
     the recipe's loss.
 
     ``forward(x, draws, age, gender[, soft_gender, soft_age])`` returns ``(loss, mae,
-    correct)``: the loss to backpropagate, the batch's mean absolute age error and its number of
-    right genders. With ``distill`` (``distill.weight`` of the loss), ``soft_gender`` and
-    ``soft_age`` are a teacher's P(female) ``(B,)`` and age distribution ``(B, K)`` for the batch
-    (see :func:`teacher_targets`; ``soft_age`` empty when only the gender is distilled).
+    correct)``: the loss to backpropagate, the batch's mean absolute age error (the distance to
+    a range label) and its number of right genders (of those known). With ``distill``
+    (``distill.weight`` of the loss), ``soft_gender`` and ``soft_age`` are a teacher's
+    P(female) ``(B,)`` and age distribution ``(B, K)`` for the batch (see
+    :func:`teacher_targets`; ``soft_age`` empty when only the gender is distilled).
     One module with tensors in and out, so that ``train.cuda_graphs`` can capture the whole of
     it, and its backward, as CUDA graphs (see :func:`graph_train_forward`).
     """
@@ -73,7 +74,8 @@ class TrainForward(nn.Module):
             soft_age = soft_age if soft_age is not None and soft_age.numel() else None
             kd = distillation_loss(out, soft_gender, soft_age, w_age=c.w_age, w_gender=c.w_gender)
             loss = (1 - self.cfg.distill.weight) * loss + self.cfg.distill.weight * kd
-        correct = ((out["gender"].detach().float() > 0) == (gender > 0.5)).float().sum()
+        right = (out["gender"].detach().float() > 0) == (gender > 0.5)
+        correct = (right & (gender >= 0)).float().sum()  # of the faces whose gender is known
         return loss, losses["mae"], correct
 
 

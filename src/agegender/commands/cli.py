@@ -123,7 +123,23 @@ def _backend(p: argparse.ArgumentParser, where: str) -> None:
 
 def _prepare(p: argparse.ArgumentParser) -> Handler:
     at = "agegender.data:prepare"
-    p.add_argument("data_dirs", nargs="+", metavar="DATA_DIR", help="folders (or files) to scan")
+    p.add_argument(
+        "data_dirs", nargs="*", metavar="DATA_DIR", help="UTKFace folders (or files) to scan"
+    )
+    p.add_argument(
+        "--labels",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a CSV or JSON-lines file of your own images: path, age (34, 20-29 or 60+), "
+        "gender (may be empty), optional box and split, any other column a group (repeatable)",
+    )
+    p.add_argument(
+        "--aligned",
+        action="store_true",
+        help="the labels' images are aligned face crops: take them as given instead of "
+        "detecting and aligning each face",
+    )
     p.add_argument("--out", required=True, metavar="CACHE_DIR", help="where to write the cache")
     p.add_argument(
         "--size",
@@ -159,8 +175,10 @@ def _prepare(p: argparse.ArgumentParser) -> Handler:
     def run(a: argparse.Namespace) -> int:
         from agegender.data import format_summary, prepare
 
-        keys = ("size", "color", "seed", "split", "workers", "quiet", "split_file")
-        kw = {k: getattr(a, k) for k in keys}
+        if not a.data_dirs and not a.labels:
+            raise ConfigError("give UTKFace folders, --labels FILE, or both")
+        keys = ("size", "color", "seed", "split", "workers", "quiet", "split_file", "labels")
+        kw = {k: getattr(a, k) for k in (*keys, "aligned")}
         print(format_summary(prepare(a.data_dirs, a.out, **kw)))
         return 0
 

@@ -48,15 +48,16 @@ class _Loaded(NamedTuple):
     model: nn.Module
     meta: dict[str, Any]
     images: np.ndarray  # (N, H, W, C) uint8 at the model's input size
-    ages: np.ndarray
-    genders: np.ndarray
-    races: np.ndarray
+    ages: np.ndarray  # (N,) whole years, or (N, 2) (low, high) where the labels have ranges
+    genders: np.ndarray  # -1: not known
+    races: np.ndarray  # -1: not known
     paths: list[str]
     checkpoint: Path
     split: str  # "all" for a plain image folder
     source: str  # where the images came from, for people
     skipped: dict[str, Any] | None = None  # a plain folder's files left out, see _skipped
     excluded: int | None = None  # images left out as seen in training (None: no record)
+    groups: dict[str, np.ndarray] | None = None  # the labels' group columns
 
 
 def _run_cache(model_spec: str | os.PathLike) -> Path:
@@ -151,8 +152,9 @@ def _load(
 ) -> _Loaded:
     """Model, metadata and the labelled images to run it on (already at the model's size).
 
-    A prepared cache gives its ``split`` (``all`` for every row); a plain image folder is
-    prepared into ``work_dir`` at the model's size and colour and used whole, since its split
+    A prepared cache gives its ``split`` (``all`` for every row); a plain image folder or a
+    labels file (CSV or JSON lines, see :mod:`agegender.labels`) is prepared into
+    ``work_dir`` at the model's size and colour and used whole, since its split
     would be an arbitrary one of ours, not the model's. With ``exclude_seen``, the images the
     model trained or validated on are left out, near-copies included (see
     :class:`agegender.near_dups.SeenRecord`).
@@ -161,7 +163,9 @@ def _load(
         raise DataError(f"split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
     checkpoint = resolve_checkpoint(model_spec)
     if data is not None and not Path(data).exists():
-        raise DataError(f"no such data: {data} (give a prepared cache or an image folder)")
+        raise DataError(
+            f"no such data: {data} (give a prepared cache, an image folder or a labels file)"
+        )
     model, meta = load_checkpoint(checkpoint, device)
     size = meta["data_config"]["input_size"][1]
     color = meta["data_config"]["color"]
@@ -173,7 +177,10 @@ def _load(
         rows = cache.indices(None if split == "all" else split)
         source = f"{root} ({'all images' if split == 'all' else f'{split} split'})"
     else:
-        prepare([root], work_dir / "cache", size=size, color=color, quiet=True)
+        if root.is_file():  # a labels file: its photos detected and aligned, as prepare does
+            prepare([], work_dir / "cache", size=size, color=color, quiet=True, labels=[root])
+        else:
+            prepare([root], work_dir / "cache", size=size, color=color, quiet=True)
         cache = open_cache(work_dir / "cache")
         rows = cache.indices(None)
         split, source = "all", f"{root} (all usable images)"
@@ -198,7 +205,7 @@ def _load(
         model,
         meta,
         images,
-        cache.age[rows],
+        _ages(cache, rows),
         cache.gender[rows],
         cache.race[rows],
         [cache.paths[i] for i in rows],
@@ -207,7 +214,24 @@ def _load(
         source,
         skipped,
         excluded,
+        _groups(cache, rows),
     )
+
+
+def _ages(cache: Any, rows: np.ndarray) -> np.ndarray:
+    """Whole years, or ``(N, 2)`` ranges where the cache has any."""
+    if not cache.has_ranges:
+        return cache.age[rows]
+    return np.stack([cache.age_low[rows], cache.age_high[rows]], axis=1)
+
+
+def _groups(cache: Any, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The labels' group columns, and the origin of each image where there are several."""
+    out = {g: v[rows] for g, v in cache.groups.items()}
+    origins = np.array(cache.origin)[rows] if cache.origin else np.array([])
+    if len(set(origins.tolist())) > 1:
+        out["origin"] = origins
+    return out
 
 
 def _default_tta(meta: dict[str, Any]) -> bool:
@@ -339,7 +363,7 @@ def evaluate(
     run, runtime = _runner(d, backend, precision, tta, dev, bf16, batch_size)
     pred = predict_all(run, d.images, batch_size, progress=not quiet)
     m = compute_metrics(
-        d.ages, d.genders, d.races, pred["age"], pred["p_female"], pred.get("age_std")
+        d.ages, d.genders, d.races, pred["age"], pred["p_female"], pred.get("age_std"), d.groups
     )
     m.update(
         model=d.meta["model"]["name"],
@@ -499,9 +523,13 @@ def show(
         else:
             ax.imshow(img)
         age, sex = float(pred["age"][k]), int(pred["p_female"][k] > 0.5)
-        good = sex == d.genders[i] and abs(age - d.ages[i]) <= GOOD_AGE_ERROR
+        low, high = (d.ages[i][0], d.ages[i][1]) if d.ages.ndim == 2 else (d.ages[i], d.ages[i])
+        off = max(low - age, age - high, 0)
+        good = sex == d.genders[i] and off <= GOOD_AGE_ERROR
+        truth = f"{low}" if low == high else f"{low}-{high}"
+        g = "MF?"[d.genders[i]]  # -1: not known
         ax.set_title(
-            f"true {d.ages[i]} {'MF'[d.genders[i]]} / pred {round(age)} {'MF'[sex]}",
+            f"true {truth} {g} / pred {round(age)} {'MF'[sex]}",
             fontsize=8.5,
             color="tab:green" if good else "tab:red",
         )

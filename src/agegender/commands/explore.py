@@ -31,8 +31,12 @@ def _face(ax, image: np.ndarray) -> None:
     ax.set_yticks([])
 
 
+def _name(names: tuple[str, ...], code: int) -> str:
+    return names[code] if code >= 0 else "unknown"  # -1: not known (a labels file)
+
+
 def _label(age: int, gender: int) -> str:
-    return f"{age} y, {GENDERS[gender]}"
+    return f"{age} y, {_name(GENDERS, gender)}"
 
 
 def explore(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0) -> list[Path]:
@@ -57,7 +61,7 @@ def explore(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int 
     ax = fig.subplots()
     _face(ax, cache.images[i])
     ax.set_title(
-        f"age {cache.age[i]}, {GENDERS[cache.gender[i]]}, {RACES[cache.race[i]]}\n"
+        f"age {cache.age[i]}, {_name(GENDERS, cache.gender[i])}, {_name(RACES, cache.race[i])}\n"
         f"{cache.size}x{cache.size} {cache.color}",
         fontsize=10,
     )
@@ -73,7 +77,7 @@ def explore(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int 
     ax.legend()
     files.append(_save(fig, out / "age_distribution.png"))
 
-    gender_counts = np.bincount(cache.gender, minlength=2)
+    gender_counts = np.bincount(cache.gender[cache.gender >= 0], minlength=2)
     fig = Figure(figsize=(4.5, 4))
     ax = fig.subplots()
     bars = ax.bar(GENDERS, gender_counts, color=_GENDER_COLORS)
@@ -81,7 +85,7 @@ def explore(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int 
     ax.set(ylabel="images", title="Gender counts")
     files.append(_save(fig, out / "gender_counts.png"))
 
-    race_counts = np.bincount(cache.race, minlength=len(RACES))
+    race_counts = np.bincount(cache.race[cache.race >= 0], minlength=len(RACES))
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     bars = ax.bar(RACES, race_counts, color="tab:green")

@@ -21,7 +21,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def plots(m: dict[str, Any], age_true: np.ndarray, age_pred: np.ndarray, out: Path) -> list[Path]:
-    """The report's four figures, written into ``out``."""
+    """The report's four figures, written into ``out`` (a range label is drawn at its middle)."""
+    age_true = age_true.mean(axis=1) if age_true.ndim == 2 else age_true
     return [
         _plot_confusion(m, out / "confusion.png"),
         _plot_scatter(m, age_true, age_pred, out / "age_scatter.png"),
@@ -190,14 +191,25 @@ def render(m: dict[str, Any]) -> str:
             + ".",
         ]
     summary = [
-        ["gender accuracy", f"{m['gender_accuracy']:.2%}"],
+        ["gender accuracy", fmt(m["gender_accuracy"], ".2%")],
         ["age MAE (years)", f"{m['age_mae']:.2f}"],
         ["std of absolute age errors (years)", f"{m['age_abs_error_std']:.2f}"],
         ["gender ECE (10 bins)", f"{m['calibration']['ece']:.3f}"],
     ]
-    if m["age_interval"]:
+    if m["age_interval"] and m["age_interval"]["coverage"] is not None:
         iv = m["age_interval"]
         summary.append(["90 % age interval coverage", f"{iv['coverage']:.1%}"])
+    if m.get("age_range"):
+        r = m["age_range"]
+        summary += [
+            [f"estimates inside their age range ({r['n']:,} range labels)", f"{r['accuracy']:.1%}"],
+            ["mean distance to the range (0 inside it), years", f"{r['distance']:.2f}"],
+        ]
+        if r["exact_mae"] is not None:
+            summary.append([f"age MAE of the {r['exact_n']:,} whole-years labels",
+                            f"{r['exact_mae']:.2f}"])  # fmt: skip
+    if m.get("gender_known", m["n"]) < m["n"]:
+        summary.append(["images whose gender is known", f"{m['gender_known']:,} of {m['n']:,}"])
     lines += table(["metric", "value"], summary)
     lines += _worst_lines(m)
 
@@ -230,14 +242,31 @@ def render(m: dict[str, Any]) -> str:
     )
     lines += ["![predicted vs true age](age_scatter.png) ![MAE by age band](mae_by_band.png)", ""]
 
-    lines += ["## Fairness by race", "", "UTKFace's race labels; small groups give noisy numbers."]
-    lines += table(
-        ["race", "n", "gender accuracy", "age MAE (years)"],
-        [
-            [r, f"{v['n']:,}", fmt(v["gender_accuracy"], ".2%"), fmt(v["age_mae"], ".2f")]
-            for r, v in m["by_race"].items()
-        ],
-    )
+    if any(v["n"] for v in m["by_race"].values()):
+        lines += ["## Fairness by race", "", "UTKFace's race labels; small groups give noisy "
+                  "numbers."]  # fmt: skip
+        lines += table(
+            ["race", "n", "gender accuracy", "age MAE (years)"],
+            [
+                [r, f"{v['n']:,}", fmt(v["gender_accuracy"], ".2%"), fmt(v["age_mae"], ".2f")]
+                for r, v in m["by_race"].items()
+            ],
+        )
+    for column, groups in m.get("by_group", {}).items():
+        lines += [f"## By {column}", "", f"The labels' `{column}` column (a range label's error "
+                  "is its distance to the range)."]  # fmt: skip
+        lines += table(
+            [column, "n", "gender accuracy", "age MAE (years)"],
+            [
+                [
+                    g or "(empty)",
+                    f"{v['n']:,}",
+                    fmt(v["gender_accuracy"], ".2%"),
+                    fmt(v["age_mae"], ".2f"),
+                ]
+                for g, v in groups.items()
+            ],
+        )
 
     cal = m["calibration"]
     lines += [
@@ -291,15 +320,17 @@ def write_predictions(path: Path, d: Any, pred: dict[str, np.ndarray]) -> Path:
     ``races``), written atomically."""
     std = pred.get("age_std")
     header = ["path", "age_true", "gender_true", "race", "age_pred", "p_female", "gender_pred"]
+    name = lambda names, code: names[code] if code >= 0 else ""  # noqa: E731 (-1: not known)
     with fileio.atomic_write(path, newline="", **PATHS_IN_TEXT) as f:
         w = csv.writer(f)
         w.writerow(header + (["age_std"] if std is not None else []))
         for i in range(len(d.ages)):
+            age = d.ages[i]
             row = [
                 d.paths[i],
-                int(d.ages[i]),
-                GENDERS[d.genders[i]],
-                RACES[d.races[i]],
+                f"{int(age[0])}-{int(age[1])}" if np.ndim(age) else int(age),
+                name(GENDERS, d.genders[i]),
+                name(RACES, d.races[i]),
                 f"{pred['age'][i]:.3f}",
                 f"{pred['p_female'][i]:.5f}",
                 GENDERS[int(pred["p_female"][i] > 0.5)],

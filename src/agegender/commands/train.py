@@ -34,12 +34,23 @@ from tqdm import tqdm
 
 from agegender import distributed, fileio
 from agegender.augment import DRAWS
-from agegender.checkpoint import load_checkpoint, load_weights, read_meta, save_checkpoint
+from agegender.checkpoint import (
+    load_checkpoint,
+    load_weights,
+    read_meta,
+    read_seen,
+    save_checkpoint,
+)
 from agegender.config import Config, check_config, load_config, to_dict, to_toml
-from agegender.dataset import Data, load_data
+from agegender.dataset import Data, blank_model, build_model, load_data
 from agegender.errors import ConfigError, DataError, TrainingError
-from agegender.losses import UncertaintyWeights
-from agegender.models import count_parameters, from_config, list_models, normalize, to_channels_last
+from agegender.losses import UncertaintyWeights, range_error
+from agegender.model_files import resolve_checkpoint
+from agegender.models import (
+    count_parameters,
+    list_models,
+    normalize,
+)
 from agegender.near_dups import SeenRecord
 from agegender.optim import build_optimizer, build_scheduler, param_groups
 from agegender.runs import (
@@ -89,12 +100,6 @@ class Run:
     def log(self, *args: Any) -> None:
         if not self.quiet:
             print(*args, flush=True)
-
-
-def build_model(cfg: Config, device: torch.device) -> nn.Module:
-    """The model the recipe names, initialised from the torch seed, on ``device``."""
-    model = from_config(cfg.model, cfg.data.size, cfg.data.color).to(device)
-    return to_channels_last(model) if cfg.train.channels_last else model
 
 
 def build_run(
@@ -242,7 +247,8 @@ def train_one_epoch(run: Run, data: Data, epoch: int) -> dict[str, float]:
         perm = torch.multinomial(data.weights, n, replacement=True, generator=run.gen)
     steps = n // t.batch_size if n >= t.batch_size else 1  # drop the ragged last batch
     # Sums stay on the device: a .item() per step would stall the GPU queue
-    sums = torch.zeros(3, device=device)  # loss * batch, correct genders, age absolute error
+    # loss * batch, correct genders, age absolute error, faces whose gender is known
+    sums = torch.zeros(4, device=device)
     no_draws = torch.zeros(0, device=device)  # what a CUDA graph takes when nothing is drawn
     seen = 0
     desc = f"epoch {epoch}/{t.epochs}"
@@ -269,15 +275,17 @@ def train_one_epoch(run: Run, data: Data, epoch: int) -> dict[str, float]:
         if run.per_step:
             run.sched.step()
         with torch.no_grad():
-            sums += torch.stack([loss.detach() * b, correct, mae * b])
+            known = (gender >= 0).sum()
+            sums += torch.stack([loss.detach() * b, correct, mae * b, known.float()])
             seen += b
         if not run.quiet and step % 25 == 0:  # reading the loss waits for the device: rarely
             bar.set_postfix(loss=f"{loss.item():.3f}")
     totals = torch.cat([sums, torch.tensor([float(seen)], device=device)])
     totals = distributed.sum_over_ranks(totals)
-    seen = int(totals[3].item())
-    loss, correct, abs_err = (totals[:3] / max(seen, 1)).tolist()
-    return {"loss": loss, "acc": correct, "mae": abs_err, "images": seen}
+    seen, known = int(totals[4].item()), float(totals[3].item())
+    loss, abs_err = (totals[[0, 2]] / max(seen, 1)).tolist()
+    acc = float(totals[1].item()) / max(known, 1.0)
+    return {"loss": loss, "acc": acc, "mae": abs_err, "images": seen}
 
 
 @torch.no_grad()
@@ -300,7 +308,7 @@ def validate(
     n, rank, world = len(data.x[split]), distributed.rank(), distributed.world_size()
     lo, hi = n * rank // world, n * (rank + 1) // world
     x_all, age_all, gender_all = (v[split][lo:hi] for v in (data.x, data.age, data.gender))
-    sums = torch.zeros(3, device=device)
+    sums = torch.zeros(4, device=device)  # loss * n, right genders, age error, known genders
     for s in range(0, len(x_all), cfg.train.eval_batch_size):
         x = normalize(x_all[s : s + cfg.train.eval_batch_size], model.data_config)
         age = age_all[s : s + len(x)]
@@ -311,10 +319,14 @@ def validate(
         losses = recipe_loss(cfg, head, out, age, gender, weights)
         p_female = pred["p_female"] if tta else torch.sigmoid(out["gender"].float())
         pred_age = pred["age"] if tta else out["age"].float()
-        right = ((p_female > 0.5) == (gender > 0.5)).sum()
-        sums += torch.stack([losses["loss"] * len(x), right, (pred_age - age).abs().sum()])
-    loss, acc, mae = (distributed.sum_over_ranks(sums) / n).tolist()
-    return {"loss": loss, "acc": acc, "mae": mae}
+        known = gender >= 0
+        right = (((p_female > 0.5) == (gender > 0.5)) & known).sum()
+        error = range_error(pred_age, age).sum()
+        sums += torch.stack([losses["loss"] * len(x), right, error, known.sum()])
+    totals = distributed.sum_over_ranks(sums)
+    loss, mae = (totals[[0, 2]] / n).tolist()
+    return {"loss": loss, "acc": float(totals[1].item()) / max(float(totals[3].item()), 1.0),
+            "mae": mae}  # fmt: skip
 
 
 def end_epoch(run: Run, epoch: int, tr: dict, va: dict, seconds: float, plotted: float) -> float:
@@ -463,6 +475,9 @@ def _run(
             cfg, data.x["train"], model, amp
         )
         data.seen = data.seen + teacher_seen if teacher_seen is not None else data.seen
+    if cfg.model.init:  # a fine-tuned model has seen what its start saw, and the new data
+        init_seen = read_seen(resolve_checkpoint(cfg.model.init))
+        data.seen = data.seen + init_seen if init_seen is not None else data.seen
     run = build_run(cfg, model, data, device, amp, out, quiet)
     start = 1
     if resume is not None:
@@ -527,7 +542,7 @@ def finish(run: Run, data: Data, train_time: float, train_images: int) -> Path:
     if rank == 0:
         best, _ = load_checkpoint(out / "best.safetensors", device)
     else:  # other machines may not see rank 0's disk: it sends them the weights instead
-        best = from_config(cfg.model, cfg.data.size, cfg.data.color).to(device).eval()
+        best = blank_model(cfg).to(device).eval()
     distributed.broadcast_state(best)
     results: dict[str, Any] = {}
     # train too (no augmentation, eval mode): the train-val gap is the study's overfitting table

@@ -17,6 +17,7 @@ TORCH_FREE = (
     "config",
     "images",
     "data",
+    "labels",
     "metrics",
     "detect",
     "runtime",

@@ -83,7 +83,7 @@ def test_tampered_or_missing_model_is_refused(tmp_path):
 
 
 def test_registry():
-    assert list_detectors() == ["yunet"]
+    assert list_detectors() == ["yunet", "yunet-fast"]
     d = get_detector("yunet", score_threshold=0.8, refine=0)
     assert isinstance(d, YuNetDetector) and d.score_threshold == 0.8 and d.refine == 0
     with pytest.raises(ConfigError, match="unknown detector 'mtcnn'; known detectors: yunet"):

@@ -100,7 +100,7 @@ def test_sweep_reuses_only_what_it_would_train_and_checks_first(cache96, tmp_pat
         run_sweep(tmp_path / "s.toml", cache96, out, only=["b"], **kw)
     with pytest.raises(ConfigError, match=r"did you mean train\.epochs"):
         run_sweep(tmp_path / "s.toml", cache96, tmp_path / "o2", extra=["train.epochz=1"], **kw)
-    with pytest.raises(ConfigError, match=r"train\.epochs must be >= 1"):
+    with pytest.raises(ConfigError, match=r"train\.epochs must be 1-100,000"):
         run_sweep(tmp_path / "s.toml", cache96, tmp_path / "o2", extra=["train.epochs=0"], **kw)
     with pytest.raises(DataError, match="not a prepared cache"):
         run_sweep(tmp_path / "s.toml", tmp_path / "nope", tmp_path / "o3", **kw)

@@ -94,15 +94,12 @@ def compute_metrics(
     np.add.at(confusion, (gender_true[known], gender_pred[known]), 1)
     everyone = np.ones(n, bool)
 
-    def by_ranges(ranges: tuple[tuple[int, int], ...]) -> dict[str, dict[str, Any]]:
-        out = {}
-        for i, (lo, hi) in enumerate(ranges):
-            sel = (age_true >= lo) & (age_true <= hi)
-            out[_range_name(lo, hi, i == len(ranges) - 1)] = {
-                "n": int(sel.sum()),
-                "mae": _mean(abs_err[sel]),
-            }
-        return out
+    def row(sel: np.ndarray) -> dict[str, Any]:
+        return {
+            "n": int(sel.sum()),
+            "gender_accuracy": accuracy(sel),
+            "age_mae": _mean(abs_err[sel]),
+        }
 
     # Bands by data.age_band, so that the bands match the split's stratification exactly.
     bands = np.asarray(age_band(age_true.astype(np.int64)))
@@ -115,6 +112,50 @@ def compute_metrics(
         for b in range(len(AGE_BANDS))
     }
 
+    metrics: dict[str, Any] = {
+        "n": n,
+        "gender_known": int(known.sum()),
+        "gender_accuracy": accuracy(everyone),
+        "gender_accuracy_by_gender": {
+            name: accuracy(gender_true == g) for g, name in enumerate(GENDERS)
+        },
+        "confusion": confusion.tolist(),
+        "age_mae": float(abs_err.mean()),
+        "age_abs_error_std": float(abs_err.std()),
+        "age_mae_by_band": by_band,
+        "age_mae_by_decade": _by_decade(age_true, abs_err),
+        "by_race": {name: row(race == r) for r, name in enumerate(RACES)},
+        "calibration": _calibration(p_female, correct, known),
+        "age_interval": None,
+        "age_range": None,
+        "by_group": {},
+    }
+    if ranged.any():
+        metrics["age_range"] = _range_accuracy(age_pred, low, high, abs_err)
+    for column, values in (groups or {}).items():
+        values = np.asarray(values).astype(str)
+        metrics["by_group"][column] = {
+            str(v): row(values == v) for v in sorted(set(values.tolist()))
+        }
+    metrics["worst_groups"] = worst_groups(metrics)
+    if age_std is not None:
+        metrics["age_interval"] = _interval(age_pred, age_true, age_std, ranged)
+    return metrics
+
+
+def _by_decade(age_true: np.ndarray, abs_err: np.ndarray) -> dict[str, dict[str, Any]]:
+    out = {}
+    for i, (lo, hi) in enumerate(DECADES):
+        sel = (age_true >= lo) & (age_true <= hi)
+        out[_range_name(lo, hi, i == len(DECADES) - 1)] = {
+            "n": int(sel.sum()),
+            "mae": _mean(abs_err[sel]),
+        }
+    return out
+
+
+def _calibration(p_female: np.ndarray, correct: np.ndarray, known: np.ndarray) -> dict[str, Any]:
+    """Reliability bins of the confidence ``max(p, 1 - p)`` and their expected calibration error."""
     confidence = np.maximum(p_female, 1 - p_female)
     edges = np.linspace(0.5, 1.0, ECE_BINS + 1)
     which = np.clip(np.searchsorted(edges[1:-1], confidence, side="right"), 0, ECE_BINS - 1)
@@ -133,64 +174,36 @@ def compute_metrics(
                 "accuracy": acc,
             }
         )
+    return {"ece": float(ece), "bins": bins}
 
-    metrics: dict[str, Any] = {
-        "n": n,
-        "gender_known": int(known.sum()),
-        "gender_accuracy": accuracy(everyone),
-        "gender_accuracy_by_gender": {
-            name: accuracy(gender_true == g) for g, name in enumerate(GENDERS)
-        },
-        "confusion": confusion.tolist(),
-        "age_mae": float(abs_err.mean()),
-        "age_abs_error_std": float(abs_err.std()),
-        "age_mae_by_band": by_band,
-        "age_mae_by_decade": by_ranges(DECADES),
-        "by_race": {
-            name: {
-                "n": int((race == r).sum()),
-                "gender_accuracy": accuracy(race == r),
-                "age_mae": _mean(abs_err[race == r]),
-            }
-            for r, name in enumerate(RACES)
-        },
-        "calibration": {"ece": float(ece), "bins": bins},
-        "age_interval": None,
-        "age_range": None,
-        "by_group": {},
+
+def _range_accuracy(
+    age_pred: np.ndarray, low: np.ndarray, high: np.ndarray, abs_err: np.ndarray
+) -> dict[str, Any]:
+    """How range labels fared: estimates inside their range, and years outside it."""
+    ranged = low != high
+    inside = (age_pred >= low) & (age_pred <= high)
+    return {
+        "n": int(ranged.sum()),
+        "accuracy": float(inside[ranged].mean()),
+        "distance": float(abs_err[ranged].mean()),  # 0 inside
+        "exact_n": int((~ranged).sum()),
+        "exact_mae": _mean(abs_err[~ranged]),
     }
-    if ranged.any():
-        inside = (age_pred >= low) & (age_pred <= high)
-        metrics["age_range"] = {
-            "n": int(ranged.sum()),
-            "accuracy": float(inside[ranged].mean()),  # estimates inside their range
-            "distance": float(abs_err[ranged].mean()),  # years outside it, 0 inside
-            "exact_n": int((~ranged).sum()),
-            "exact_mae": _mean(abs_err[~ranged]),
-        }
-    for column, values in (groups or {}).items():
-        values = np.asarray(values).astype(str)
-        metrics["by_group"][column] = {
-            str(v): {
-                "n": int((values == v).sum()),
-                "gender_accuracy": accuracy(values == v),
-                "age_mae": _mean(abs_err[values == v]),
-            }
-            for v in sorted(set(values.tolist()))
-        }
-    metrics["worst_groups"] = worst_groups(metrics)
-    if age_std is not None:
-        std = np.asarray(age_std, dtype=np.float64)
-        half = INTERVAL_Z * std
-        metrics["age_interval"] = {
-            "level": INTERVAL_LEVEL,
-            "z": INTERVAL_Z,
-            "coverage": float((np.abs(age_pred - age_true) <= half)[~ranged].mean())
-            if (~ranged).any()
-            else None,
-            "mean_width": float((2 * half).mean()),
-        }
-    return metrics
+
+
+def _interval(
+    age_pred: np.ndarray, age_true: np.ndarray, age_std: Any, ranged: np.ndarray
+) -> dict[str, Any]:
+    """Coverage of the 90 % interval on exact ages (a range has no single age to cover)."""
+    half = INTERVAL_Z * np.asarray(age_std, dtype=np.float64)
+    covered = np.abs(age_pred - age_true) <= half
+    return {
+        "level": INTERVAL_LEVEL,
+        "z": INTERVAL_Z,
+        "coverage": float(covered[~ranged].mean()) if (~ranged).any() else None,
+        "mean_width": float((2 * half).mean()),
+    }
 
 
 def worst_groups(m: dict[str, Any]) -> dict[str, dict[str, dict[str, Any] | None]]:

@@ -163,8 +163,19 @@ def _worst_lines(m: dict[str, Any]) -> list[str]:
 
 def render(m: dict[str, Any]) -> str:
     """``report.md`` for the metrics of :func:`agegender.commands.evaluate.evaluate`."""
-    g = m["gender_accuracy_by_gender"]
-    conf = m["confusion"]
+    lines = [
+        *_intro_lines(m),
+        *_summary_lines(m),
+        *_gender_age_lines(m),
+        *_group_lines(m),
+        *_calibration_lines(m),
+        "Per-image predictions: [predictions.csv](predictions.csv).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _intro_lines(m: dict[str, Any]) -> list[str]:
     lines = [
         "# Evaluation",
         "",
@@ -190,6 +201,11 @@ def render(m: dict[str, Any]) -> str:
             + "; ".join(f"`{e}`" for e in sk["examples"])
             + ".",
         ]
+    return lines
+
+
+def _summary_lines(m: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     summary = [
         ["gender accuracy", fmt(m["gender_accuracy"], ".2%")],
         ["age MAE (years)", f"{m['age_mae']:.2f}"],
@@ -213,7 +229,13 @@ def render(m: dict[str, Any]) -> str:
     lines += table(["metric", "value"], summary)
     lines += _worst_lines(m)
 
-    lines += ["## Gender"]
+    return lines
+
+
+def _gender_age_lines(m: dict[str, Any]) -> list[str]:
+    g = m["gender_accuracy_by_gender"]
+    conf = m["confusion"]
+    lines = ["## Gender"]
     lines += table(
         ["true gender", "n", "accuracy"],
         [[name, f"{sum(conf[i]):,}", fmt(g[name], ".2%")] for i, name in enumerate(GENDERS)],
@@ -242,6 +264,11 @@ def render(m: dict[str, Any]) -> str:
     )
     lines += ["![predicted vs true age](age_scatter.png) ![MAE by age band](mae_by_band.png)", ""]
 
+    return lines
+
+
+def _group_lines(m: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if any(v["n"] for v in m["by_race"].values()):
         lines += ["## Fairness by race", "", "UTKFace's race labels; small groups give noisy "
                   "numbers."]  # fmt: skip
@@ -268,8 +295,12 @@ def render(m: dict[str, Any]) -> str:
             ],
         )
 
+    return lines
+
+
+def _calibration_lines(m: dict[str, Any]) -> list[str]:
     cal = m["calibration"]
-    lines += [
+    lines = [
         "## Gender calibration",
         "",
         f"Expected calibration error {cal['ece']:.4f}: the image-weighted mean gap between "
@@ -311,8 +342,7 @@ def render(m: dict[str, Any]) -> str:
         )
         extras = (", flip TTA" if t["tta"] else "") + (", bf16" if t["amp"] else "")
         lines += [f"Device {t['device']}, {t['threads']} torch thread(s){extras}.", ""]
-    lines += ["Per-image predictions: [predictions.csv](predictions.csv).", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def write_predictions(path: Path, d: Any, pred: dict[str, np.ndarray]) -> Path:

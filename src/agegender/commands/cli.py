@@ -412,6 +412,20 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
         "--batch-size", type=_int_in(1), default=_default(at, "batch_size"), help="images a batch"
     )
     _device(p, at)
+    p.add_argument(
+        "--workers",
+        type=_int_in(1, 256),
+        default=_default(at, "workers"),
+        help="processes, each with its own model and cores/N threads",
+    )
+    p.add_argument(
+        "--unordered", action="store_true", help="with --workers: results as they are done"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the images already in --output (or OUTPUT.partial) and predict the rest",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(a: argparse.Namespace) -> int:
@@ -440,8 +454,8 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
         from agegender.commands.predict import predict_files
 
         keys = ("model", "aligned", "output", "tta", "backend", "batch_size", "device", "amp")
-        kw = {k: getattr(a, k) for k in (*keys, "precision")}
-        kw["detector"] = a.detector or _default(at, "detector")
+        kw = {k: getattr(a, k) for k in (*keys, "precision", "workers", "resume")}
+        kw.update(detector=a.detector or _default(at, "detector"), ordered=not a.unordered)
         return predict_files(a.paths, annotate_dir=a.annotate, quiet=a.quiet, **kw)
 
     return run

@@ -19,6 +19,7 @@ from agegender.draw import annotate
 from agegender.errors import ConfigError, DataError
 from agegender.images import find_images
 from agegender.predict import Face, Predictor
+from agegender.runtime import default_threads
 
 OUTPUT_SUFFIXES = (".jsonl", ".json")  # what --output may replace when the file exists
 
@@ -82,6 +83,9 @@ def predict_files(
     amp: str = "auto",
     precision: str = "auto",
     detector: str = "yunet",
+    workers: int = 1,
+    ordered: bool = True,
+    resume: bool = False,
 ) -> int:
     """The ``agegender predict`` command; returns the exit code (0 all read, 1 some failed).
 
@@ -90,29 +94,34 @@ def predict_files(
     ``OUTPUT.partial``). An ``output`` or annotated image that
     would replace an input image, or an existing ``output`` that is not ``.jsonl``/``.json``,
     is refused with a :class:`~agegender.errors.DataError` before anything is written.
+
+    ``workers``: processes, each with its own model and ``cores / workers`` threads (1: this
+    process, decoding in a thread beside the network). Results come in input order, or as
+    they are done with ``ordered=False``. ``resume``: the images already in ``output`` (or in
+    ``OUTPUT.partial``, what an interrupted run left) are kept and not predicted again.
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if resume and output is None:
+        raise ConfigError("--resume needs --output: the results to continue")
     files = find_images(paths)
     inputs = {key: p for p in files if (key := _file_key(p)) is not None}
     out_path = Path(output) if output else None
     if out_path is not None:
         _check_output(out_path, inputs)
+    done_lines = _done(out_path) if resume and out_path is not None else {}
+    files = [f for f in files if str(f) not in done_lines]
     targets = _annotated_paths(files, Path(annotate_dir), inputs) if annotate_dir else []
-    predictor = Predictor.load(
-        model,
-        device=device,
-        tta=tta,
-        backend=backend,
-        detector=None if aligned else detector,
-        amp=amp,
-        precision=precision,
-    )
+    load = {"model": model, "device": device, "tta": tta, "backend": backend, "amp": amp,
+            "detector": None if aligned else detector, "precision": precision}  # fmt: skip
     out_f, tmp = None, None
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = fileio.temp_path(out_path)
         out_f = open(tmp, "w")  # noqa: SIM115 - written batch by batch
+        out_f.writelines(done_lines.values())
     if annotate_dir:
         Path(annotate_dir).mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -126,7 +135,11 @@ def predict_files(
     )
     done = False
     try:
-        for s, chunk, results in _pipelined(predictor, files, batch_size, aligned):
+        if workers == 1:
+            batches = _pipelined(Predictor.load(**load), files, batch_size, aligned)
+        else:
+            batches = _in_workers(load, files, batch_size, aligned, workers, ordered)
+        for s, chunk, results in batches:
             for i, (path, res) in enumerate(zip(chunk, results)):
                 error = None
                 faces: list[Face] = []
@@ -150,10 +163,13 @@ def predict_files(
             out_f.close()
             if done:
                 fileio.replace(tmp, out_path)
+                # what an interrupted run left is in the output now, or was replaced by it
+                out_path.with_name(out_path.name + ".partial").unlink(missing_ok=True)
             elif tmp.stat().st_size:  # the previous results stay whole; the new ones so far too
                 partial = out_path.with_name(out_path.name + ".partial")
                 os.replace(tmp, partial)
-                print(f"agegender predict: the results so far are in {partial}", file=sys.stderr)
+                print(f"agegender predict: the results so far are in {partial} (--resume "
+                      "continues from them)", file=sys.stderr)  # fmt: skip
             else:
                 tmp.unlink()
     if failed:
@@ -161,6 +177,26 @@ def predict_files(
             f"agegender predict: {failed} of {len(files)} images could not be read", file=sys.stderr
         )
     return 1 if failed else 0
+
+
+def _done(output: Path) -> dict[str, str]:
+    """Path -> its JSON line, of the images an earlier run wrote to ``output`` or, when it was
+    interrupted, to ``OUTPUT.partial`` (the later of the two); a line cut short is not done."""
+    partial = output.with_name(output.name + ".partial")
+    found = [p for p in (output, partial) if p.is_file()]
+    if not found:
+        return {}
+    source = max(found, key=lambda p: p.stat().st_mtime_ns)
+    done = {}
+    with open(source, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("path"), str) and line.endswith("\n"):
+                done[rec["path"]] = line
+    return done
 
 
 def _pipelined(predictor: Predictor, files: list[Path], batch_size: int, aligned: bool):
@@ -176,6 +212,76 @@ def _pipelined(predictor: Predictor, files: list[Path], batch_size: int, aligned
                 nxt = files[s + batch_size : s + 2 * batch_size]
                 ahead = decoder.submit(predictor.locate_all, nxt, aligned)
             yield s, files[s : s + batch_size], predictor.finish(located)
+
+
+# --------------------------------------------------------------------------- worker processes
+
+_worker: Predictor | None = None
+
+
+def _start_worker(load: dict, threads: int) -> None:
+    """A worker process's start: its own model, with ``threads`` threads (OpenCV's too), so
+    that workers x threads stays within the cores."""
+    global _worker
+    import cv2
+
+    cv2.setNumThreads(threads)
+    _worker = Predictor.load(**load, threads=threads)
+
+
+def _work(paths: list[str], aligned: bool) -> list:
+    """One chunk in a worker: decode, detect, predict; a bad image is its exception."""
+    assert _worker is not None
+    return [r if not isinstance(r, Exception) else ValueError(str(r) or type(r).__name__)
+            for r in _worker.predict_batch(paths, aligned, workers=1)]  # fmt: skip
+
+
+def _in_workers(load: dict, files: list[Path], batch_size: int, aligned: bool, workers: int,
+                ordered: bool):  # fmt: skip
+    """:func:`_pipelined`'s batches from ``workers`` processes: at most two chunks a worker in
+    flight (memory stays flat however many files), yielded in input order or as done."""
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    threads = max(1, default_threads() // workers)
+    # spawn, not fork: a forked copy of a process with threads running can deadlock
+    ctx = multiprocessing.get_context("spawn")
+    chunk = max(1, min(batch_size, -(-len(files) // (4 * workers))))  # every worker gets work
+    starts = iter(range(0, len(files), chunk))
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker,
+                             initargs=(load, threads)) as pool:  # fmt: skip
+        pending: deque = deque()
+
+        def submit() -> bool:
+            s = next(starts, None)
+            if s is None:
+                return False
+            part = files[s : s + chunk]
+            pending.append((s, part, pool.submit(_work, [str(p) for p in part], aligned)))
+            return True
+
+        while len(pending) < 2 * workers and submit():
+            pass
+        try:
+            while pending:
+                if ordered:
+                    s, part, future = pending.popleft()
+                    results = future.result()
+                else:
+                    wait([f for _, _, f in pending], return_when=FIRST_COMPLETED)
+                    k = next(i for i, (_, _, f) in enumerate(pending) if f.done())
+                    s, part, future = pending[k]
+                    del pending[k]
+                    results = future.result()
+                submit()
+                yield s, part, results
+        except BrokenProcessPool:
+            raise DataError(
+                "a worker process died (out of memory?): the results so far are kept; "
+                "rerun with --resume to continue"
+            ) from None
 
 
 def _print_table(path: Path, faces: list[Face], error: str | None) -> None:

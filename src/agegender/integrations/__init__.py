@@ -1,0 +1,1 @@
+"""Bridges to other engines, each behind its own extra (``pip install "agegender[ray]"``)."""

@@ -20,6 +20,7 @@ from PIL import Image
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from agegender.commands.serve import create_app, decode_upload
+from agegender.model_files import bundled
 from agegender.predict import ASTRONAUT, Predictor
 
 LOCAL = "http://127.0.0.1:8000"  # a client of the default loopback service
@@ -60,7 +61,8 @@ def post(client, data: bytes, name: str = "x.jpg", **form) -> object:
 def test_health_page_and_docs(client):
     health = client.get("/health").json()
     assert health["status"] == "ok"
-    assert health["model"] == "resnet-mt"
+    sidecar = json.loads(bundled("default").with_suffix(".json").read_text())
+    assert health["model"] == sidecar["model"]["name"]  # the bundled default's own network
     assert health["input"] == {"size": 128, "color": "gray"}
     assert health["device"] == "cpu"
     page = client.get("/")

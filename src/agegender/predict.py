@@ -31,7 +31,7 @@ from agegender.errors import AgeGenderError
 from agegender.images import load_photo, open_photo, preprocess, upright_size
 from agegender.model_files import BUNDLED_NAMES, WEIGHTS, bundled, read_meta, resolve_checkpoint
 from agegender.runtime import OnnxBackend, OnnxLoadError, age_interval, int8_is_fast
-from agegender.video import DETECTOR, LIVE_RATE, LOW, MAX_MISSED_S, Tracker, sampled
+from agegender.video import DETECT_EVERY, DETECTOR, LIVE_RATE, LOW, MAX_MISSED_S, Tracker, sampled
 
 ASTRONAUT = Path(__file__).parent / "assets" / "astronaut.jpg"
 BACKENDS = ("onnx", "torch")
@@ -270,7 +270,7 @@ class Predictor:
         self,
         source: Any,
         fps: float | None = None,
-        detect_every: int = 1,
+        detect_every: int = DETECT_EVERY,
         keep_ended: int | None = None,
     ) -> Tracking:
         """Faces tracked through a video file, a camera index or an iterable of RGB frames:
@@ -419,7 +419,7 @@ class Tracking:
         predictor: Predictor,
         source: Any,
         fps: float | None = None,
-        every: int = 1,
+        every: int = DETECT_EVERY,
         keep_ended: int | None = None,
         detector: Any = None,
     ) -> None:

@@ -35,6 +35,10 @@ from agegender.errors import AgeGenderError
 #: the detector video uses by default: one landmark pass, since pooling over frames makes up
 #: for its coarser landmarks (benchmarks/video_speed.py measures it beside yunet)
 DETECTOR = "yunet-fast"
+#: detect on every k-th sampled frame, the tracks' boxes carried in between: on 2 cores every
+#: frame of a 25 fps clip with six faces runs at 0.8x real time, every 2nd at 1.4-1.6x, and
+#: the pooled estimates barely move (benchmarks/video_speed.py)
+DETECT_EVERY = 2
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
 HIGH, LOW = 0.6, 0.35  #: detection scores: new tracks from HIGH up, updates down to LOW
 IOU_MIN = 0.2  #: overlap a detection needs with a track's predicted box to continue it
@@ -175,7 +179,7 @@ class Evidence:
     log_age: np.ndarray | None = None  # (K,) weighted sum of log age probabilities
     logit: float = 0.0  # weighted sum of gender logits
     weight: float = 0.0  # sum of frame weights
-    mean_age: float = 0.0  # for models without an age distribution: weighted sum of ages
+    mean_age: float = 0.0  # weighted sum of the frames' ages
     frames: Spread = field(default_factory=Spread)  # single frames' ages
     shown: Spread = field(default_factory=Spread)  # the pooled age once a person, frame by frame
 
@@ -197,17 +201,22 @@ class Evidence:
         scale = LOOK * min(1.0, MAX_LOOKS / max(LOOK * self.weight, 1e-9))
         p = 1 / (1 + math.exp(-max(min(scale * self.logit, 50.0), -50.0)))
         out: dict[str, Any] = {"p_female": p, "gender": "female" if p >= 0.5 else "male"}
+        age = self.mean_age / max(self.weight, 1e-9)
         if self.log_age is not None:
             z = scale * self.log_age
             probs = np.exp(z - z.max())
             probs /= probs.sum()
             ages = np.arange(len(probs))
-            mean = float(probs @ ages)
             cdf = np.cumsum(probs)
             low, high = (float(np.interp(q, cdf, ages)) for q in (0.05, 0.95))
-            out.update(age=mean, age_interval=(low, high))
+            # The age is the frames' weighted mean estimate, not the product's mean: the
+            # network is trained so that its expectation is the age (L1), and a product of
+            # skewed distributions leans to their modes (half a year too young on the clips
+            # of benchmarks/video_speed.py). The product gives the interval's width.
+            shift = age - float(probs @ ages)
+            out.update(age=age, age_interval=(max(low + shift, 0.0), high + shift))
         else:
-            out.update(age=self.mean_age / max(self.weight, 1e-9), age_interval=None)
+            out.update(age=age, age_interval=None)
         return out
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from agegender import fileio
 from agegender.errors import DataError
 from agegender.predict import FrameResult, Predictor
-from agegender.video import DETECTOR
+from agegender.video import DETECT_EVERY, DETECTOR
 
 TRACK_COLUMNS = (
     "track", "first_frame", "last_frame", "start_s", "end_s", "frames", "best_frame", "age",
@@ -36,7 +36,7 @@ def predict_video(
     csv_out: str | os.PathLike | None = None,
     annotate_out: str | os.PathLike | None = None,
     fps: float | None = None,
-    detect_every: int = 1,
+    detect_every: int = DETECT_EVERY,
     detector: str = DETECTOR,
     quiet: bool = False,
     **load: Any,

@@ -3,6 +3,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -357,3 +358,26 @@ def test_augment_parameters_do_what_they_say():
     draws = torch.rand(64, 7, generator=torch.Generator().manual_seed(1))
     assert torch.equal(augment(x * 3, everything, draws=draws), a)
     assert not torch.allclose(a, (x * 3).clamp(-1, 1), atol=1e-2)
+
+
+@pytest.mark.slow
+def test_balanced_training_draws_each_race_alike(cache64, tmp_path):
+    from agegender.data import open_cache
+    from agegender.dataset import load_data
+
+    cfg = _smoke(cache64, tmp_path / "run", "data.balance=race", "data.balance_power=1.0")
+    whole = _smoke(cache64, tmp_path / "run", "data.balance=race", "data.balance_power=1.0",
+                   "data.limit=0")  # fmt: skip
+    model = from_config(cfg.model, cfg.data.size, cfg.data.color)
+    data = load_data(whole, model.data_config, torch.device("cpu"), tmp_path / "data", quiet=True)
+    cache = open_cache(cache64)
+    train_rows = np.isin(cache.split, cfg.data.train_splits.split(","))
+    race = torch.as_tensor(cache.race[train_rows])
+    assert data.weights is not None and len(data.weights) == len(race)
+    # power 1: every race group is drawn as often as every other, whatever its size
+    share = torch.stack([data.weights[race == r].sum() for r in race.unique()])
+    assert torch.allclose(share, share.mean(), rtol=1e-4)
+    counts = torch.bincount(race)
+    assert counts.max() > 2 * counts[counts > 0].min()  # ... which the data alone would not do
+    out = train(cfg, quiet=True)  # and a balanced run trains like any other
+    assert json.loads((out / "metrics.json").read_text())["test_mae"] > 0

@@ -78,6 +78,15 @@ def test_resume_needs_an_output(images, capsys):
 # ----------------------------------------------------------------------------- Ray Data
 
 
+def test_auto_workers_is_one_for_crops_and_few_files():
+    from agegender.commands.predict import AUTO_WORKERS_FROM, auto_workers
+    from agegender.runtime import default_threads
+
+    assert auto_workers(AUTO_WORKERS_FROM - 1, aligned=False) == 1  # start-up would dominate
+    assert auto_workers(100_000, aligned=True) == 1  # the network alone keeps the cores busy
+    assert auto_workers(100_000, aligned=False) == default_threads()  # photos: one per core
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")

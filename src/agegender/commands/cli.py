@@ -414,9 +414,10 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
     _device(p, at)
     p.add_argument(
         "--workers",
-        type=_int_in(1, 256),
+        type=_int_in(0, 256),
         default=_default(at, "workers"),
-        help="processes, each with its own model and cores/N threads",
+        help="processes, each with its own model and cores/N threads (0: one per core for "
+        "many photos, else 1: what measured fastest)",
     )
     p.add_argument(
         "--unordered", action="store_true", help="with --workers: results as they are done"

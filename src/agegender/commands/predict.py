@@ -83,7 +83,7 @@ def predict_files(
     amp: str = "auto",
     precision: str = "auto",
     detector: str = "yunet",
-    workers: int = 1,
+    workers: int = 0,
     ordered: bool = True,
     resume: bool = False,
 ) -> int:
@@ -96,14 +96,15 @@ def predict_files(
     is refused with a :class:`~agegender.errors.DataError` before anything is written.
 
     ``workers``: processes, each with its own model and ``cores / workers`` threads (1: this
-    process, decoding in a thread beside the network). Results come in input order, or as
-    they are done with ``ordered=False``. ``resume``: the images already in ``output`` (or in
-    ``OUTPUT.partial``, what an interrupted run left) are kept and not predicted again.
+    process, decoding in a thread beside the network; 0: :func:`auto_workers`). Results come
+    in input order, or as they are done with ``ordered=False``. ``resume``: the images
+    already in ``output`` (or in ``OUTPUT.partial``, what an interrupted run left) are kept
+    and not predicted again.
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if workers < 0:
+        raise ConfigError(f"--workers must be 0 (auto) or more, got {workers}")
     if resume and output is None:
         raise ConfigError("--resume needs --output: the results to continue")
     files = find_images(paths)
@@ -114,6 +115,7 @@ def predict_files(
     done_lines = _done(out_path) if resume and out_path is not None else {}
     files = [f for f in files if str(f) not in done_lines]
     targets = _annotated_paths(files, Path(annotate_dir), inputs) if annotate_dir else []
+    workers = workers or auto_workers(len(files), aligned)
     load = {"model": model, "device": device, "tta": tta, "backend": backend, "amp": amp,
             "detector": None if aligned else detector, "precision": precision}  # fmt: skip
     out_f, tmp = None, None
@@ -234,6 +236,21 @@ def _work(paths: list[str], aligned: bool) -> list:
     assert _worker is not None
     return [r if not isinstance(r, Exception) else ValueError(str(r) or type(r).__name__)
             for r in _worker.predict_batch(paths, aligned, workers=1)]  # fmt: skip
+
+
+#: files from which a process per core pays for its start-up (about a second each)
+AUTO_WORKERS_FROM = 200
+
+
+def auto_workers(n_files: int, aligned: bool) -> int:
+    """``--workers 0``: what measured fastest (``benchmarks/scale_speed.py``, 2-core Xeon):
+    for photos, a process per core (1,500 UTKFace photos: 43 images/s in one process, 54 in
+    two, 67 in two unordered); for aligned crops one process, which the network alone keeps
+    busy (680 crops/s, whole process, with one or two), and one for a few files, which would
+    wait for the others' start-up."""
+    if aligned or n_files < AUTO_WORKERS_FROM:
+        return 1
+    return max(1, min(default_threads(), n_files // AUTO_WORKERS_FROM))
 
 
 def _in_workers(load: dict, files: list[Path], batch_size: int, aligned: bool, workers: int,

@@ -53,3 +53,26 @@ def test_serve_load(tmp_path):
     assert result["requests"] > 0 and result["errors"] == {}
     assert result["faces_from"] == "astronaut crops"
     assert 0 < result["p50_ms"] <= result["p99_ms"]
+
+
+@pytest.mark.slow
+def test_scale_speed(cache64, tmp_path):
+    out = tmp_path / "scale.json"
+    run("scale_speed.py", "--cache", str(cache64), "--n", "12", "--repeats", "1", "--no-ray",
+        "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    for mode in result["modes"].values():
+        assert mode["fastest"]["core_hours_per_million"] > 0
+        assert all(r["images_per_s"] > 0 for k, r in mode.items() if k != "fastest")
+
+
+@pytest.mark.slow
+def test_finetune_shift(cache64, tmp_path):
+    out = tmp_path / "shift.json"
+    run("finetune_shift.py", "--cache", str(cache64), "--n", "60", "--epochs", "1",
+        "--work", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert sum(result["faces"].values()) == 60 and result["faces"]["test"] > 0
+    # the same held-out faces, scored before and after, poor camera and clean alike
+    n = {result[k]["n"] for k in ("before_cache", "after_cache", "before_clean", "after_clean")}
+    assert n == {result["faces"]["test"]}

@@ -244,10 +244,10 @@ AUTO_WORKERS_FROM = 200
 
 def auto_workers(n_files: int, aligned: bool) -> int:
     """``--workers 0``: what measured fastest (``benchmarks/scale_speed.py``, 2-core Xeon):
-    for photos, a process per core (1,500 UTKFace photos: 43 images/s in one process, 54 in
-    two, 67 in two unordered); for aligned crops one process, which the network alone keeps
-    busy (680 crops/s, whole process, with one or two), and one for a few files, which would
-    wait for the others' start-up."""
+    for photos, a process per core (1,500 UTKFace photos: 49 images/s in one process, 89 in
+    two: detection and decoding use about a core each); for aligned crops one process, which
+    the network alone keeps busy (about 900 crops/s, whole process, with one or two), and one
+    for a few files, which would wait for the others' start-up."""
     if aligned or n_files < AUTO_WORKERS_FROM:
         return 1
     return max(1, min(default_threads(), n_files // AUTO_WORKERS_FROM))

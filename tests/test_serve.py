@@ -726,14 +726,19 @@ def test_page_live_webcam_in_headless_chromium(predictor, tmp_path):
             driver.find_element(By.ID, "camera").click()
             live = WebDriverWait(driver, 20).until(ec.element_to_be_clickable((By.ID, "live")))
             live.click()
-            WebDriverWait(driver, 60).until(
-                lambda d: d.find_element(By.CSS_SELECTOR, "#faces td.label").text.startswith("#")
-            )
-            label = driver.find_element(By.CSS_SELECTOR, "#faces td.label").text
-            assert label.startswith("#1 ")  # the first person of this session
-            status = driver.find_element(By.ID, "status").text
-            assert status.startswith("live: 1 person")
-            live.click()  # stops
+
+            # The table is redrawn with every frame's answer: read it in one script call, since
+            # an element found first and read after may already have been replaced (stale)
+            def text(selector: str) -> str:
+                return driver.execute_script(
+                    "const e = document.querySelector(arguments[0]); return e ? e.innerText : ''",
+                    selector,
+                )
+
+            WebDriverWait(driver, 60).until(lambda d: text("#faces td.label").startswith("#"))
+            assert text("#faces td.label").startswith("#1 ")  # the first person of this session
+            assert text("#status").startswith("live: 1 person")
+            driver.find_element(By.ID, "live").click()  # stops
             assert driver.find_element(By.ID, "live").text == "Live"
         finally:
             driver.quit()

@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from agegender.commands.report import table, worst_lines
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -91,40 +93,16 @@ def default_section(folder: Path) -> list[str]:
     return lines
 
 
-def _worst(m: dict) -> str:
-    """The worst groups beside the overall figures, in words."""
-    parts = []
-    for kind, label in (("race", "race"), ("age", "age band")):
-        for key, what, unit in (
-            ("gender_accuracy", "gender accuracy", "%"),
-            ("age_mae", "age MAE", ""),
-        ):
-            w = m["worst_groups"][kind][key]
-            if w is None:
-                continue
-            value = f"{w['value']:.1%}" if unit else f"{w['value']:.2f}"
-            overall = f"{w['overall']:.1%}" if unit else f"{w['overall']:.2f}"
-            parts.append(f"{what}, worst {label}: {w['group']} {value} (n = {w['n']:,}; "
-                         f"overall {overall})")  # fmt: skip
-    return "; ".join(parts)
-
-
 def _tables(m: dict) -> str:
-    bands = "\n".join(
-        f"| {k} | {v['n']:,} | {v['mae']:.2f} | {v['gender_accuracy']:.1%} |"
-        for k, v in m["age_mae_by_band"].items()
-    )
-    races = "\n".join(
-        f"| {k} | {v['n']:,} | {v['gender_accuracy']:.1%} | {v['age_mae']:.2f} |"
-        for k, v in m["by_race"].items()
-    )
-    return f"""| age band | n | age MAE | gender accuracy |
-|---|---|---|---|
-{bands}
-
-| race (UTKFace label) | n | gender accuracy | age MAE |
-|---|---|---|---|
-{races}"""
+    bands = [[k, f"{v['n']:,}", f"{v['mae']:.2f}", f"{v['gender_accuracy']:.1%}"]
+             for k, v in m["age_mae_by_band"].items()]  # fmt: skip
+    races = [[k, f"{v['n']:,}", f"{v['gender_accuracy']:.1%}", f"{v['age_mae']:.2f}"]
+             for k, v in m["by_race"].items()]  # fmt: skip
+    lines = [
+        *table(["age band", "n", "age MAE", "gender accuracy"], bands),
+        *table(["race (UTKFace label)", "n", "gender accuracy", "age MAE"], races),
+    ]
+    return "\n".join(lines).strip().replace("\n\n\n", "\n\n")
 
 
 def _row(name: str, m: dict) -> str:
@@ -159,6 +137,8 @@ def model_card(evals: Path, run: Path) -> str:
         else "Speed: run `python benchmarks/predict_speed.py` on your CPU."
     )
     int8 = {n: bundled[n]["onnx_int8"] for n in bundled}
+    worst = "\n".join(worst_lines(m)).strip()
+    worst = worst[0].lower() + worst[1:]  # after "`default`'s"
     return f"""# Model card: agegender `default` and `accurate`
 
 The two bundled models: `Predictor.load()`, `agegender predict`, `serve` and `demo` use
@@ -214,7 +194,7 @@ leaves out the {whole["excluded_seen_in_training"]:,} images `default` trained o
 (or near-copies of them) and scores the {whole["n"]:,} others: {whole["gender_accuracy"]:.1%} /
 {whole["age_mae"]:.2f}.
 
-**Worst groups** (`default`, of 30 images or more): {_worst(m)}.
+`default`'s {worst}
 
 {_tables(m)}
 

@@ -15,5 +15,11 @@ class ConfigError(AgeGenderError):
     """A recipe or a ``key=value`` override is invalid."""
 
 
+def first_line(e: BaseException) -> str:
+    """What a one-line report says of ``e``: its message's first line, or its type's name when
+    it has no message."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 class TrainingError(AgeGenderError):
     """A training run that cannot go on (a loss that is not a number)."""

@@ -34,7 +34,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from agegender.errors import DataError
+from agegender.errors import DataError, first_line
 
 #: what a folder scan picks up (any case); a file named on the command line is read whatever
 #: its extension
@@ -194,8 +194,7 @@ def _decode(img: Image.Image, mode: str, own: bool, checked: bool, shrink: int =
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"decompression bomb: {e}") from None
     except (OSError, SyntaxError, EOFError) as e:  # truncated or corrupt data
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"corrupt image: {msg}") from None
+        raise ValueError(f"corrupt image: {first_line(e)}") from None
     if img.width == 0 or img.height == 0:
         raise ValueError(f"corrupt image: decoded to {img.width}x{img.height}")
     return img

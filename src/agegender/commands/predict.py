@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from agegender import fileio
 from agegender.draw import annotate
-from agegender.errors import ConfigError, DataError
+from agegender.errors import ConfigError, DataError, first_line
 from agegender.images import find_images
 from agegender.predict import Face, Predictor
 from agegender.runtime import default_threads
@@ -146,7 +146,7 @@ def predict_files(
                 error = None
                 faces: list[Face] = []
                 if isinstance(res, Exception):
-                    error = str(res).splitlines()[0] if str(res) else type(res).__name__
+                    error = first_line(res)
                     failed += 1
                 else:
                     faces = res

@@ -138,7 +138,7 @@ def table(header: list[str], rows: list[list[object]]) -> list[str]:
     return [*lines, ""]
 
 
-def _worst_lines(m: dict[str, Any]) -> list[str]:
+def worst_lines(m: dict[str, Any]) -> list[str]:
     """The worst race group and age band beside the overall figures."""
     rows = []
     for kind, label in (("race", "race"), ("age", "age band")):
@@ -227,7 +227,7 @@ def _summary_lines(m: dict[str, Any]) -> list[str]:
     if m.get("gender_known", m["n"]) < m["n"]:
         summary.append(["images whose gender is known", f"{m['gender_known']:,} of {m['n']:,}"])
     lines += table(["metric", "value"], summary)
-    lines += _worst_lines(m)
+    lines += worst_lines(m)
 
     return lines
 

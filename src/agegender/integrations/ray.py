@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from agegender.errors import first_line
 from agegender.images import find_images
 
 try:
@@ -82,7 +83,7 @@ class FaceActor:
             out["path"].append(name)
             out["faces"].append(json.dumps(faces))
             out["n_faces"].append(len(faces))
-            out["error"].append((str(res).splitlines() or [type(res).__name__])[0] if bad else None)
+            out["error"].append(first_line(res) if bad else None)
         return pa.Table.from_pydict(out, schema=SCHEMA)
 
 

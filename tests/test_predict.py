@@ -567,3 +567,28 @@ def test_bundled_model_on_the_astronaut():
     faces = Predictor.load().predict(ASTRONAUT)
     assert len(faces) == 1
     assert faces[0].gender == "female" and 25 < faces[0].age < 60
+
+
+def test_cpu_record_falls_back_to_proc_cpuinfo(monkeypatch):
+    """Without NumPy's CPUID view the CPU's features come from /proc/cpuinfo, and AMX is
+    counted only beside AVX-512 in either view."""
+    from agegender import runtime
+
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo")
+    flags = next(
+        set(line.split(":", 1)[1].split())
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("flags")
+    )
+    monkeypatch.setattr(runtime, "_cpuid_features", lambda: None)
+    runtime.cpu_info.cache_clear()
+    try:
+        info = runtime.cpu_info()
+        assert info["avx2"] == ("avx2" in flags) and info["avx512"] == ("avx512f" in flags)
+        assert info["amx"] == ("avx512f" in flags and "amx_tile" in flags)
+        monkeypatch.setattr(runtime, "_cpuid_features", lambda: {"AVX", "AVX2"})
+        runtime.cpu_info.cache_clear()
+        assert runtime.cpu_info()["amx"] is False and runtime.cpu_class() == "avx2"
+    finally:
+        runtime.cpu_info.cache_clear()

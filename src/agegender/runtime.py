@@ -58,11 +58,33 @@ def age_interval(age: float, std: float) -> tuple[float, float]:
 # --------------------------------------------------------------------------- the CPU
 
 
+def _cpuid_features() -> set[str] | None:
+    """The x86 features this process's CPUID reports, as NumPy read them at import (its
+    dispatch table), or None where NumPy does not say.
+
+    CPUID, not ``/proc/cpuinfo``, is what ONNX Runtime, oneDNN and OpenCV pick their kernels
+    from: the two differ where a feature is hidden from the process (a VM, a CPUID mask such as
+    ``benchmarks/avx2_only``) and ``/proc/cpuinfo`` does not exist on macOS or Windows.
+    """
+    try:
+        try:
+            from numpy._core._multiarray_umath import __cpu_features__
+        except ImportError:  # NumPy 1.x
+            from numpy.core._multiarray_umath import __cpu_features__
+    except ImportError:
+        return None
+    return {name for name, on in __cpu_features__.items() if on}
+
+
 @functools.cache
 def cpu_info() -> dict[str, Any]:
-    """The CPU's name and what matters for speed: cores, AVX2, AVX-512, VNNI, AMX, bf16.
+    """The CPU's name and what this process may use of it: cores, AVX2, AVX-512, VNNI, AMX,
+    bf16.
 
-    Read from ``/proc/cpuinfo`` on Linux; elsewhere only the name and core count.
+    Features come from CPUID as this process sees it (:func:`_cpuid_features`); AMX, which
+    NumPy does not report, from ``/proc/cpuinfo``, counted only where AVX-512 is visible too
+    (every AMX CPU has it, and hiding AVX-512 hides AMX). Without NumPy's view, from
+    ``/proc/cpuinfo`` alone.
     """
     name, flags = platform.processor() or platform.machine() or "cpu", set()
     try:
@@ -74,16 +96,24 @@ def cpu_info() -> dict[str, Any]:
                 flags = set(value.split())
     except OSError:
         pass
+    seen = _cpuid_features()
+    if seen is None:
+        avx2, avx512 = "avx2" in flags, "avx512f" in flags
+        vnni, bf16 = bool({"avx512_vnni", "avx_vnni"} & flags), "avx512_bf16" in flags
+    else:
+        avx2, avx512 = "AVX2" in seen, "AVX512F" in seen
+        vnni, bf16 = "AVX512VNNI" in seen, "AVX512BF16" in seen
+    amx = avx512 and "amx_tile" in flags
     return {
         "name": name,
         "cores": len(os.sched_getaffinity(0))
         if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
-        "avx2": "avx2" in flags,
-        "avx512": "avx512f" in flags,
-        "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
-        "amx": "amx_tile" in flags,
-        "bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
+        "avx2": avx2,
+        "avx512": avx512,
+        "vnni": vnni,
+        "amx": amx,
+        "bf16": bf16 or (amx and "amx_bf16" in flags),
     }
 
 

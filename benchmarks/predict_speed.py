@@ -18,6 +18,9 @@ trained on by any bundled model), a seeded sample. Every figure states the CPU a
   predict; ours with ``yunet`` and ``yunet-fast``, the peer with its detector;
 - accuracy on the same files, ours and the peer's (labels from the UTKFace names).
 
+On an AMX or AVX-512 machine, ``benchmarks/avx2_only/run python benchmarks/predict_speed.py ...``
+measures the AVX2 code paths (the CPU's class then reads ``avx2``, and ``cpuid_mask`` says so).
+
 Threads: ``--threads`` for ONNX Runtime and OpenCV in every runtime; the peer's ONNX Runtime
 takes its own default. The load average is recorded: other work on the machine skews it.
 """
@@ -170,7 +173,7 @@ def main() -> int:
     load = [round(os.getloadavg()[0], 2)]
     files = test_files(Path(args.data), Path(args.cache), args.n, args.seed)
     out: dict[str, Any] = {
-        "cpu": {**cpu_info(), "class": cpu_class()},
+        "cpu": {**cpu_info(), "class": cpu_class(), "cpuid_mask": os.environ.get("CPUID_MASK")},
         "threads": args.threads,
         "files": len(files),
         "faces_from": f"test split of {args.cache}",

@@ -141,6 +141,7 @@ def main() -> None:
     done = len(latencies) + sum(errors.values())
     result = {
         "cpu": f"{cpu_info()['name']} ({cpu_class()}, {cpu_info()['cores']} cores)",
+        "cpuid_mask": os.environ.get("CPUID_MASK"),
         "model_file": health.get("checkpoint"),
         "backend": health.get("backend"),
         "server_threads": args.threads,

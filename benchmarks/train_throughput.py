@@ -44,22 +44,31 @@ _NO_WORK = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.def
             torch.ops.aten.detach.default}  # fmt: skip
 
 
-def fake_data(n: int, size: int, channels: int, device: torch.device) -> Data:
+def _fake_data(
+    n: int, size: int, channels: int, device: torch.device, soft_ages: int | None = None
+) -> Data:
+    """Random faces and labels; with ``soft_ages`` (a distilling recipe) random teacher outputs
+    too, a P(female) and an age distribution over that many ages (0: none): training computes
+    the teacher's outputs once before the first epoch, so a step costs the same with these."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=gen)
     age = torch.randint(1, 90, (n,), generator=gen).float()
     gender = torch.randint(0, 2, (n,), generator=gen).float()
-    return Data(
+    data = Data(
         None, {"train": x.to(device)}, {"train": age.to(device)}, {"train": gender.to(device)}
     )
+    if soft_ages is not None:
+        data.soft_gender = torch.rand(n, generator=gen).to(device)
+        data.soft_age = torch.rand(n, soft_ages, generator=gen).softmax(1).to(device)
+    return data
 
 
-def _per_step(count, epoch, batch: int, size: int, channels: int, device) -> float:
+def _per_step(count, epoch, make, batch: int, size: int, channels: int, device) -> float:
     """``count(run)`` (what running an epoch adds up to) per training step: epochs of 2 and 6
     steps differ by 4 steps, which cancels what every epoch does once (shuffle, closing sums)."""
     counts = []
     for steps in (2, 6):
-        data = fake_data(batch * steps, size, channels, device)  # its upload: made first
+        data = make(batch * steps, size, channels, device)  # its upload: made first
         counts.append(count(functools.partial(epoch, steps, data)))
     return (counts[1] - counts[0]) / 4
 
@@ -106,6 +115,8 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
     amp = use_amp(device, cfg.train.amp)
     channels = 1 if cfg.data.color == "gray" else 3
     model = build_model(cfg, device)
+    soft = getattr(model, "num_ages", 0) if cfg.distill.teacher else None
+    fake_data = functools.partial(_fake_data, soft_ages=soft)
     # the run's optimizer, streams and step (compiled, or captured as CUDA graphs on a sample)
     run = build_run(cfg, model, fake_data(batch, args.size, channels, device), device, amp, None)
     run.quiet = True
@@ -123,10 +134,10 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
 
     epoch(3)  # warm-up: allocator, kernel selection, compilation
     shape = (batch, args.size, channels, device)
-    syncs = _per_step(_host_syncs, epoch, *shape) if device.type == "cuda" else None
+    syncs = _per_step(_host_syncs, epoch, fake_data, *shape) if device.type == "cuda" else None
     # a compiled or captured graph is one call, not ops
     count = args.count_ops and not (cfg.train.compile or cfg.train.cuda_graphs)
-    ops = _per_step(_ops, epoch, *shape) if count else None
+    ops = _per_step(_ops, epoch, fake_data, *shape) if count else None
     rates = [epoch(args.steps) for _ in range(args.repeats)]
     return {
         "model": name,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import time
 import warnings
@@ -145,6 +146,7 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
         "batch": batch,
         "img_per_s": round(statistics.median(rates), 1),
         "device": device_name(device),
+        "cpuid_mask": os.environ.get("CPUID_MASK"),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "amp_bf16": amp,
         "compile": cfg.train.compile and cfg.train.compile_mode,

@@ -104,3 +104,20 @@ def test_avx2_only_hides_avx512_from_every_library():
     seen = json.loads(proc.stdout)
     assert seen["avx2"] and not (seen["avx512"] or seen["amx"] or seen["vnni"] or seen["bf16"])
     assert seen["class"] == seen["child"] == "avx2"
+
+
+@pytest.mark.slow
+def test_under_load(tmp_path):
+    from agegender.data import prepare
+    from agegender.synthetic import make_dataset
+
+    make_dataset(tmp_path / "faces", n=80, size=64, seed=5)
+    prepare([tmp_path / "faces"], tmp_path / "cache", size=64, quiet=True)
+    out = tmp_path / "load.json"
+    run("under_load.py", "--data", str(tmp_path / "faces"), "--cache", str(tmp_path / "cache"),
+        "--n", "3", "--busy", "0", "1", "--threads", "1", "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["faces"] == 3 and set(result["busy"]) == {"0", "1"}
+    for runs in result["busy"].values():
+        assert {"onnx int8", "onnx fp32", "torch fp32"} <= set(runs)
+        assert all(0 < r["median_ms"] <= r["p99_ms"] for r in runs.values())

@@ -1,0 +1,104 @@
+"""Batch-1 latency of one aligned face while other processes keep cores busy.
+
+    python benchmarks/under_load.py [--data ../shared/data/UTKFace --cache cache/utk128]
+        [--busy 0 1 --threads 2 --n 200] [--json F]
+
+A 2-core machine is rarely idle: a browser, an indexer, another job. OpenMP-style thread pools
+that spin and wait on each other suffer most when one of their threads is descheduled (the
+issue that asked for the torch-free path saw torch at 2 threads take 630 ms for one forward with
+one core busy). For each ``--busy`` count, that many ``while True: pass`` processes run beside
+this one while ``--n`` aligned test-split faces go one by one (decode, preprocess, the network)
+through each runtime: ONNX Runtime (``default`` int8 and fp32, as `agegender predict` runs it)
+and, where torch is installed, ``--backend torch``. Medians and 90th/99th percentiles; every
+runtime is timed within one busy setting, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from predict_speed import test_files  # this folder: python puts a script's on the path
+
+from agegender.predict import Predictor
+from agegender.runtime import cpu_class, cpu_info
+
+
+def runtimes(threads: int) -> dict[str, Predictor]:
+    out = {
+        f"onnx {precision}": Predictor.load(
+            "default", precision=precision, threads=threads, detector=None
+        )
+        for precision in ("int8", "fp32")
+    }
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return out
+    out["torch fp32"] = Predictor.load(
+        "default", backend="torch", device="cpu", amp="off", threads=threads, detector=None
+    )
+    return out
+
+
+def latency(predictor: Predictor, files: list[Path]) -> dict[str, float]:
+    for f in files[:10]:  # first calls allocate and pick kernels
+        predictor.predict(f, aligned=True)
+    ms = []
+    for f in files:
+        t0 = time.perf_counter()
+        predictor.predict(f, aligned=True)
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return {
+        f"{name}_ms": round(float(np.percentile(ms, q)), 2)
+        for name, q in (("median", 50), ("p90", 90), ("p99", 99))
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", default="../shared/data/UTKFace")
+    p.add_argument("--cache", default="cache/utk128", help="its test split gives the faces")
+    p.add_argument("--busy", type=int, nargs="+", default=[0, 1], help="busy processes beside")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n", type=int, default=200, help="faces timed per runtime and setting")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    files = test_files(Path(args.data), Path(args.cache), args.n, args.seed)
+    models = runtimes(args.threads)
+    out: dict[str, Any] = {
+        "cpu": {**cpu_info(), "class": cpu_class(), "cpuid_mask": os.environ.get("CPUID_MASK")},
+        "threads": args.threads,
+        "faces": len(files),
+        "busy": {},
+    }
+    for busy in args.busy:
+        spinners = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)
+        ]
+        try:
+            time.sleep(0.5 if busy else 0)  # the spinners running before the first face
+            out["busy"][str(busy)] = {name: latency(pr, files) for name, pr in models.items()}
+        finally:
+            for s in spinners:
+                s.kill()
+                s.wait()
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.json:
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,6 +9,7 @@ Every table is copied from a `results.md` that `agegender sweep` wrote, or compu
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -123,6 +124,13 @@ def model_card(evals: Path, run: Path) -> str:
     train = json.loads((run / "metrics.json").read_text())
     recipe = tomllib.loads((run / "config.toml").read_text())
     hours = train["train_seconds"] / 3600
+    # images/second from the epochs' own rows: the metrics.json of a run resumed before the fix
+    # counted only the last process's images over every epoch's seconds
+    with open(run / "history.csv", newline="") as f:
+        epochs = list(csv.DictReader(f))
+    img_s = (
+        sum(float(r["img_per_s"]) * float(r["seconds"]) for r in epochs) / train["train_seconds"]
+    )
     speed = Path("reports/speed/predict.json")
     b = json.loads(speed.read_text()) if speed.is_file() else None
     fast = (
@@ -171,9 +179,10 @@ leaves those and their near-copies out.
 ## Training
 `default`: `agegender train configs/student.toml data.cache=cache/utk128`: {train["epochs_run"]}
 epochs, AdamW one-cycle, batch augmentation, loss = hard labels (10 x gender BCE + DLDL) mixed
-with the teacher's flip-averaged outputs (weight {recipe["distill"]["weight"]}). {hours:.1f} hours on this project's
-2-core {train["device"]} (bf16 autocast, {train["train_img_per_s"]:.0f} images/s with the
-teacher's passes; the machine also ran other work for part of it). `accurate`:
+with the teacher's flip-averaged outputs (weight {recipe["distill"]["weight"]}). {hours:.1f} hours of epochs on this
+project's 2-core {train["device"]} (bf16 autocast, {img_s:.0f} images/s; the teacher's outputs,
+computed once before the first epoch, and each epoch's validation come on top; the machine also
+ran other work for part of it). `accurate`:
 `configs/default.toml`, 40 epochs, 108 minutes on the same CPU.
 
 ## Test metrics, on faces neither model saw

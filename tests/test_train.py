@@ -90,6 +90,9 @@ def test_resume_continues_a_killed_run_exactly(cache64, tmp_path, monkeypatch):
     assert main(["train", "--resume", str(killed), "--quiet"]) == 0
     rows = list(csv.DictReader((killed / "history.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
+    # images/second of the resumed process is its own epoch's, not its images over all epochs'
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["train_img_per_s"] == pytest.approx(float(rows[1]["img_per_s"]), rel=0.02)
     a, b = load_file(str(full / "last.safetensors")), load_file(str(killed / "last.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from an unbroken run"
 

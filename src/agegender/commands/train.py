@@ -494,7 +494,9 @@ def _run(
         f"{' bf16' if amp else ''}, {torch.get_num_threads()} threads"
         f"{f' x {world} processes' if world > 1 else ''} -> {out}"
     )
-    train_time, train_images = sum(h["seconds"] for h in run.history), 0
+    # seconds of the epochs a resumed run had done, then this process's own: images/second is
+    # this process's images over its own time (history keeps no image counts)
+    done_before, own_time, own_images = sum(h["seconds"] for h in run.history), 0.0, 0
     plotted, drawn = -math.inf, 0  # when curves.png was last drawn, and with how many epochs
     for epoch in range(start, t.epochs + 1):
         if distributed.is_distributed():
@@ -515,8 +517,8 @@ def _run(
         # va is summed over ranks, so every rank takes the same plateau and stopping decisions
         if run.sched is not None and not run.per_step:
             run.sched.step(va["loss"])
-        train_time += seconds
-        train_images += tr["images"]
+        own_time += seconds
+        own_images += tr["images"]
         before = plotted
         plotted = end_epoch(run, epoch, tr, va, seconds, plotted)
         drawn = len(run.history) if plotted != before else drawn
@@ -525,10 +527,11 @@ def _run(
             break
     if rank == 0 and drawn < len(run.history):  # the last epochs were not drawn yet
         plot_curves(run.history, out / "curves.png")
-    return finish(run, data, train_time, train_images)
+    img_s = own_images / own_time if own_time else 0.0
+    return finish(run, data, done_before + own_time, img_s)
 
 
-def finish(run: Run, data: Data, train_time: float, train_images: int) -> Path:
+def finish(run: Run, data: Data, train_time: float, img_s: float) -> Path:
     """Check that every rank holds the same weights, score the best checkpoint on every split
     with the recipe's TTA, write ``metrics.json`` and put the test score into the checkpoint."""
     cfg, device, out = run.cfg, run.device, run.out
@@ -549,7 +552,6 @@ def finish(run: Run, data: Data, train_time: float, train_images: int) -> Path:
     for split in ("train", "val", "test"):
         if len(data.x[split]):
             results[split] = validate(run, best, data, split, None, tta=cfg.train.tta)
-    img_s = train_images / train_time if train_images and train_time else 0.0
     metrics = {
         "best_epoch": run.best_epoch,
         "epochs_run": len(run.history),

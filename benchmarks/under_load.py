@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from predict_speed import test_files  # this folder: python puts a script's on the path
+from predict_speed import batch1, test_files  # this folder: python puts a script's on the path
 
 from agegender.predict import Predictor
 from agegender.runtime import cpu_class, cpu_info
@@ -46,20 +45,6 @@ def runtimes(threads: int) -> dict[str, Predictor]:
         "default", backend="torch", device="cpu", amp="off", threads=threads, detector=None
     )
     return out
-
-
-def latency(predictor: Predictor, files: list[Path]) -> dict[str, float]:
-    for f in files[:10]:  # first calls allocate and pick kernels
-        predictor.predict(f, aligned=True)
-    ms = []
-    for f in files:
-        t0 = time.perf_counter()
-        predictor.predict(f, aligned=True)
-        ms.append((time.perf_counter() - t0) * 1e3)
-    return {
-        f"{name}_ms": round(float(np.percentile(ms, q)), 2)
-        for name, q in (("median", 50), ("p90", 90), ("p99", 99))
-    }
 
 
 def main() -> int:
@@ -86,7 +71,7 @@ def main() -> int:
         ]
         try:
             time.sleep(0.5 if busy else 0)  # the spinners running before the first face
-            out["busy"][str(busy)] = {name: latency(pr, files) for name, pr in models.items()}
+            out["busy"][str(busy)] = {name: batch1(pr, files) for name, pr in models.items()}
         finally:
             for s in spinners:
                 s.kill()

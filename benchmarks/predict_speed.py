@@ -44,6 +44,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from agegender import fileio
 from agegender.data import parse_name
 from agegender.images import decode_rgb
 from agegender.predict import Predictor
@@ -131,6 +132,12 @@ def peer(python: str, *args: str) -> tuple[float, dict]:
     return seconds, json.loads(Path(args[-1]).read_text())
 
 
+def cpu_record() -> dict[str, Any]:
+    """The CPU as this process's libraries see it, its class, and the CPUID mask it runs under
+    (``benchmarks/avx2_only/run`` sets ``CPUID_MASK``)."""
+    return {**cpu_info(), "class": cpu_class(), "cpuid_mask": os.environ.get("CPUID_MASK")}
+
+
 def batch1(predictor: Predictor, files: list[Path]) -> dict[str, float]:
     """Milliseconds per aligned face, one file at a time: median, 90th and 99th percentile."""
     for f in files[:10]:  # first calls allocate and pick kernels
@@ -173,7 +180,7 @@ def main() -> int:
     load = [round(os.getloadavg()[0], 2)]
     files = test_files(Path(args.data), Path(args.cache), args.n, args.seed)
     out: dict[str, Any] = {
-        "cpu": {**cpu_info(), "class": cpu_class(), "cpuid_mask": os.environ.get("CPUID_MASK")},
+        "cpu": cpu_record(),
         "threads": args.threads,
         "files": len(files),
         "faces_from": f"test split of {args.cache}",
@@ -254,7 +261,7 @@ def main() -> int:
     out["load_average_1min"] = {"start": load[0], "end": load[1]}
     print(json.dumps(out, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        fileio.write_text(args.json, json.dumps(out, indent=1) + "\n")
     return 0
 
 

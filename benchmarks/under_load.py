@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from predict_speed import batch1, test_files  # this folder: python puts a script's on the path
+from predict_speed import (  # this folder: python puts a script's on the path
+    batch1,
+    cpu_record,
+    test_files,
+)
 
+from agegender import fileio
 from agegender.predict import Predictor
-from agegender.runtime import cpu_class, cpu_info
 
 
 def runtimes(threads: int) -> dict[str, Predictor]:
@@ -60,7 +63,7 @@ def main() -> int:
     files = test_files(Path(args.data), Path(args.cache), args.n, args.seed)
     models = runtimes(args.threads)
     out: dict[str, Any] = {
-        "cpu": {**cpu_info(), "class": cpu_class(), "cpuid_mask": os.environ.get("CPUID_MASK")},
+        "cpu": cpu_record(),
         "threads": args.threads,
         "faces": len(files),
         "busy": {},
@@ -79,9 +82,7 @@ def main() -> int:
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.json)
+        fileio.write_text(args.json, text + "\n")
     return 0
 
 

@@ -15,6 +15,10 @@ the device's name. On CUDA each row also counts the host syncs per step; ``--cou
 the ATen ops that do work per eager step (each a kernel launch on a GPU: the bound of a step
 too small to fill one). ``--cuda-graphs`` (CUDA only) replays each step's forward and backward
 as CUDA graphs, as ``train.cuda_graphs=true`` does.
+
+``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` in front gives an AVX2 CPU's training step
+on a newer x86 CPU (every CPU kernel of a step is oneDNN's or ATen's, and both obey these); each
+row records the capability torch ran with.
 """
 
 from __future__ import annotations
@@ -147,6 +151,12 @@ def bench(args: argparse.Namespace, name: str, batch: int, device: torch.device)
         "img_per_s": round(statistics.median(rates), 1),
         "device": device_name(device),
         "cpuid_mask": os.environ.get("CPUID_MASK"),
+        # the kernels torch runs: ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA can hold them below
+        # what the CPU has (an AVX2 machine's training step on a newer CPU)
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()
+        if device.type == "cpu"
+        else None,
+        "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "amp_bf16": amp,
         "compile": cfg.train.compile and cfg.train.compile_mode,

@@ -384,3 +384,20 @@ def test_balanced_training_draws_each_race_alike(cache64, tmp_path):
     assert counts.max() > 2 * counts[counts > 0].min()  # ... which the data alone would not do
     out = train(cfg, quiet=True)  # and a balanced run trains like any other
     assert json.loads((out / "metrics.json").read_text())["test_mae"] > 0
+
+
+@pytest.mark.parametrize(
+    ("bf16", "capability", "expected"),
+    [(True, "AVX512", True), (False, "AVX512", False), (True, "AVX2", False)],
+)
+def test_amp_auto_needs_native_bf16_on_cpu(monkeypatch, bf16, capability, expected):
+    """AVX-512 without AVX512-BF16/AMX (Skylake) emulates bf16, slower than fp32: auto stays
+    fp32 there, as on a CPU whose torch kernels are held to AVX2."""
+    from agegender import torch_runtime
+
+    info = dict(torch_runtime.cpu_info(), bf16=bf16)
+    monkeypatch.setattr(torch_runtime, "cpu_info", lambda: info)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert torch_runtime.use_amp(torch.device("cpu"), "auto") is expected
+    assert torch_runtime.use_amp(torch.device("cpu"), "off") is False

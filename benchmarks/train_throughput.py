@@ -5,7 +5,7 @@ step) on random uint8 faces held on the device.
 
     python benchmarks/train_throughput.py --models seed-cnn resnet-mt --batch-sizes 32 128 512 \
         --threads 2 --steps 20 [--amp off] [--compile [--compile-mode reduce-overhead]] \
-        [--cuda-graphs] [--count-ops] [--json out.json]
+        [--cuda-graphs] [--count-ops] [--json out.json [--append]]
 
 Each (model, batch size) gets a fresh model built by the recipe (``--recipe``, default
 ``configs/default.toml``, with ``model.name`` and ``train.batch_size`` overridden), one warm-up
@@ -34,6 +34,7 @@ import warnings
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from agegender import fileio
 from agegender.commands.train import (
     build_model,
     build_run,
@@ -188,6 +189,12 @@ def main() -> None:
         "--count-ops", action="store_true", help="also count the ATen ops of an eager step"
     )
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add the rows to those --json holds (settings that need their own process: "
+        "ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,8 +209,11 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             rows.append(r)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        earlier = []
+        if args.append and os.path.exists(args.json):
+            with open(args.json) as f:
+                earlier = json.load(f)
+        fileio.write_text(args.json, json.dumps(earlier + rows, indent=1) + "\n")
     print("\n| model | batch | img/s | device | threads | bf16 | compile | CUDA graphs |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -75,3 +75,22 @@ def test_full_runs_section_names_device_and_missing_runs(tmp_path):
     text = "\n".join(make_report.full_runs_section(tmp_path))
     assert "| 39 of 40 | 93.0% / 4.77 | +2.3% | 72 min, 134 img/s (CPU) |" in text
     assert "(not run yet)" in text  # the other recipes' folders are absent
+
+
+def test_retrain_lines_quote_each_retraining_from_its_files(tmp_path):
+    run = tmp_path / "student-epyc"
+    run.mkdir()
+    metrics = {"device": "AMD EPYC", "threads": 2, "amp": True, "epochs_run": 75,
+               "test_acc": 0.93574, "test_mae": 4.8733}  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "command.txt").write_text(
+        '/usr/bin/time -f "%e s wall" agegender train configs/student.toml \\\n'
+        "    run.out=runs/student-epyc\n2973.84 s wall: the whole command\n"
+    )
+    (run / "time.txt").write_text("2973.84 s wall\n")
+    (tmp_path / "student-unfinished").mkdir()  # no time.txt: left out
+    (line,) = make_report.retrain_lines(tmp_path)
+    assert line.startswith(
+        "- `agegender train configs/student.toml run.out=runs/student-epyc`: 50 minutes"
+    )
+    assert "2-thread AMD EPYC, bf16, 75 epochs: test 93.57% / 4.87" in line

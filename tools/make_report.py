@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -113,6 +114,33 @@ def _row(name: str, m: dict) -> str:
             f"{_cover(m)} |")  # fmt: skip
 
 
+def retrain_lines(reports: Path) -> list[str]:
+    """One line per retraining of the default's recipe on another CPU: each ``student-*`` folder
+    holding the run's ``metrics.json``, its ``command.txt`` (the command first, continued
+    with backslashes) and ``time.txt`` (``/usr/bin/time -f "%e s wall"`` of the whole command)."""
+    lines = []
+    for folder in sorted(reports.glob("student-*")):
+        if not all((folder / f).is_file() for f in ("metrics.json", "command.txt", "time.txt")):
+            continue
+        m = json.loads((folder / "metrics.json").read_text())
+        command = []
+        for line in (folder / "command.txt").read_text().splitlines():
+            command.append(line.rstrip("\\").strip())
+            if not line.endswith("\\"):
+                break
+        wall = float((folder / "time.txt").read_text().split()[0])
+        cpu = m["device"] + (" with AVX2 only" if "avx2_only" in command[0] else "")
+        shown = re.sub(r"^/usr/bin/time -f \"[^\"]*\" ", "", " ".join(command))
+        took = f"{wall / 60:.0f} minutes" if wall < 5400 else f"{wall / 3600:.2f} hours"
+        lines.append(
+            f"- `{shown}`: {took}, the whole command, "
+            f"on a {m['threads']}-thread {cpu}, {'bf16' if m['amp'] else 'fp32'}, "
+            f"{m['epochs_run']} epochs: test {m['test_acc']:.2%} / {m['test_mae']:.2f} "
+            f"(`{folder}/`)"
+        )
+    return lines
+
+
 def model_card(evals: Path, run: Path) -> str:
     """MODEL_CARD.md from the evaluations of the two bundled models (``evals``: the folders
     ``eval-default``, ``eval-accurate``, ``eval-default-whole-folder`` and the bundling reports
@@ -145,6 +173,11 @@ def model_card(evals: Path, run: Path) -> str:
         else "Speed: run `python benchmarks/predict_speed.py` on your CPU."
     )
     int8 = {n: bundled[n]["onnx_int8"] for n in bundled}
+    retrained = retrain_lines(run.parent)
+    if retrained:
+        retrained = "\nThe default's recipe retrained on other 2-core CPUs:\n" + "\n".join(
+            retrained
+        )
     worst = "\n".join(worst_lines(m)).strip()
     worst = worst[0].lower() + worst[1:]  # after "`default`'s"
     return f"""# Model card: agegender `default` and `accurate`
@@ -184,6 +217,7 @@ project's 2-core {train["device"]} (bf16 autocast, {img_s:.0f} images/s; the tea
 computed once before the first epoch, and each epoch's validation come on top; the machine also
 ran other work for part of it). `accurate`:
 `configs/default.toml`, 40 epochs, 108 minutes on the same CPU.
+{retrained}
 
 ## Test metrics, on faces neither model saw
 `agegender evaluate MODEL --data cache/utk128 --split test`:

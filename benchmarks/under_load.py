@@ -1,7 +1,7 @@
 """Batch-1 latency of one aligned face while other processes keep cores busy.
 
     python benchmarks/under_load.py [--data ../shared/data/UTKFace --cache cache/utk128]
-        [--busy 0 1 --threads 2 --n 200] [--json F]
+        [--busy 0 1 --threads 2 --n 200] [--no-spin] [--json F]
 
 A 2-core machine is rarely idle: a browser, an indexer, another job. OpenMP-style thread pools
 that spin and wait on each other suffer most when one of their threads is descheduled (the
@@ -31,15 +31,21 @@ from predict_speed import (  # this folder: python puts a script's on the path
 
 from agegender import fileio
 from agegender.predict import Predictor
+from agegender.runtime import OnnxBackend
 
 
-def runtimes(threads: int) -> dict[str, Predictor]:
+def runtimes(threads: int, no_spin: bool) -> dict[str, Predictor]:
     out = {
         f"onnx {precision}": Predictor.load(
             "default", precision=precision, threads=threads, detector=None
         )
         for precision in ("int8", "fp32")
     }
+    if no_spin:  # the same files, their idle threads sleeping instead of spinning
+        for precision in ("int8", "fp32"):
+            pr = Predictor.load("default", precision=precision, threads=threads, detector=None)
+            pr.backend = OnnxBackend(pr.backend.path, threads, spin=False)
+            out[f"onnx {precision}, no spin"] = pr
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -59,9 +65,14 @@ def main() -> int:
     p.add_argument("--n", type=int, default=200, help="faces timed per runtime and setting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--no-spin",
+        action="store_true",
+        help="also time ONNX Runtime with session.intra_op.allow_spinning=0",
+    )
     args = p.parse_args()
     files = test_files(Path(args.data), Path(args.cache), args.n, args.seed)
-    models = runtimes(args.threads)
+    models = runtimes(args.threads, args.no_spin)
     out: dict[str, Any] = {
         "cpu": cpu_record(),
         "threads": args.threads,

@@ -117,9 +117,10 @@ def test_under_load(tmp_path):
     prepare([tmp_path / "faces"], tmp_path / "cache", size=64, quiet=True)
     out = tmp_path / "load.json"
     run("under_load.py", "--data", str(tmp_path / "faces"), "--cache", str(tmp_path / "cache"),
-        "--n", "3", "--busy", "0", "1", "--threads", "1", "--json", str(out))  # fmt: skip
+        "--n", "3", "--busy", "0", "1", "--threads", "1", "--no-spin",
+        "--json", str(out))  # fmt: skip
     result = json.loads(out.read_text())
     assert result["faces"] == 3 and set(result["busy"]) == {"0", "1"}
     for runs in result["busy"].values():
-        assert {"onnx int8", "onnx fp32", "torch fp32"} <= set(runs)
+        assert {"onnx int8", "onnx fp32", "onnx int8, no spin", "torch fp32"} <= set(runs)
         assert all(0 < r["median_ms"] <= r["p99_ms"] for r in runs.values())

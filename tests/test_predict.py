@@ -592,3 +592,20 @@ def test_cpu_record_falls_back_to_proc_cpuinfo(monkeypatch):
         assert runtime.cpu_info()["amx"] is False and runtime.cpu_class() == "avx2"
     finally:
         runtime.cpu_info.cache_clear()
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="no bundled model in this checkout")
+def test_onnx_threads_that_sleep_answer_the_same():
+    from agegender.runtime import OnnxBackend
+
+    predictor = Predictor.load(detector=None)
+    spinning = predictor.backend
+    sleeping = OnnxBackend(spinning.path, threads=2, spin=False)
+    options = sleeping.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    side = predictor.size
+    faces = np.stack(
+        [cv2.resize(synthetic_face(k), (side, side)).mean(-1, keepdims=True) for k in range(3)]
+    ).astype(np.uint8)
+    a, b = spinning(faces, tta=False), sleeping(faces, tta=False)
+    assert np.allclose(a["age"], b["age"]) and np.allclose(a["p_female"], b["p_female"])

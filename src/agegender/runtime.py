@@ -145,8 +145,12 @@ class OnnxLoadError(AgeGenderError):
     """ONNX Runtime could not build a session from a file (its one-line reason)."""
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
+def onnx_session(path: str | os.PathLike, threads: int | None = None, spin: bool = True) -> Any:
     """An ``onnxruntime.InferenceSession`` on the CPU with ``threads`` intra-op threads.
+
+    ``spin=False`` makes idle intra-op threads sleep instead of spinning for work: less CPU
+    burnt between requests and less harm when another process holds a core, some latency on an
+    idle machine (``benchmarks/under_load.py --no-spin`` measures both).
 
     Raises :class:`OnnxLoadError` when the file is not a loadable model.
     """
@@ -159,6 +163,8 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -174,9 +180,11 @@ class OnnxBackend:
     views are merged by :func:`merge_views`.
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, threads: int | None = None, spin: bool = True
+    ) -> None:
         self.path = Path(path)
-        self.session = onnx_session(path, threads)
+        self.session = onnx_session(path, threads, spin)
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
 

@@ -98,8 +98,11 @@ def accuracy(files: list[Path], ages: list[float | None], females: list[bool | N
     }
 
 
-def whole_process(files_list: Path, out: Path, threads: int, model: str) -> tuple[float, list]:
-    """``agegender predict`` on every file of ``files_list``: wall seconds and the faces."""
+def whole_process(
+    files_list: Path, out: Path, threads: int, model: str, *options: str
+) -> tuple[float, list]:
+    """``agegender predict`` on every file of ``files_list`` (with ``options``): wall seconds
+    and the faces."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     files = files_list.read_text().split("\n")
     t0 = time.perf_counter()
@@ -116,6 +119,7 @@ def whole_process(files_list: Path, out: Path, threads: int, model: str) -> tupl
             "--output",
             str(out),
             "--quiet",
+            *options,
         ],
         check=True,
         env=env,

@@ -58,6 +58,8 @@ def free_port() -> int:
 def start_server(port: int, args: argparse.Namespace) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "agegender", "serve", "--port", str(port), "--model", args.model]
     cmd += ["--workers", str(args.workers), "--queue", str(args.queue)]
+    if args.spin is not None:
+        cmd.append("--spin" if args.spin else "--no-spin")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -88,6 +90,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="server inference threads")
     ap.add_argument("--queue", type=int, default=16, help="server queue (503 beyond)")
     ap.add_argument("--threads", type=int, default=2, help="the server's OpenMP threads")
+    ap.add_argument(
+        "--spin",
+        action=argparse.BooleanOptionalAction,
+        help="the server's --spin / --no-spin (without either: its default)",
+    )
     ap.add_argument("--n", type=int, default=200, help="distinct faces to send")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the result to this file")
@@ -146,6 +153,7 @@ def main() -> None:
         "backend": health.get("backend"),
         "server_threads": args.threads,
         "workers": args.workers,
+        "spin": health.get("spin", args.spin),
         "clients": args.clients,
         "seconds": args.seconds,
         "requests": done,

@@ -8,9 +8,11 @@ that spin and wait on each other suffer most when one of their threads is desche
 issue that asked for the torch-free path saw torch at 2 threads take 630 ms for one forward with
 one core busy). For each ``--busy`` count, that many ``while True: pass`` processes run beside
 this one while ``--n`` aligned test-split faces go one by one (decode, preprocess, the network)
-through each runtime: ONNX Runtime (``default`` int8 and fp32, as `agegender predict` runs it)
-and, where torch is installed, ``--backend torch``. Medians and 90th/99th percentiles; every
-runtime is timed within one busy setting, side by side.
+through each runtime: ONNX Runtime (``default`` int8 and fp32, its idle threads spinning, as
+:class:`~agegender.predict.Predictor` has them by default; with ``--no-spin`` also sleeping, as
+``agegender predict`` and ``serve`` have them) and, where torch is installed, ``--backend
+torch``. Medians and 90th/99th percentiles; every runtime is timed within one busy setting,
+side by side.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from predict_speed import (  # this folder: python puts a script's on the path
 
 from agegender import fileio
 from agegender.predict import Predictor
-from agegender.runtime import OnnxBackend
 
 
 def runtimes(threads: int, no_spin: bool) -> dict[str, Predictor]:
@@ -41,11 +42,11 @@ def runtimes(threads: int, no_spin: bool) -> dict[str, Predictor]:
         )
         for precision in ("int8", "fp32")
     }
-    if no_spin:  # the same files, their idle threads sleeping instead of spinning
+    if no_spin:  # the same files, their idle threads sleeping (the command line's default)
         for precision in ("int8", "fp32"):
-            pr = Predictor.load("default", precision=precision, threads=threads, detector=None)
-            pr.backend = OnnxBackend(pr.backend.path, threads, spin=False)
-            out[f"onnx {precision}, no spin"] = pr
+            out[f"onnx {precision}, no spin"] = Predictor.load(
+                "default", precision=precision, threads=threads, detector=None, spin=False
+            )
     try:
         import torch  # noqa: F401
     except ImportError:

@@ -124,3 +124,25 @@ def test_under_load(tmp_path):
     for runs in result["busy"].values():
         assert {"onnx int8", "onnx fp32", "onnx int8, no spin", "torch fp32"} <= set(runs)
         assert all(0 < r["median_ms"] <= r["p99_ms"] for r in runs.values())
+
+
+@pytest.mark.slow
+def test_spin(tmp_path):
+    from agegender.data import prepare
+    from agegender.synthetic import make_dataset
+
+    make_dataset(tmp_path / "faces", n=80, size=64, seed=5)
+    prepare([tmp_path / "faces"], tmp_path / "cache", size=64, quiet=True)
+    out = tmp_path / "spin.json"
+    run("spin.py", "--data", str(tmp_path / "faces"), "--cache", str(tmp_path / "cache"),
+        "--n", "4", "--single", "3", "--repeats", "1", "--serve-seconds", "1", "--threads", "1",
+        "--group-runs", "1",
+        "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert set(result["modes"]) == {"spin", "no spin"} and result["files"] == 4
+    for m in result["modes"].values():
+        assert m["whole_process_s"] > 0 and m["serve"]["errors"] == 0
+        assert m["serve"]["requests_per_s"] > 0
+        assert m["group_yunet"]["median_ms"] > 0 and m["group_yunet-fast"]["median_ms"] > 0
+        for b in (m["batch1_idle"], m["batch1_one_core_busy"]):
+            assert 0 < b["median_ms"] <= b["p99_ms"]

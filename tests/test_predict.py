@@ -609,3 +609,41 @@ def test_onnx_threads_that_sleep_answer_the_same():
     ).astype(np.uint8)
     a, b = spinning(faces, tta=False), sleeping(faces, tta=False)
     assert np.allclose(a["age"], b["age"]) and np.allclose(a["p_female"], b["p_female"])
+
+
+def _spinning(backend) -> bool:
+    """Whether an ONNX session's idle threads spin (ONNX Runtime's default unless told)."""
+    options = backend.session.get_session_options()
+    try:
+        return options.get_session_config_entry("session.intra_op.allow_spinning") != "0"
+    except RuntimeError:  # not set
+        return True
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="no bundled model in this checkout")
+def test_commands_let_idle_onnx_threads_sleep_and_the_library_spins(monkeypatch, tmp_path):
+    """``agegender predict`` (decoding beside the network) and ``serve`` (HTTP beside it) run
+    ONNX Runtime with sleeping idle threads, the measured faster setting there, as a Predictor
+    with a detector does; one without keeps them spinning; ``--spin`` turns them back on."""
+    from agegender.commands import predict as predict_command
+    from agegender.commands.cli import build_parser
+
+    assert _spinning(Predictor.load(detector=None).backend)  # aligned faces, nothing between
+    assert not _spinning(Predictor.load().backend)  # OpenCV's detection runs between runs
+    assert build_parser("serve").parse_args(["serve"]).spin is False
+    spins = []
+    real = Predictor.load
+
+    def spy(*args, **kwargs):
+        predictor = real(*args, **kwargs)
+        spins.append(_spinning(predictor.backend))
+        return predictor
+
+    monkeypatch.setattr(predict_command.Predictor, "load", staticmethod(spy))
+    Image.fromarray(synthetic_face(0)).save(tmp_path / "a.png")
+    for flag in ([], ["--spin"]):
+        out = tmp_path / f"out{len(flag)}.jsonl"
+        args = [str(tmp_path / "a.png"), "--aligned", "--output", str(out), "--quiet"]
+        assert main(["predict", *args, "--workers", "1", *flag]) == 0
+        assert json.loads(out.read_text())["faces"]
+    assert spins == [False, True]

@@ -58,13 +58,14 @@ def post(client, data: bytes, name: str = "x.jpg", **form) -> object:
     return client.post("/api/predict", files={"image": (name, data)}, data=form)
 
 
-def test_health_page_and_docs(client):
+def test_health_page_and_docs(client, predictor):
     health = client.get("/health").json()
     assert health["status"] == "ok"
     sidecar = json.loads(bundled("default").with_suffix(".json").read_text())
     assert health["model"] == sidecar["model"]["name"]  # the bundled default's own network
     assert health["input"] == {"size": 128, "color": "gray"}
     assert health["device"] == "cpu"
+    assert health["spin"] is predictor.backend.spin  # the shared predictor's own setting
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     # no CDN: the page must work without internet

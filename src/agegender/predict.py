@@ -44,9 +44,9 @@ def onnx_meta(backend: OnnxBackend) -> dict[str, Any] | None:
     return json.loads(text) if text else None
 
 
-def _open_onnx(path: Path, threads: int | None) -> OnnxBackend:
+def _open_onnx(path: Path, threads: int | None, spin: bool) -> OnnxBackend:
     try:
-        return OnnxBackend(path, threads)
+        return OnnxBackend(path, threads, spin)
     except OnnxLoadError as e:
         raise AgeGenderError(f"cannot load the ONNX model {path}: {e}") from None
 
@@ -148,7 +148,9 @@ def _onnx_model(
     return None, checkpoint or resolve_checkpoint(model)
 
 
-def _onnx_backend(path: Path, onnx_path: Path | None, threads: int | None) -> OnnxBackend:
+def _onnx_backend(
+    path: Path, onnx_path: Path | None, threads: int | None, spin: bool
+) -> OnnxBackend:
     """ONNX Runtime on ``onnx_path``, or on the export of the checkpoint at ``path`` (made on
     first use next to it, or in the user's cache for the bundled model)."""
     onnx_file = onnx_path or path.with_suffix(".onnx")
@@ -161,7 +163,7 @@ def _onnx_backend(path: Path, onnx_path: Path | None, threads: int | None) -> On
 
         export_onnx(path, onnx_file)
     try:
-        return OnnxBackend(onnx_file, threads)
+        return OnnxBackend(onnx_file, threads, spin)
     except OnnxLoadError as e:
         if fresh:
             raise AgeGenderError(f"cannot load the ONNX model {onnx_file}: {e}") from None
@@ -171,7 +173,7 @@ def _onnx_backend(path: Path, onnx_path: Path | None, threads: int | None) -> On
 
     export_onnx(path, onnx_file)  # written atomically
     try:
-        return OnnxBackend(onnx_file, threads)
+        return OnnxBackend(onnx_file, threads, spin)
     except OnnxLoadError as e:
         raise AgeGenderError(
             f"cannot load the ONNX model {onnx_file}, even exported again: {e}"
@@ -217,6 +219,7 @@ class Predictor:
         detector: str | None = "yunet",
         amp: str = "auto",
         precision: str = "auto",
+        spin: bool | None = None,
     ) -> Predictor:
         """Load ``model``: ``default`` (the bundled fast model), ``accurate`` (the bundled
         larger one), a run folder, a checkpoint or an ``.onnx`` file.
@@ -229,7 +232,10 @@ class Predictor:
         augmentation; ``None`` follows the model's recipe. ``threads``: intra-op threads
         (default: every core this process may use). ``detector=None`` accepts aligned faces
         only. ``amp`` (torch): ``auto`` runs bf16 autocast where the hardware does bf16
-        natively, ``bf16`` forces it, ``off`` keeps fp32.
+        natively, ``bf16`` forces it, ``off`` keeps fp32. ``spin`` (onnx): idle ONNX Runtime
+        threads spin waiting for work, or sleep (see :func:`agegender.runtime.onnx_session`);
+        ``None`` spins only without a detector: with one, OpenCV's detection runs between
+        network runs and spinning threads would take its cores (``benchmarks/spin.py``).
         """
         if backend not in BACKENDS:
             raise AgeGenderError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -240,6 +246,8 @@ class Predictor:
         if backend == "onnx" and device not in ("auto", "cpu"):
             raise AgeGenderError(f"--device {device} runs on torch: add --backend torch")
         net = None
+        if spin is None:
+            spin = detector is None
         if backend == "torch":
             path = resolve_checkpoint(model)
             meta = read_meta(path)
@@ -247,9 +255,9 @@ class Predictor:
         else:
             onnx_file, path = _onnx_model(model, onnx_path, precision)
             if onnx_file is None:  # a checkpoint without its ONNX file: exported once, here
-                runner = _onnx_backend(path, None, threads)
+                runner = _onnx_backend(path, None, threads, spin)
             else:
-                runner = _open_onnx(onnx_file, threads)
+                runner = _open_onnx(onnx_file, threads, spin)
             meta = onnx_meta(runner) or read_meta(path)
             path = path or runner.path
         if tta is None:

@@ -148,9 +148,10 @@ class OnnxLoadError(AgeGenderError):
 def onnx_session(path: str | os.PathLike, threads: int | None = None, spin: bool = True) -> Any:
     """An ``onnxruntime.InferenceSession`` on the CPU with ``threads`` intra-op threads.
 
-    ``spin=False`` makes idle intra-op threads sleep instead of spinning for work: less CPU
-    burnt between requests and less harm when another process holds a core, some latency on an
-    idle machine (``benchmarks/under_load.py --no-spin`` measures both).
+    ``spin``: idle intra-op threads spin waiting for work (ONNX Runtime's own default: the
+    lowest latency when nothing else wants the cores); ``False`` lets them sleep, which leaves
+    the cores to this process's other threads (decoding the next images, answering HTTP) and to
+    other programs (``benchmarks/spin.py`` times both).
 
     Raises :class:`OnnxLoadError` when the file is not a loadable model.
     """
@@ -183,7 +184,7 @@ class OnnxBackend:
     def __init__(
         self, path: str | os.PathLike, threads: int | None = None, spin: bool = True
     ) -> None:
-        self.path = Path(path)
+        self.path, self.spin = Path(path), spin
         self.session = onnx_session(path, threads, spin)
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]

@@ -109,6 +109,16 @@ def _precision(p: argparse.ArgumentParser, where: str) -> None:
     )
 
 
+def _spin(p: argparse.ArgumentParser, where: str) -> None:
+    p.add_argument(
+        "--spin",
+        action=argparse.BooleanOptionalAction,
+        default=_default(where, "spin"),
+        help="ONNX Runtime's idle threads spin waiting for work: faster one image at a time on "
+        "an idle machine, slower when other threads or programs need the cores",
+    )
+
+
 def _backend(p: argparse.ArgumentParser, where: str) -> None:
     p.add_argument(
         "--backend",
@@ -407,6 +417,7 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
     _tta(p)
     _backend(p, at)
     _precision(p, at)
+    _spin(p, at)
     _amp(p, at)
     p.add_argument(
         "--batch-size", type=_int_in(1), default=_default(at, "batch_size"), help="images a batch"
@@ -442,7 +453,7 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
                 raise ConfigError(f"--fps must be in (0, 1000], got {a.fps}")
             from agegender.commands.video import predict_video
 
-            keys = ("tta", "backend", "device", "amp", "precision")
+            keys = ("tta", "backend", "device", "amp", "precision", "spin")
             return predict_video(
                 a.camera if a.camera is not None else videos[0], a.model, a.output, a.frames,
                 a.csv, a.annotate, a.fps, a.detect_every, a.detector or _default(vat, "detector"),
@@ -455,7 +466,7 @@ def _predict(p: argparse.ArgumentParser) -> Handler:
         from agegender.commands.predict import predict_files
 
         keys = ("model", "aligned", "output", "tta", "backend", "batch_size", "device", "amp")
-        kw = {k: getattr(a, k) for k in (*keys, "precision", "workers", "resume")}
+        kw = {k: getattr(a, k) for k in (*keys, "precision", "spin", "workers", "resume")}
         kw.update(detector=a.detector or _default(at, "detector"), ordered=not a.unordered)
         return predict_files(a.paths, annotate_dir=a.annotate, quiet=a.quiet, **kw)
 
@@ -556,6 +567,7 @@ def _serve(p: argparse.ArgumentParser) -> Handler:
     _device(p, app)
     _backend(p, app)
     _precision(p, app)
+    _spin(p, app)
     _amp(p, app)
     _tta(p)
     p.add_argument(
@@ -583,7 +595,7 @@ def _serve(p: argparse.ArgumentParser) -> Handler:
 
         keys = ("model", "workers", "queue", "max_upload_mb", "max_video_mb", "device", "backend")
         keys += ("tta", "amp")
-        keys += ("precision", "api_key")
+        keys += ("precision", "spin", "api_key")
         kw = {k: getattr(a, k) for k in keys}
         kw.update(allow_hosts=tuple(a.allow_host), allow_origins=tuple(a.allow_origin))
         serve(host=a.host, port=a.port, **kw)

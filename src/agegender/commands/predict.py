@@ -82,6 +82,7 @@ def predict_files(
     quiet: bool = False,
     amp: str = "auto",
     precision: str = "auto",
+    spin: bool = False,
     detector: str = "yunet",
     workers: int = 0,
     ordered: bool = True,
@@ -99,7 +100,9 @@ def predict_files(
     process, decoding in a thread beside the network; 0: :func:`auto_workers`). Results come
     in input order, or as they are done with ``ordered=False``. ``resume``: the images
     already in ``output`` (or in ``OUTPUT.partial``, what an interrupted run left) are kept
-    and not predicted again.
+    and not predicted again. ``spin``: idle ONNX Runtime threads spin
+    for work; off by default, since decoding runs in a thread beside the network and needs a
+    core between its runs (``benchmarks/spin.py``).
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
@@ -117,7 +120,8 @@ def predict_files(
     targets = _annotated_paths(files, Path(annotate_dir), inputs) if annotate_dir else []
     workers = workers or auto_workers(len(files), aligned)
     load = {"model": model, "device": device, "tta": tta, "backend": backend, "amp": amp,
-            "detector": None if aligned else detector, "precision": precision}  # fmt: skip
+            "detector": None if aligned else detector, "precision": precision,
+            "spin": spin}  # fmt: skip
     out_f, tmp = None, None
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)

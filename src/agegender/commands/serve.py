@@ -287,6 +287,7 @@ def create_app(
     tta: bool | None = None,
     amp: str = "auto",
     precision: str = "auto",
+    spin: bool = False,
     host: str = "127.0.0.1",
     allow_hosts: tuple[str, ...] = (),
     allow_origins: tuple[str, ...] = (),
@@ -309,6 +310,8 @@ def create_app(
         max_video_mb: largest clip ``/api/video`` accepts (see
             :mod:`agegender.commands.serve_video` for its other limits).
         device, backend, tta, amp, precision: as :meth:`Predictor.load` takes them.
+        spin: idle ONNX Runtime threads spin for work; off by default, so that they leave
+            the cores to the threads that parse and decode uploads (``benchmarks/spin.py``).
         host: the interface the service is bound to: only its names are answered (a web page
             cannot drive a loopback service through DNS rebinding), with ``allow_hosts``.
         allow_origins: web origins besides the service's own whose pages may post to it.
@@ -317,8 +320,9 @@ def create_app(
     _check_options(workers, queue, max_upload_mb, max_batch, max_video_mb)
     if predictor is None:
         predictor = Predictor.load(
-            model, device=device, backend=backend, tta=tta, amp=amp, precision=precision
-        )
+            model, device=device, backend=backend, tta=tta, amp=amp, precision=precision,
+            spin=spin,
+        )  # fmt: skip
     pool = ThreadPoolExecutor(workers, thread_name_prefix="agegender")
     limits = Limits(int(max_upload_mb * 1e6), max_batch, max_pixels, int(max_video_mb * 1e6))
 
@@ -397,6 +401,7 @@ def _add_routes(
             "backend": backend_name.lower(),
             "input": {"size": predictor.size, "color": predictor.color},
             "tta": predictor.tta,
+            "spin": getattr(predictor.backend, "spin", None),  # ONNX Runtime's; torch: None
             **settings,
             "in_flight": batcher.inside,
         }

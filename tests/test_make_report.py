@@ -94,3 +94,19 @@ def test_retrain_lines_quote_each_retraining_from_its_files(tmp_path):
         "- `agegender train configs/student.toml run.out=runs/student-epyc`: 50 minutes"
     )
     assert "2-thread AMD EPYC, bf16, 75 epochs: test 93.57% / 4.87" in line
+
+
+def test_retrain_lines_name_torch_held_to_its_avx2_kernels(tmp_path):
+    run = tmp_path / "student-zen4-avx2"
+    run.mkdir()
+    metrics = {"device": "AMD EPYC", "threads": 2, "amp": False, "epochs_run": 45,
+               "test_acc": 0.934, "test_mae": 4.95}  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "command.txt").write_text(
+        '/usr/bin/time -f "%e s wall" env ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \\\n'
+        "    agegender train configs/student.toml train.epochs=45\n"
+    )
+    (run / "time.txt").write_text("6000.5 s wall\n")
+    (line,) = make_report.retrain_lines(tmp_path)
+    assert "1.67 hours" in line
+    assert "2-thread AMD EPYC on torch's AVX2 kernels, fp32, 45 epochs" in line

@@ -130,6 +130,8 @@ def retrain_lines(reports: Path) -> list[str]:
                 break
         wall = float((folder / "time.txt").read_text().split()[0])
         cpu = m["device"] + (" with AVX2 only" if "avx2_only" in command[0] else "")
+        if "ATEN_CPU_CAPABILITY=avx2" in command[0]:  # torch held to its AVX2 kernels
+            cpu += " on torch's AVX2 kernels"
         shown = re.sub(r"^/usr/bin/time -f \"[^\"]*\" ", "", " ".join(command))
         took = f"{wall / 60:.0f} minutes" if wall < 5400 else f"{wall / 3600:.2f} hours"
         lines.append(

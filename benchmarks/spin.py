@@ -36,6 +36,7 @@ from typing import Any
 from predict_speed import (  # this folder: python puts a script's on the path
     batch1,
     cpu_record,
+    face_options,
     group_photo,
     group_time,
     test_files,
@@ -84,15 +85,10 @@ def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", default="../shared/data/UTKFace")
-    p.add_argument("--cache", default="cache/utk128", help="its test split gives the faces")
-    p.add_argument("--n", type=int, default=2308, help="aligned crops for the whole process")
-    p.add_argument("--single", type=int, default=300, help="files timed one by one")
-    p.add_argument("--threads", type=int, default=2)
+    face_options(p)
     p.add_argument("--repeats", type=int, default=3, help="rounds over the modes")
     p.add_argument("--group-runs", type=int, default=15)
     p.add_argument("--serve-seconds", type=float, default=15.0, help="0: leave serve out")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()
 

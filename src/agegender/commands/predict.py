@@ -100,9 +100,9 @@ def predict_files(
     process, decoding in a thread beside the network; 0: :func:`auto_workers`). Results come
     in input order, or as they are done with ``ordered=False``. ``resume``: the images
     already in ``output`` (or in ``OUTPUT.partial``, what an interrupted run left) are kept
-    and not predicted again. ``spin``: idle ONNX Runtime threads spin
-    for work; off by default, since decoding runs in a thread beside the network and needs a
-    core between its runs (``benchmarks/spin.py``).
+    and not predicted again. ``spin``: idle ONNX Runtime threads spin for work; off by
+    default, since decoding runs in a thread beside the network and needs a core between the
+    network's runs (``benchmarks/spin.py``).
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")

@@ -89,6 +89,8 @@ if [ -z "${SKIP_SPEED:-}" ]; then
   .venv/bin/python benchmarks/train_throughput.py --threads 2 --steps 8 --repeats 2 --batch-sizes 128 --compile --json reports/speed/train_throughput_compile.json
   .venv/bin/python benchmarks/train_throughput.py --threads 2 --steps 8 --repeats 2 --batch-sizes 128 --amp off --json reports/speed/train_throughput_fp32.json
   .venv/bin/python benchmarks/serve_load.py --clients 8 --seconds 20 --json reports/speed/serve_load.json
+  .venv/bin/python benchmarks/under_load.py --no-spin --json reports/speed/under_load.json
+  .venv/bin/python benchmarks/spin.py --json reports/speed/spin.json
 fi
 # 5a. Fine-tuning on your own (shifted) data, the README's worked example
 rm -rf /tmp/finetune-shift

@@ -108,13 +108,18 @@ def test_avx2_only_hides_avx512_from_every_library():
     assert seen["class"] == seen["child"] == "avx2"
 
 
-@pytest.mark.slow
-def test_under_load(tmp_path):
+def _faces_and_cache(tmp_path: Path) -> None:
+    """80 synthetic aligned faces in tmp_path/faces, prepared into tmp_path/cache."""
     from agegender.data import prepare
     from agegender.synthetic import make_dataset
 
     make_dataset(tmp_path / "faces", n=80, size=64, seed=5)
     prepare([tmp_path / "faces"], tmp_path / "cache", size=64, quiet=True)
+
+
+@pytest.mark.slow
+def test_under_load(tmp_path):
+    _faces_and_cache(tmp_path)
     out = tmp_path / "load.json"
     run("under_load.py", "--data", str(tmp_path / "faces"), "--cache", str(tmp_path / "cache"),
         "--n", "3", "--busy", "0", "1", "--threads", "1", "--no-spin",
@@ -128,11 +133,7 @@ def test_under_load(tmp_path):
 
 @pytest.mark.slow
 def test_spin(tmp_path):
-    from agegender.data import prepare
-    from agegender.synthetic import make_dataset
-
-    make_dataset(tmp_path / "faces", n=80, size=64, seed=5)
-    prepare([tmp_path / "faces"], tmp_path / "cache", size=64, quiet=True)
+    _faces_and_cache(tmp_path)
     out = tmp_path / "spin.json"
     run("spin.py", "--data", str(tmp_path / "faces"), "--cache", str(tmp_path / "cache"),
         "--n", "4", "--single", "3", "--repeats", "1", "--serve-seconds", "1", "--threads", "1",

@@ -77,17 +77,22 @@ def test_full_runs_section_names_device_and_missing_runs(tmp_path):
     assert "(not run yet)" in text  # the other recipes' folders are absent
 
 
+def _retraining(folder: Path, metrics: dict, command: str, wall: str) -> None:
+    """A reports/student-* folder as retrain_lines reads it."""
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "command.txt").write_text(command)
+    (folder / "time.txt").write_text(f"{wall} s wall\n")
+
+
 def test_retrain_lines_quote_each_retraining_from_its_files(tmp_path):
-    run = tmp_path / "student-epyc"
-    run.mkdir()
     metrics = {"device": "AMD EPYC", "threads": 2, "amp": True, "epochs_run": 75,
                "test_acc": 0.93574, "test_mae": 4.8733}  # fmt: skip
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    (run / "command.txt").write_text(
+    command = (
         '/usr/bin/time -f "%e s wall" agegender train configs/student.toml \\\n'
         "    run.out=runs/student-epyc\n2973.84 s wall: the whole command\n"
     )
-    (run / "time.txt").write_text("2973.84 s wall\n")
+    _retraining(tmp_path / "student-epyc", metrics, command, "2973.84")
     (tmp_path / "student-unfinished").mkdir()  # no time.txt: left out
     (line,) = make_report.retrain_lines(tmp_path)
     assert line.startswith(
@@ -97,16 +102,13 @@ def test_retrain_lines_quote_each_retraining_from_its_files(tmp_path):
 
 
 def test_retrain_lines_name_torch_held_to_its_avx2_kernels(tmp_path):
-    run = tmp_path / "student-zen4-avx2"
-    run.mkdir()
     metrics = {"device": "AMD EPYC", "threads": 2, "amp": False, "epochs_run": 45,
                "test_acc": 0.934, "test_mae": 4.95}  # fmt: skip
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    (run / "command.txt").write_text(
+    command = (
         '/usr/bin/time -f "%e s wall" env ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \\\n'
         "    agegender train configs/student.toml train.epochs=45\n"
     )
-    (run / "time.txt").write_text("6000.5 s wall\n")
+    _retraining(tmp_path / "student-zen4-avx2", metrics, command, "6000.5")
     (line,) = make_report.retrain_lines(tmp_path)
     assert "1.67 hours" in line
     assert "2-thread AMD EPYC on torch's AVX2 kernels, fp32, 45 epochs" in line

@@ -590,6 +590,19 @@ def test_cpu_record_falls_back_to_proc_cpuinfo(monkeypatch):
         monkeypatch.setattr(runtime, "_cpuid_features", lambda: {"AVX", "AVX2"})
         runtime.cpu_info.cache_clear()
         assert runtime.cpu_info()["amx"] is False and runtime.cpu_class() == "avx2"
+        # NumPy told not to use AVX-512 (NPY_DISABLE_CPU_FEATURES) still reports AVX512F, and
+        # neither VNNI nor bf16 counts without AVX-512; AVX-VNNI (VEX) only on a CPU that has
+        # no AVX-512 to hide
+        told = {"AVX", "AVX2", "AVX512F", "AVX512VNNI", "AVX512BF16"}
+        monkeypatch.setattr(runtime, "_cpuid_features", lambda: told)
+        runtime.cpu_info.cache_clear()
+        info = runtime.cpu_info()
+        assert runtime.cpu_class() == "avx2" and not info["bf16"]
+        assert info["vnni"] == ("avx_vnni" in flags and "avx512f" not in flags)
+        monkeypatch.setattr(runtime, "_cpuid_features", lambda: told | {"AVX512_SKX"})
+        runtime.cpu_info.cache_clear()
+        info = runtime.cpu_info()
+        assert info["avx512"] and info["vnni"] and info["bf16"]
     finally:
         runtime.cpu_info.cache_clear()
 

@@ -81,10 +81,13 @@ def cpu_info() -> dict[str, Any]:
     """The CPU's name and what this process may use of it: cores, AVX2, AVX-512, VNNI, AMX,
     bf16.
 
-    Features come from CPUID as this process sees it (:func:`_cpuid_features`); AMX, which
-    NumPy does not report, from ``/proc/cpuinfo``, counted only where AVX-512 is visible too
-    (every AMX CPU has it, and hiding AVX-512 hides AMX). Without NumPy's view, from
-    ``/proc/cpuinfo`` alone.
+    Features come from CPUID as this process sees it (:func:`_cpuid_features`); AMX and
+    AVX-VNNI (the VEX form: Alder Lake, Zen 5), which NumPy does not report, from
+    ``/proc/cpuinfo``, each counted only where that agrees with what this process sees of
+    AVX-512: AMX only where AVX-512 is visible (every AMX CPU has it, and hiding AVX-512 hides
+    AMX), AVX-VNNI where AVX-512 is visible or the CPU has none (a process told to leave
+    AVX-512 alone, as ``benchmarks/avx2_only`` does, is told to leave AVX-VNNI too). Without
+    NumPy's view, from ``/proc/cpuinfo`` alone.
     """
     name, flags = platform.processor() or platform.machine() or "cpu", set()
     try:
@@ -101,8 +104,13 @@ def cpu_info() -> dict[str, Any]:
         avx2, avx512 = "avx2" in flags, "avx512f" in flags
         vnni, bf16 = bool({"avx512_vnni", "avx_vnni"} & flags), "avx512_bf16" in flags
     else:
-        avx2, avx512 = "AVX2" in seen, "AVX512F" in seen
-        vnni, bf16 = "AVX512VNNI" in seen, "AVX512BF16" in seen
+        # AVX-512 counts where NumPy may dispatch to it (its Skylake-X target, X86_V4 in
+        # NumPy 2), so that NPY_DISABLE_CPU_FEATURES hides it here as it does from NumPy
+        avx2 = "AVX2" in seen
+        avx512 = "AVX512F" in seen and bool({"AVX512_SKX", "X86_V4"} & seen)
+        vex_vnni = "avx_vnni" in flags and (avx512 or "avx512f" not in flags)
+        vnni = (avx512 and "AVX512VNNI" in seen) or vex_vnni
+        bf16 = avx512 and "AVX512BF16" in seen
     amx = avx512 and "amx_tile" in flags
     return {
         "name": name,

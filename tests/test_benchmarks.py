@@ -144,6 +144,23 @@ def test_avx2_only_onnx_runtime_answers_as_the_real_one():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05, rtol=0.02)
 
 
+@pytest.mark.slow
+def test_detector_accuracy(utkface_dir, cache64, tmp_path):
+    """Real test-split faces pasted on photos: every detector setting finds nearly all of them
+    and is scored on what it found, beside the aligned reference."""
+    out = tmp_path / "detectors.json"
+    run("detector_accuracy.py", "--data", str(utkface_dir), "--cache", str(cache64),
+        "--n", "12", "--roll", "20", "--threads", "1", "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["faces"] == 12 and result["photos"] == 2 and result["aligned"]["n"] == 12
+    for name in ("yunet", "yunet-fast"):
+        r = result[name]
+        assert r["found"] >= 10 and r["on_found"]["n"] == r["found"]
+        assert 0 <= r["on_found"]["gender_accuracy"] <= 1 and r["on_found"]["age_mae"] >= 0
+        assert r["on_found_by_all"]["n"] == result["aligned_on_found_by_all"]["n"]
+        assert r["median_ms_per_photo"] > 0
+
+
 def _faces_and_cache(tmp_path: Path) -> None:
     """80 synthetic aligned faces in tmp_path/faces, prepared into tmp_path/cache."""
     from agegender.data import prepare

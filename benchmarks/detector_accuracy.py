@@ -1,17 +1,20 @@
 """What each face-detector setting costs and gains on photos: accuracy and time, side by side.
 
     python benchmarks/detector_accuracy.py [--data ../shared/data/UTKFace --cache cache/utk128]
-        [--n 600 --roll 30 --threads 2 --seed 0] [--json F]
+        [--n 600 --roll 30 --threads 2 --seed 0] [--detector yunet:refine=2,flip=false ...]
+        [--json F]
 
 ``--n`` aligned UTKFace faces of the test split of ``--cache`` (no bundled model trained on
 them), a seeded sample, are pasted six at a time on 1280x886 photos, each at 180-250 px and
 rolled by an angle drawn from [-``--roll``, ``--roll``] degrees, saved as JPEG (quality 90), and
 given to ``Predictor.predict`` as a user's photo: decode, detect, align, the network. For each
-detector setting (``yunet``, ``yunet-fast``): how many faces it finds (a detection whose box
-centre lies within a third of the face's side of where it was pasted), gender accuracy and age
-MAE on them, the same on the faces every setting found (the paired comparison), stray
-detections, and the median milliseconds per photo. As the reference, the same faces through
-``--aligned`` (UTKFace's own alignment, no detector). ``default`` model, its CPU's precision.
+detector setting (``yunet`` and ``yunet-fast``, or each ``--detector NAME[:KEY=VALUE,...]``, the
+values as :func:`~agegender.detect.get_detector` takes them): how many faces it finds (a
+detection whose box centre lies within a third of the face's side of where it was pasted),
+gender accuracy and age MAE on them, the same on the faces every setting found (the paired
+comparison), stray detections, and the median milliseconds per photo. As the reference, the same
+faces through ``--aligned`` (UTKFace's own alignment, no detector). ``default`` model, the CPU's
+precision (``precision=auto``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from tqdm import tqdm
 
 from agegender import fileio
 from agegender.data import parse_name
-from agegender.detect import list_detectors
+from agegender.detect import get_detector, list_detectors
+from agegender.errors import ConfigError
 from agegender.images import decode_rgb
 from agegender.predict import Predictor
 
@@ -98,6 +102,19 @@ def scores(faces: list, labels: list) -> dict[str, Any]:
     }
 
 
+def detector_setting(text: str) -> tuple[str, dict[str, Any]]:
+    """``"yunet:refine=1,flip=false"`` -> ``("yunet", {"refine": 1, "flip": False})``."""
+    name, _, rest = text.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE")
+        low = value.lower()
+        kwargs[key] = low == "true" if low in ("true", "false") else json.loads(value)
+    return name, kwargs
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", default="../shared/data/UTKFace")
@@ -106,6 +123,12 @@ def main() -> int:
     p.add_argument("--roll", type=float, default=30.0, help="largest roll, degrees")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--detector",
+        action="append",
+        type=detector_setting,
+        help="a setting to compare, NAME[:KEY=VALUE,...] (repeatable; default: every name)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.n < 1 or args.roll < 0:
@@ -115,8 +138,20 @@ def main() -> int:
     labels = [parse_name(f.name) for f in files]
     rng = random.Random(args.seed)
     angles = [rng.uniform(-args.roll, args.roll) for _ in files]
-    detectors = list_detectors()
-    predictors = {d: Predictor.load("default", threads=args.threads, detector=d) for d in detectors}
+    settings = args.detector or [(name, {}) for name in list_detectors()]
+    predictors = {}
+    for name, kwargs in settings:
+        label = name + "".join(f" {k}={v}" for k, v in kwargs.items())
+        # as Predictor.load(detector=...) has it: ONNX Runtime's idle threads sleep
+        predictors[label] = Predictor.load(
+            "default", threads=args.threads, detector=None, spin=False
+        )
+        try:
+            predictors[label].detector = get_detector(name, **kwargs)
+        except ConfigError as e:
+            print(f"detector_accuracy: --detector: {e}", file=sys.stderr)
+            return 2
+    detectors = list(predictors)
     aligned = Predictor.load("default", threads=args.threads, detector=None)
     found: dict[str, list] = {d: [] for d in detectors}
     stray = dict.fromkeys(detectors, 0)
@@ -126,7 +161,8 @@ def main() -> int:
         crops = [decode_rgb(f) for f in files[start : start + 6]]
         jpeg, where = photo(crops, angles[start : start + 6])
         reference += [aligned.predict(c, aligned=True)[0] for c in crops]
-        for d in detectors[(start // 6) % 2 :] + detectors[: (start // 6) % 2]:  # alternate
+        turn = (start // 6) % len(detectors)  # each setting first in turn
+        for d in detectors[turn:] + detectors[:turn]:
             t0 = time.perf_counter()
             faces = predictors[d].predict(jpeg)
             ms[d].append((time.perf_counter() - t0) * 1e3)

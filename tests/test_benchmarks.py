@@ -159,6 +159,12 @@ def test_detector_accuracy(utkface_dir, cache64, tmp_path):
         assert 0 <= r["on_found"]["gender_accuracy"] <= 1 and r["on_found"]["age_mae"] >= 0
         assert r["on_found_by_all"]["n"] == result["aligned_on_found_by_all"]["n"]
         assert r["median_ms_per_photo"] > 0
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "detector_accuracy.py"), "--data",
+         str(utkface_dir), "--cache", str(cache64), "--n", "6", "--detector", "yunet:refine=-1"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "refine" in bad.stderr and bad.stderr.count("\n") == 1
 
 
 def _faces_and_cache(tmp_path: Path) -> None:
@@ -182,6 +188,23 @@ def test_under_load(tmp_path):
     for runs in result["busy"].values():
         assert {"onnx int8", "onnx fp32", "onnx int8, no spin", "torch fp32"} <= set(runs)
         assert all(0 < r["median_ms"] <= r["p99_ms"] for r in runs.values())
+
+
+@pytest.mark.slow
+def test_predict_speed(tmp_path):
+    """Without a peer: the whole process, batch 1 and the group photo in alternating rounds."""
+    _faces_and_cache(tmp_path)
+    out = tmp_path / "speed.json"
+    run("predict_speed.py", "--data", str(tmp_path / "faces"), "--cache", str(tmp_path / "cache"),
+        "--n", "4", "--single", "3", "--repeats", "1", "--group-runs", "1", "--group-rounds", "2",
+        "--threads", "1", "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["files"] == 4 and result["whole_process_s"]["ours"] > 0
+    assert result["cpu"]["class"] in ("amx", "avx512", "avx2", "basic")
+    assert all(0 < b["median_ms"] <= b["p99_ms"] for b in result["batch1"].values())
+    assert set(result["group"]) == {"ours, yunet", "ours, yunet-fast"}
+    for g in result["group"].values():
+        assert len(g["rounds_ms"]) == 2 and min(g["rounds_ms"]) <= g["median_ms"]
 
 
 @pytest.mark.slow

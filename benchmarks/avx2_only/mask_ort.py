@@ -15,7 +15,7 @@ modules, each replacement as long as what it replaces:
   XCR0 answer leaves them visible), and MLAS reads it this way.
 
 Other CPUID readers inside (the cpuinfo library, for core counts and the CPU's name) keep the
-real answer. ``run`` checks which kernels a run used by sampling it (``check_kernels``).
+real answer. ``kernels.py`` beside it shows which kernels a run executes.
 
     python benchmarks/avx2_only/mask_ort.py CACHE_DIR   # patch this interpreter's copy, say where
 

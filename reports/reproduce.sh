@@ -91,6 +91,16 @@ if [ -z "${SKIP_SPEED:-}" ]; then
   .venv/bin/python benchmarks/serve_load.py --clients 8 --seconds 20 --json reports/speed/serve_load.json
   .venv/bin/python benchmarks/under_load.py --no-spin --json reports/speed/under_load.json
   .venv/bin/python benchmarks/spin.py --json reports/speed/spin.json
+  for roll in 0 30; do  # what each detector setting costs on photos (accuracy holds on any CPU)
+    .venv/bin/python benchmarks/detector_accuracy.py --n 4000 --roll $roll --json reports/speed/detectors_roll$roll.json
+  done
+  # as an AVX2-only CPU (the README's AVX2 columns), on an AVX-512 machine; suffix: the host
+  A2=benchmarks/avx2_only/run; SFX=${AVX2_SUFFIX:-zen5_avx2}
+  $A2 .venv/bin/python benchmarks/predict_speed.py ${PEER_PYTHON:+--peer-python "$PEER_PYTHON"} --repeats 3 --group-rounds 5 --json reports/speed/predict_$SFX.json
+  $A2 .venv/bin/python benchmarks/serve_load.py --clients 8 --seconds 20 --json reports/speed/serve_load_$SFX.json
+  $A2 .venv/bin/python benchmarks/under_load.py --no-spin --json reports/speed/under_load_$SFX.json
+  .venv/bin/python benchmarks/avx2_only/kernels.py src/agegender/weights/default.int8.onnx --samples 40 > reports/speed/kernels_${SFX%_avx2}.json
+  $A2 .venv/bin/python benchmarks/avx2_only/kernels.py src/agegender/weights/default.int8.onnx --samples 40 > reports/speed/kernels_$SFX.json
 fi
 # 5a. Fine-tuning on your own (shifted) data, the README's worked example
 rm -rf /tmp/finetune-shift

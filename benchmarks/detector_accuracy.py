@@ -36,11 +36,11 @@ from PIL import Image
 from predict_speed import (  # this folder: python puts a script's on the path
     GROUP_SIDES,
     cpu_record,
+    emit,
     test_files,
 )
 from tqdm import tqdm
 
-from agegender import fileio
 from agegender.data import parse_name
 from agegender.detect import get_detector, list_detectors
 from agegender.errors import ConfigError
@@ -191,10 +191,7 @@ def main() -> int:
             ),
             "median_ms_per_photo": round(statistics.median(ms[d]), 1),
         }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json:
-        fileio.write_text(args.json, text + "\n")
+    emit(out, args.json)
     return 0
 
 

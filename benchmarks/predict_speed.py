@@ -137,6 +137,14 @@ def peer(python: str, *args: str) -> tuple[float, dict]:
     return seconds, json.loads(Path(args[-1]).read_text())
 
 
+def emit(out: dict[str, Any], json_path: str | None) -> None:
+    """Print a benchmark's record, and write it (atomically) to ``json_path`` when given."""
+    text = json.dumps(out, indent=1)
+    print(text)
+    if json_path:
+        fileio.write_text(json_path, text + "\n")
+
+
 def cpu_record() -> dict[str, Any]:
     """The CPU as this process's libraries see it, its class, and the CPUID mask it runs under
     (``benchmarks/avx2_only/run`` sets ``CPUID_MASK``)."""
@@ -286,9 +294,7 @@ def main() -> int:
         }
     load.append(round(os.getloadavg()[0], 2))
     out["load_average_1min"] = {"start": load[0], "end": load[1]}
-    print(json.dumps(out, indent=1))
-    if args.json:
-        fileio.write_text(args.json, json.dumps(out, indent=1) + "\n")
+    emit(out, args.json)
     return 0
 
 

@@ -36,6 +36,7 @@ from typing import Any
 from predict_speed import (  # this folder: python puts a script's on the path
     batch1,
     cpu_record,
+    emit,
     face_options,
     group_photo,
     group_time,
@@ -43,7 +44,6 @@ from predict_speed import (  # this folder: python puts a script's on the path
     whole_process,
 )
 
-from agegender import fileio
 from agegender.predict import Predictor
 
 MODES = {"spin": True, "no spin": False}
@@ -129,10 +129,7 @@ def main() -> int:
             k: round(statistics.median(v), 2) if k == "whole_process_s" else medians(v)
             for k, v in r.items()
         }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json:
-        fileio.write_text(args.json, text + "\n")
+    emit(out, args.json)
     print("\n| ONNX Runtime threads | whole process s | batch 1 idle ms "
           "| one core busy: median, p99 ms | group photo ms: yunet, yunet-fast "
           "| serve req/s, p99 ms |")  # fmt: skip

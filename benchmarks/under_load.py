@@ -18,7 +18,6 @@ side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -28,10 +27,10 @@ from typing import Any
 from predict_speed import (  # this folder: python puts a script's on the path
     batch1,
     cpu_record,
+    emit,
     test_files,
 )
 
-from agegender import fileio
 from agegender.predict import Predictor
 
 
@@ -91,10 +90,7 @@ def main() -> int:
             for s in spinners:
                 s.kill()
                 s.wait()
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json:
-        fileio.write_text(args.json, text + "\n")
+    emit(out, args.json)
     return 0
 
 

@@ -83,6 +83,16 @@ def test_finetune_shift(cache64, tmp_path):
 
 
 def _avx2_only(probe: str) -> subprocess.CompletedProcess:
+    """``probe`` run by ``benchmarks/avx2_only/run``; skips where neither of its ways can run."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    if " avx2" not in flags:
+        pytest.skip("not an x86 CPU with AVX2")
+    if "cpuid_fault" in flags:
+        if shutil.which(os.environ.get("CC", "cc")) is None:  # what the runner builds with
+            pytest.skip("no C compiler")
+    elif shutil.which("objdump") is None:
+        pytest.skip("no CPUID faulting here, and no objdump to patch ONNX Runtime's copy")
     return subprocess.run(
         [str(ROOT / "benchmarks" / "avx2_only" / "run"), sys.executable, "-c", probe],
         capture_output=True,
@@ -96,15 +106,6 @@ def test_avx2_only_hides_avx512_from_every_library():
     """``benchmarks/avx2_only/run`` makes NumPy, ONNX Runtime's neighbours and our CPU record
     see an AVX2-only CPU; the speed figures for AVX2 machines come from it on this project's
     AVX-512 machines, so it must really hide what it says (children of the command included)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    if " avx2" not in flags:
-        pytest.skip("not an x86 CPU with AVX2")
-    if "cpuid_fault" in flags:
-        if shutil.which(os.environ.get("CC", "cc")) is None:  # what the runner builds with
-            pytest.skip("no C compiler")
-    elif shutil.which("objdump") is None:
-        pytest.skip("no CPUID faulting here, and no objdump to patch ONNX Runtime's copy")
     probe = (
         "import json, os, subprocess, sys, onnxruntime; from agegender.runtime import cpu_info,"
         " cpu_class; child = subprocess.run([sys.executable, '-c', 'from agegender.runtime"
@@ -125,10 +126,6 @@ def test_avx2_only_hides_avx512_from_every_library():
 def test_avx2_only_onnx_runtime_answers_as_the_real_one():
     """The masked ONNX Runtime (AVX2 kernels, patched or CPUID-faulted) loads the bundled int8
     model and gives the answers the real one gives, to int8 rounding."""
-    if " avx2" not in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""):
-        pytest.skip("not an x86 CPU with AVX2")
-    if "cpuid_fault" not in Path("/proc/cpuinfo").read_text() and shutil.which("objdump") is None:
-        pytest.skip("no CPUID faulting here, and no objdump to patch ONNX Runtime's copy")
     probe = (
         "import json, numpy as np, onnxruntime as ort;"
         f"s = ort.InferenceSession({str(BUNDLED_INT8)!r}, providers=['CPUExecutionProvider']);"

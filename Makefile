@@ -9,7 +9,7 @@ FULL := $(VENV)/.full-$(SUM)
 TORCH := torch==2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: install light browser demo test lint format clean
+.PHONY: install light browser demo test lint format docs clean
 
 install: $(FULL)
 light: $(LIGHT)
@@ -57,6 +57,10 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format src tests benchmarks tools
 	$(VENV)/bin/ruff check --fix src tests benchmarks tools
+
+# the documentation site from docs/ and mkdocs.yml, into build/site/ (offline, self-contained)
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf demo-output .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -32,12 +32,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from agegender import fileio
-from agegender.data import GENDERS, RACES, open_cache
-from agegender.runtime import cpu_info
+from agegender.core import fileio
+from agegender.data.cache import open_cache
+from agegender.data.utkface import GENDERS, RACES
+from agegender.inference.runtime import cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
-AGEGENDER = [sys.executable, "-m", "agegender.commands.cli"]
+AGEGENDER = [sys.executable, "-m", "agegender.cli.main"]
 
 
 def poor_camera(face: np.ndarray, rng: np.random.Generator) -> bytes:

@@ -26,9 +26,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from agegender import fileio
-from agegender import near_dups as nd
-from agegender.data import open_cache
+from agegender.core import fileio
+from agegender.data import near_dups as nd
+from agegender.data.cache import open_cache
 
 LOOSE = 0.25  # pairs up to this median difference are drawn: both sides of the threshold
 

@@ -45,11 +45,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from agegender import fileio
-from agegender.data import parse_name
-from agegender.images import decode_rgb
-from agegender.predict import Predictor
-from agegender.runtime import cpu_class, cpu_info
+from agegender.core import fileio
+from agegender.data.utkface import parse_name
+from agegender.inference.predictor import Predictor
+from agegender.inference.runtime import cpu_class, cpu_info
+from agegender.vision.images import decode_rgb
 
 GROUP_SIDES = (180, 250, 200, 230, 190, 240)
 HERE = Path(__file__).resolve().parent

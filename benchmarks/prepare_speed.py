@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from agegender.data import prepare
+from agegender.data.prepare import prepare
+from agegender.vision.images import face_config
 
 
 def main() -> None:
@@ -33,7 +34,8 @@ def main() -> None:
 
     def timed(tmp: str) -> tuple[float, dict]:
         t = time.perf_counter()
-        kw = dict(size=args.size, color=args.color, workers=args.workers, quiet=True)
+        config = face_config(args.size, args.color)
+        kw = dict(data_config=config, workers=args.workers, quiet=True)
         summary = prepare([args.data_dir], tmp, **kw)
         return time.perf_counter() - t, summary
 

@@ -35,15 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agegender import fileio
-from agegender.data import open_cache
-from agegender.runtime import cpu_info
+from agegender.core import fileio
+from agegender.data.cache import open_cache
+from agegender.inference.runtime import cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def configs(files: Path, out: Path, cores: int) -> dict[str, list[str]]:
-    predict = [sys.executable, "-m", "agegender.commands.cli", "predict", str(files), "--quiet"]
+    predict = [sys.executable, "-m", "agegender.cli.main", "predict", str(files), "--quiet"]
     ray = [sys.executable, "-m", "agegender.integrations.ray", str(files)]
     return {
         "predict, 1 worker": [*predict, "--output", str(out / "w1.jsonl"), "--workers", "1"],

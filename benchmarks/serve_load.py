@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from agegender.predict import ASTRONAUT
-from agegender.runtime import cpu_class, cpu_info
+from agegender.inference.predictor import ASTRONAUT
+from agegender.inference.runtime import cpu_class, cpu_info
 
 
 def faces(data: str | None, n: int, seed: int) -> tuple[list[bytes], str]:

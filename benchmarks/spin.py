@@ -44,7 +44,7 @@ from predict_speed import (  # this folder: python puts a script's on the path
     whole_process,
 )
 
-from agegender.predict import Predictor
+from agegender.inference.predictor import Predictor
 
 MODES = {"spin": True, "no spin": False}
 HERE = Path(__file__).resolve().parent

@@ -1,5 +1,5 @@
 """Training images/second through the real training step,
-:func:`agegender.commands.train.train_one_epoch` (batch augmentation on the device, bf16
+:func:`agegender.training.train.train_one_epoch` (batch augmentation on the device, bf16
 autocast where fast, channels_last, optimizer and scheduler steps, no host sync inside the
 step) on random uint8 faces held on the device.
 
@@ -34,17 +34,17 @@ import warnings
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from agegender import fileio
-from agegender.commands.train import (
+from agegender.core import fileio
+from agegender.core.config import load_config
+from agegender.training.dataset import Data
+from agegender.training.optim import build_scheduler
+from agegender.training.torch_backend import device_name, resolve_device, use_amp
+from agegender.training.train import (
     build_model,
     build_run,
     train_one_epoch,
     wrap_for_training,
 )
-from agegender.config import load_config
-from agegender.dataset import Data
-from agegender.optim import build_scheduler
-from agegender.torch_runtime import device_name, resolve_device, use_amp
 
 _NO_WORK = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
             torch.ops.aten.detach.default}  # fmt: skip

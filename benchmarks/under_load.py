@@ -9,7 +9,7 @@ issue that asked for the torch-free path saw torch at 2 threads take 630 ms for 
 one core busy). For each ``--busy`` count, that many ``while True: pass`` processes run beside
 this one while ``--n`` aligned test-split faces go one by one (decode, preprocess, the network)
 through each runtime: ONNX Runtime (``default`` int8 and fp32, its idle threads spinning, as
-:class:`~agegender.predict.Predictor` has them by default; with ``--no-spin`` also sleeping, as
+:class:`~agegender.inference.predictor.Predictor` has them by default; with ``--no-spin`` also sleeping, as
 ``agegender predict`` and ``serve`` have them) and, where torch is installed, ``--backend
 torch``. Medians and 90th/99th percentiles; every runtime is timed within one busy setting,
 side by side.
@@ -31,7 +31,7 @@ from predict_speed import (  # this folder: python puts a script's on the path
     test_files,
 )
 
-from agegender.predict import Predictor
+from agegender.inference.predictor import Predictor
 
 
 def runtimes(threads: int, no_spin: bool) -> dict[str, Predictor]:
@@ -50,7 +50,9 @@ def runtimes(threads: int, no_spin: bool) -> dict[str, Predictor]:
         import torch  # noqa: F401
     except ImportError:
         return out
-    out["torch fp32"] = Predictor.load(
+    from agegender.training.loading import open_predictor
+
+    out["torch fp32"] = open_predictor(
         "default", backend="torch", device="cpu", amp="off", threads=threads, detector=None
     )
     return out

@@ -4,7 +4,7 @@ pooled over frames against single frames.
     python benchmarks/video_speed.py [--data ../shared/data/UTKFace --cache cache/utk128
         --clips 3 --threads 2 --json reports/speed/video.json]
 
-Each clip is :func:`agegender.synthetic.group_pan`: six UTKFace faces of the test split of
+Each clip is :func:`agegender.data.synthetic.group_pan`: six UTKFace faces of the test split of
 ``--cache`` (seeded; no bundled model trained on them) standing as in a group photo, the camera
 panning and zooming over them for 10 s at 25 fps, 640x360, written as MP4 and read back as a
 user's video is. Every face is in the picture throughout, so a run is right when it finds six
@@ -41,12 +41,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agegender.data import parse_name
-from agegender.images import decode_rgb
-from agegender.predict import Predictor
-from agegender.runtime import cpu_class, cpu_info
-from agegender.synthetic import Scene, group_pan, write_video
-from agegender.video import iou
+from agegender.data.synthetic import Scene, group_pan, write_video
+from agegender.data.utkface import parse_name
+from agegender.inference.predictor import Predictor
+from agegender.inference.runtime import cpu_class, cpu_info
+from agegender.vision.detect import iou
+from agegender.vision.images import decode_rgb
 
 CONFIGS = (  # (model, detector, detect_every)
     ("default", "yunet-fast", 1),
@@ -117,7 +117,7 @@ def run_clip(path: Path, scene: Scene, labels: list, model: str, detector: str, 
             continue
         age, gender = labels[owner[t["track"]]][:2]
         pooled_err.append(abs(t["age"] - age))
-        pooled_ok.append((t["gender"] == "female") == (gender == 1))
+        pooled_ok.append(t["gender"] == ("female" if gender == 1 else "male"))  # "?": wrong
         faces = per_frame.get(t["track"], [])
         frame_err += [abs(f.age - age) for f in faces]
         frame_ok += [(f.gender == "female") == (gender == 1) for f in faces]
@@ -139,6 +139,30 @@ def run_clip(path: Path, scene: Scene, labels: list, model: str, detector: str, 
 def _share(flags: Any) -> float:
     flags = list(flags)
     return round(sum(flags) / max(len(flags), 1), 3)
+
+
+def _summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    """Per configuration, its clips' runs pooled: medians of speeds, sums and means of errors."""
+    summary = {}
+    for name, runs in results.items():
+        pooled = [e for r in runs for e in r["pooled_errors"]]
+        frame = [e for r in runs for e in r["frame_errors"]]
+        summary[name] = {
+            "x_real_time": round(statistics.median(r["duration"] / r["seconds"] for r in runs), 2),
+            "frames_per_s": round(statistics.median(r["frames"] / r["seconds"] for r in runs), 1),
+            "tracks": [r["tracks"] for r in runs],
+            "faces_found": [r["faces_found"] for r in runs],
+            "id_switches": sum(r["id_switches"] for r in runs),
+            "pooled_mae": round(float(np.mean(pooled)), 2),
+            "frame_mae": round(float(np.mean(frame)), 2),
+            "pooled_gender": _share(g for r in runs for g in r["pooled_gender"]),
+            "frame_gender": _share(g for r in runs for g in r["frame_gender"]),
+            "age_spread": round(statistics.median(s for r in runs for s in r["age_spread"]), 2),
+            "frame_age_spread": round(
+                statistics.median(s for r in runs for s in r["frame_age_spread"]), 2
+            ),
+        }
+    return summary
 
 
 def main() -> int:
@@ -180,25 +204,7 @@ def main() -> int:
             command.append({"clip": c, "seconds": round(wall, 2), "duration": duration,
                             "tracks": n})  # fmt: skip
             print(f"clip {c} whole command: {wall:.1f} s for a {duration:.0f} s clip, {n} tracks")
-    summary = {}
-    for name, runs in results.items():
-        pooled = [e for r in runs for e in r["pooled_errors"]]
-        frame = [e for r in runs for e in r["frame_errors"]]
-        summary[name] = {
-            "x_real_time": round(statistics.median(r["duration"] / r["seconds"] for r in runs), 2),
-            "frames_per_s": round(statistics.median(r["frames"] / r["seconds"] for r in runs), 1),
-            "tracks": [r["tracks"] for r in runs],
-            "faces_found": [r["faces_found"] for r in runs],
-            "id_switches": sum(r["id_switches"] for r in runs),
-            "pooled_mae": round(float(np.mean(pooled)), 2),
-            "frame_mae": round(float(np.mean(frame)), 2),
-            "pooled_gender": _share(g for r in runs for g in r["pooled_gender"]),
-            "frame_gender": _share(g for r in runs for g in r["frame_gender"]),
-            "age_spread": round(statistics.median(s for r in runs for s in r["age_spread"]), 2),
-            "frame_age_spread": round(
-                statistics.median(s for r in runs for s in r["frame_age_spread"]), 2
-            ),
-        }
+    summary = _summarise(results)
     report = {
         "cpu": cpu_info(),
         "cpu_class": cpu_class(),

@@ -4,7 +4,7 @@
 
 1. Geometry: runs the detector on ``--n`` random aligned & cropped 200x200 UTKFace images and
    prints the detection rate and the median (with spread) of the box and the five landmarks: the
-   median landmarks are ``agegender.detect.UTKFACE_TEMPLATE_200``.
+   median landmarks are ``agegender.vision.detect.UTKFACE_TEMPLATE_200``.
 2. Round trip: on ``--check`` *other* images, detects and re-aligns each crop at 200x200 with
    ``align_face`` and compares it with the original (mean absolute difference in grey levels,
    correlation, and the similarity transform's deviation from the identity). An aligned image
@@ -28,13 +28,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agegender.detect import (
+from agegender.vision.detect import (
     UTKFACE_TEMPLATE_200,
     align_face,
     alignment_matrix,
     get_detector,
 )
-from agegender.images import decode_rgb
+from agegender.vision.images import decode_rgb
 
 LANDMARKS = ("right eye", "left eye", "nose tip", "right mouth", "left mouth")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/UTKFace"
@@ -161,7 +161,7 @@ def main() -> None:
     # The refinement frames faces with the shipped template, so the median is a fixed point:
     # after updating the constant, rerun until it stops moving.
     moved = float(np.max(np.abs(np.asarray(UTKFACE_TEMPLATE_200) - med)))
-    print(f"  largest move from agegender.detect.UTKFACE_TEMPLATE_200: {moved:.2f} px")
+    print(f"  largest move from agegender.vision.detect.UTKFACE_TEMPLATE_200: {moved:.2f} px")
     if moved > 0.25:
         print("  NOTE: update UTKFACE_TEMPLATE_200 to the median above and rerun")
     report["geometry"] = {
@@ -177,7 +177,7 @@ def main() -> None:
     }
 
     # ------------------------------------------------------------------ 2. round trip
-    # The crops are re-aligned to the constant in agegender.detect (the shipped template).
+    # The crops are re-aligned to the constant in agegender.vision.detect (the shipped template).
     print(
         f"\n2. round trip on {args.check} other images: detect + align_face(size=200) vs original"
     )

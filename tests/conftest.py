@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agegender.synthetic import make_dataset
+from agegender.data.synthetic import make_dataset
+from agegender.vision.images import face_config
 
 # The real data sits beside the checkout (../shared); CI lays it there too. Never copied in.
 SHARED_UTKFACE = Path(
@@ -32,10 +33,10 @@ def synthetic_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_cache(synthetic_dir, tmp_path_factory) -> Path:
-    from agegender.data import prepare
+    from agegender.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("cache")
-    prepare([synthetic_dir], out, size=32, quiet=True, workers=1)
+    prepare([synthetic_dir], out, face_config(32), quiet=True, workers=1)
     return out
 
 
@@ -55,7 +56,7 @@ def bomb_png(path: Path, side: int = 20_000) -> None:
 def cache64(tmp_path_factory) -> Path:
     """A 64 px gray cache of the real UTKFace where it lies beside the checkout, else of 400
     synthetic faces: the training tests (smoke, exact resume, compile) run either way."""
-    from agegender.data import prepare
+    from agegender.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("cache64")
     if SHARED_UTKFACE.is_dir() and any(SHARED_UTKFACE.iterdir()):
@@ -63,7 +64,7 @@ def cache64(tmp_path_factory) -> Path:
     else:
         src = tmp_path_factory.mktemp("synthetic400")
         make_dataset(src, n=400, size=64, seed=3)
-    prepare([src], out, size=64, quiet=True)
+    prepare([src], out, face_config(64), quiet=True)
     return out
 
 
@@ -73,8 +74,8 @@ def make_checkpoint(
     """An untrained resnet-mt-small checkpoint at 64 px (``seed`` picks its weights)."""
     import torch
 
-    from agegender.checkpoint import save_checkpoint
-    from agegender.models import create_model
+    from agegender.training.checkpoint import save_checkpoint
+    from agegender.training.models import create_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

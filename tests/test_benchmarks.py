@@ -107,8 +107,8 @@ def test_avx2_only_hides_avx512_from_every_library():
     see an AVX2-only CPU; the speed figures for AVX2 machines come from it on this project's
     AVX-512 machines, so it must really hide what it says (children of the command included)."""
     probe = (
-        "import json, os, subprocess, sys, onnxruntime; from agegender.runtime import cpu_info,"
-        " cpu_class; child = subprocess.run([sys.executable, '-c', 'from agegender.runtime"
+        "import json, os, subprocess, sys, onnxruntime; from agegender.inference.runtime import cpu_info,"
+        " cpu_class; child = subprocess.run([sys.executable, '-c', 'from agegender.inference.runtime"
         " import cpu_class; print(cpu_class())'], capture_output=True, text=True).stdout.strip();"
         "print(json.dumps({'class': cpu_class(), 'child': child, 'ort': onnxruntime.__file__,"
         " 'mask': os.environ['CPUID_MASK'], **cpu_info()}))"
@@ -166,11 +166,12 @@ def test_detector_accuracy(utkface_dir, cache64, tmp_path):
 
 def _faces_and_cache(tmp_path: Path) -> None:
     """80 synthetic aligned faces in tmp_path/faces, prepared into tmp_path/cache."""
-    from agegender.data import prepare
-    from agegender.synthetic import make_dataset
+    from agegender.data.prepare import prepare
+    from agegender.data.synthetic import make_dataset
+    from agegender.vision.images import face_config
 
     make_dataset(tmp_path / "faces", n=80, size=64, seed=5)
-    prepare([tmp_path / "faces"], tmp_path / "cache", size=64, quiet=True)
+    prepare([tmp_path / "faces"], tmp_path / "cache", face_config(64), quiet=True)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from agegender.commands.cli import main
+from agegender.cli.main import main
 
 
 def test_prepare_and_explore(synthetic_dir, tmp_path, capsys):
@@ -53,7 +53,7 @@ def test_unusable_output_path_is_one_line_and_exit_2(synthetic_dir, tmp_path, ca
         raise OSError("no path here")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("agegender.commands.explore.explore", broken)
+        mp.setattr("agegender.evaluation.explore.explore", broken)
         with pytest.raises(OSError, match="no path here"):
             main(["explore", str(tmp_path), "--out", str(tmp_path / "e")])
 

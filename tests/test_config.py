@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from agegender.config import Config, load_config, to_toml, valid_keys
-from agegender.errors import ConfigError
+from agegender.core.config import Config, load_config, to_toml, valid_keys
+from agegender.core.errors import ConfigError
 
 RECIPES = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import ARTEFACTS, SMOKE
 
-from agegender.model_files import SEEN_HASHES, SEEN_SIGNATURES
+from agegender.inference.model_files import SEEN_HASHES, SEEN_SIGNATURES
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,8 @@ def test_two_processes_train_one_model_and_resume_exactly(faces, tmp_path):
 NO_SYNC = """
 import sys
 from torch import nn
-import agegender.commands.train
-from agegender.commands.cli import main
+import agegender.training.train
+from agegender.cli.main import main
 
 class NoSync(nn.Module):
     def __init__(self, module, **kwargs):
@@ -117,7 +117,7 @@ class NoSync(nn.Module):
     def forward(self, x):
         return self.module(x)
 
-agegender.commands.train.DistributedDataParallel = NoSync
+agegender.training.train.DistributedDataParallel = NoSync
 raise SystemExit(main(sys.argv[1:]))
 """
 

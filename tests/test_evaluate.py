@@ -6,15 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from agegender.checkpoint import save_checkpoint
-from agegender.commands.cli import main
-from agegender.commands.evaluate import evaluate, show
-from agegender.config import load_config, to_toml
-from agegender.data import open_cache, prepare
-from agegender.errors import AgeGenderError, DataError
-from agegender.metrics import compute_metrics
-from agegender.models import create_model
-from agegender.runtime import INTERVAL_Z
+from agegender.cli.main import main
+from agegender.core.config import load_config, to_toml
+from agegender.core.errors import AgeGenderError, DataError
+from agegender.data.cache import open_cache
+from agegender.data.prepare import prepare
+from agegender.evaluation.evaluate import evaluate, show
+from agegender.evaluation.metrics import compute_metrics
+from agegender.inference.options import InferenceOptions
+from agegender.inference.runtime import INTERVAL_Z
+from agegender.training.checkpoint import save_checkpoint
+from agegender.training.models import create_model
+from agegender.vision.images import face_config
 
 PLOTS = ("confusion.png", "age_scatter.png", "mae_by_band.png", "reliability.png")
 KEYS = {
@@ -50,7 +53,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def cache64(synthetic_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache64")
-    prepare([synthetic_dir], out, size=64, quiet=True, workers=1)
+    prepare([synthetic_dir], out, face_config(64), quiet=True, workers=1)
     return out
 
 
@@ -126,7 +129,7 @@ def test_compute_metrics_calibrated_and_without_std():
 
 def test_evaluate_checkpoint_on_cache(ckpt, cache64, tmp_path):
     out = tmp_path / "eval"
-    m = evaluate(ckpt, cache64, out_dir=out, device="cpu", batch_size=16, timing=False, quiet=True)
+    m = evaluate(ckpt, cache64, out_dir=out, batch_size=16, timing=False, quiet=True)
     n_test = len(open_cache(cache64).indices("test"))
     assert m["n"] == n_test > 0
     assert set(m) >= KEYS and "timing" not in m
@@ -153,6 +156,18 @@ def test_evaluate_checkpoint_on_cache(ckpt, cache64, tmp_path):
     assert mae == pytest.approx(m["age_mae"], abs=1e-3)
 
 
+def test_evaluate_torch_backend_agrees_with_onnx(ckpt, cache64, tmp_path):
+    # the default runs the model's ONNX file (what users run), exported once beside it
+    onnx = evaluate(ckpt, cache64, out_dir=tmp_path / "o", timing=False, quiet=True)
+    assert onnx["runtime"] == "ONNX Runtime model.onnx" and ckpt.with_suffix(".onnx").is_file()
+    opts = InferenceOptions(model=str(ckpt), backend="torch", device="cpu", amp="off")
+    torch_m = evaluate(opts, cache64, out_dir=tmp_path / "t", timing=False, quiet=True)
+    assert torch_m["runtime"] == "torch" and torch_m["amp"] is False
+    assert torch_m["n"] == onnx["n"] and torch_m["checkpoint"] == onnx["checkpoint"]
+    assert torch_m["age_mae"] == pytest.approx(onnx["age_mae"], abs=1e-3)
+    assert torch_m["gender_accuracy"] == pytest.approx(onnx["gender_accuracy"], abs=0.01)
+
+
 def test_evaluate_run_folder_uses_its_cache_and_recipe(synthetic_cache, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -160,7 +175,8 @@ def test_evaluate_run_folder_uses_its_cache_and_recipe(synthetic_cache, tmp_path
     cfg = load_config(None, [f"data.cache={synthetic_cache}", "data.size=64"])
     (run / "config.toml").write_text(to_toml(cfg))
     # the cache holds 32 px images: they are resized to the model's 64 px, as training does
-    m = evaluate(run, out_dir=tmp_path / "eval", device="cpu", batch_size=8, timing_reps=2)
+    opts = InferenceOptions(model=str(run), threads=1)
+    m = evaluate(opts, out_dir=tmp_path / "eval", batch_size=8, timing_reps=2)
     assert m["n"] == len(open_cache(synthetic_cache).indices("test"))
     assert m["tta"] is True and m["checkpoint"].endswith("best.safetensors")
     t = m["timing"]
@@ -171,7 +187,7 @@ def test_evaluate_run_folder_uses_its_cache_and_recipe(synthetic_cache, tmp_path
 
 def test_evaluate_plain_folder_uses_every_image(ckpt, synthetic_dir, tmp_path):
     out = tmp_path / "eval"
-    m = evaluate(ckpt, synthetic_dir, out_dir=out, device="cpu", timing=False, quiet=True)
+    m = evaluate(ckpt, synthetic_dir, out_dir=out, timing=False, quiet=True)
     assert m["n"] == 120 and m["split"] == "all"
     assert len(_read_predictions(out)) == 120
     assert all((out / p).is_file() for p in PLOTS)
@@ -186,7 +202,7 @@ def test_folder_files_left_out_are_reported(ckpt, synthetic_dir, tmp_path, capsy
     (folder / "39_1_20170101.jpg").write_bytes(src.read_bytes())  # a field missing
     (folder / "40_0_1_20170116000000010.jpg.chip.jpg").write_text("not a JPEG")
     out = tmp_path / "eval"
-    m = evaluate(ckpt, folder, out_dir=out, device="cpu", timing=False, quiet=True)
+    m = evaluate(ckpt, folder, out_dir=out, timing=False, quiet=True)
     assert m["n"] == 10
     assert m["skipped"]["n"] == 3 and m["skipped"]["of"] == 13
     assert m["skipped"]["by_reason"] == {"unparsable": 2, "unreadable": 1}
@@ -196,14 +212,14 @@ def test_folder_files_left_out_are_reported(ckpt, synthetic_dir, tmp_path, capsy
     assert "holiday.jpg" in err
     assert "Skipped 3 of the folder's 13 image files" in (out / "report.md").read_text()
     assert json.loads((out / "metrics.json").read_text())["skipped"] == m["skipped"]
-    show(ckpt, folder, tmp_path / "g.png", n=4, device="cpu")
+    show(ckpt, folder, tmp_path / "g.png", n=4)
     assert "skipped 3 of 13" in capsys.readouterr().err
     # nothing left out: null, as for a cache (which reported its own when prepared)
-    assert evaluate(ckpt, synthetic_dir, out_dir=out, device="cpu", timing=False)["skipped"] is None
+    assert evaluate(ckpt, synthetic_dir, out_dir=out, timing=False)["skipped"] is None
 
 
 def test_show_writes_png(ckpt, cache64, tmp_path):
-    path = show(ckpt, cache64, tmp_path / "sub" / "grid.png", n=7, device="cpu")
+    path = show(ckpt, cache64, tmp_path / "sub" / "grid.png", n=7)
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -237,7 +253,7 @@ def test_errors(ckpt, cache64, tmp_path):
         evaluate(ckpt, out_dir=tmp_path / "e")
     rgb = _checkpoint(tmp_path / "rgb.safetensors", in_chans=3)
     with pytest.raises(DataError, match="expects rgb images"):
-        show(rgb, cache64, tmp_path / "g.png", device="cpu")
+        show(rgb, cache64, tmp_path / "g.png")
     with pytest.raises(DataError, match="timing reps must be >= 1"):
         evaluate(ckpt, cache64, out_dir=tmp_path / "e", timing_reps=0)
     assert not (tmp_path / "e").exists()
@@ -319,9 +335,7 @@ def test_copied_checkpoint_without_sidecar_still_loads(ckpt, cache64, tmp_path):
     # the weights file alone carries its description (safetensors header)
     lone = tmp_path / "lone.safetensors"
     shutil.copy(ckpt, lone)
-    m = evaluate(
-        lone, cache64, split="val", out_dir=tmp_path / "e", device="cpu", timing=False, quiet=True
-    )
+    m = evaluate(lone, cache64, split="val", out_dir=tmp_path / "e", timing=False, quiet=True)
     assert m["split"] == "val" and m["n"] == len(open_cache(cache64).indices("val"))
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from agegender.commands.explore import explore
-from agegender.errors import DataError
+from agegender.core.errors import DataError
+from agegender.evaluation.explore import explore
 
 
 def test_explore_writes_every_plot(synthetic_cache, tmp_path):

@@ -1,7 +1,7 @@
 """`agegender export` and the ONNX backend: a dynamic batch and parity with PyTorch.
 
 ONNX export takes tens of seconds on a busy machine, so each model is exported once per module:
-the dldl model through the command line, the regression model by ``Predictor.load(...,
+the dldl model through the command line, the regression model by ``open_predictor(...,
 backend="onnx")`` on first use (which is also what the first-use test checks).
 """
 
@@ -20,13 +20,13 @@ import pytest
 import torch
 from conftest import make_checkpoint
 
-from agegender.checkpoint import load_checkpoint
-from agegender.commands.cli import main
-from agegender.errors import AgeGenderError
-from agegender.images import face_config, load_face
-from agegender.onnx_export import ExportWrapper
-from agegender.predict import Predictor
-from agegender.synthetic import draw_face
+from agegender.cli.main import main
+from agegender.core.errors import AgeGenderError
+from agegender.data.synthetic import draw_face
+from agegender.training.checkpoint import load_checkpoint
+from agegender.training.loading import open_predictor
+from agegender.training.onnx_export import ExportWrapper
+from agegender.vision.images import face_config, load_face
 
 AGE_TOL = 0.05  # years
 PROB_TOL = 1e-3
@@ -55,11 +55,9 @@ def exported(tmp_path_factory) -> dict[str, dict]:
         "onnx": onnx_file,
         "rc": rc,
         "stdout": stdout.getvalue(),
-        "torch": Predictor.load(ckpt, backend="torch", detector=None, amp="off"),  # fp32 reference
-        # an up-to-date ONNX file given by onnx_path is reused, not exported again
-        "onnx_predictor": Predictor.load(
-            ckpt, backend="onnx", onnx_path=onnx_file, detector=None, threads=2
-        ),
+        "torch": open_predictor(ckpt, backend="torch", detector=None, amp="off"),  # fp32 reference
+        # the ONNX file the command wrote is opened as it is, not exported again
+        "onnx_predictor": open_predictor(onnx_file, detector=None, threads=2),
         "reexported": mtime is None or onnx_file.stat().st_mtime_ns != mtime,
     }
 
@@ -72,8 +70,8 @@ def exported(tmp_path_factory) -> dict[str, dict]:
         "ckpt": ckpt,
         "onnx": beside,
         "existed_before": existed,
-        "torch": Predictor.load(ckpt, backend="torch", detector=None, amp="off"),  # fp32 reference
-        "onnx_predictor": Predictor.load(ckpt, backend="onnx", detector=None, threads=2),
+        "torch": open_predictor(ckpt, backend="torch", detector=None, amp="off"),  # fp32 reference
+        "onnx_predictor": open_predictor(ckpt, backend="onnx", detector=None, threads=2),
     }
     return out
 
@@ -240,7 +238,7 @@ def test_a_damaged_cached_onnx_is_exported_again(exported, tmp_path):
     ckpt = _copy_checkpoint(e, tmp_path / "run")
     cached = ckpt.with_suffix(".onnx")
     cached.write_text("x\n")  # newer than the checkpoint, so the mtime check trusts it
-    p = Predictor.load(ckpt, backend="onnx", detector=None, threads=2)
+    p = open_predictor(ckpt, backend="onnx", detector=None, threads=2)
     onnx.checker.check_model(onnx.load(str(cached)))
     assert not list(cached.parent.glob("*.tmp"))
     faces = random_faces(3, 3)
@@ -249,7 +247,7 @@ def test_a_damaged_cached_onnx_is_exported_again(exported, tmp_path):
 
 
 def test_an_onnx_that_stays_broken_is_one_clear_error(exported, tmp_path, monkeypatch):
-    import agegender.onnx_export
+    import agegender.training.onnx_export
 
     ckpt = _copy_checkpoint(exported["regression"], tmp_path / "run")
     ckpt.with_suffix(".onnx").write_text("x\n")
@@ -260,7 +258,31 @@ def test_an_onnx_that_stays_broken_is_one_clear_error(exported, tmp_path, monkey
         Path(out).write_text("still not a model\n")
         return Path(out)
 
-    monkeypatch.setattr(agegender.onnx_export, "export_onnx", broken_export)
-    with pytest.raises(AgeGenderError, match=r"cannot load the ONNX model .*even exported again"):
-        Predictor.load(ckpt, backend="onnx", detector=None)
+    monkeypatch.setattr(agegender.training.onnx_export, "export_onnx", broken_export)
+    with pytest.raises(AgeGenderError, match=r"cannot be loaded, even exported again"):
+        open_predictor(ckpt, backend="onnx", detector=None)
     assert len(calls) == 1  # rebuilt once, not in a loop
+
+
+def test_export_never_replaces_the_weights(tmp_path, capsys):
+    """``--onnx RUN/best.safetensors`` (or a hard link to it, or another file that is not an
+    ONNX file) is refused before anything is exported; an old .onnx file is replaced."""
+    ckpt = make_checkpoint(tmp_path / "run" / "best.safetensors")
+    weights = ckpt.read_bytes()
+    (tmp_path / "link.onnx").hardlink_to(ckpt)
+    (tmp_path / "notes.txt").write_text("keep\n")
+    for target, says in (
+        (ckpt, "is an input"),
+        (tmp_path / "link.onnx", "is an input"),
+        (ckpt.with_suffix(".json"), "is an input"),
+        (tmp_path / "notes.txt", "exists and is not a ONNX file"),
+    ):
+        assert main(["export", "--model", str(tmp_path / "run"), "--onnx", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+    assert ckpt.read_bytes() == weights and (tmp_path / "notes.txt").read_text() == "keep\n"
+    old = tmp_path / "old.onnx"
+    old.write_text("an old export\n")
+    assert main(["export", "--model", str(ckpt), "--onnx", str(old)]) == 0
+    onnx.checker.check_model(onnx.load(str(old)))
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agegender.predict import ASTRONAUT
+from agegender.inference.predictor import ASTRONAUT
 
 #: the ``train`` extra: none of them may be needed to predict or to serve
 TRAIN_EXTRA = ("torch", "safetensors", "onnx", "matplotlib")
@@ -45,7 +45,7 @@ def light_env(tmp_path_factory) -> dict[str, str]:
 
 
 def _agegender(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", "import sys; from agegender.commands.cli import main; "
+    cmd = [sys.executable, "-c", "import sys; from agegender.cli.main import main; "
            "sys.exit(main(sys.argv[1:]))", *args]  # fmt: skip
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, **kw)
 
@@ -90,7 +90,7 @@ def _multipart(field: str, name: str, data: bytes) -> tuple[bytes, str]:
 def test_serve_without_the_training_extra(light_env):
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from agegender.commands.cli import main; "
+        [sys.executable, "-c", "import sys; from agegender.cli.main import main; "
          "sys.exit(main(sys.argv[1:]))", "serve", "--port", str(port)],
         env=light_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -117,3 +117,45 @@ def test_serve_without_the_training_extra(light_env):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_every_help_works_without_the_training_extra(light_env):
+    """Building a parser imports nothing of the train extra: ``--help`` of every command."""
+    from agegender.cli.main import COMMANDS
+
+    code = (
+        "import sys; sys.modules['torch'] = None; from agegender.cli.main import main\n"
+        "for name in sys.argv[1:]:\n"
+        "    try:\n"
+        "        main([name, '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, name\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        f"{TRAIN_EXTRA!r} and sys.modules[m] is not None))"
+    )
+    r = subprocess.run([sys.executable, "-c", code, *COMMANDS], env=light_env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("usage: agegender") == len(COMMANDS)
+    assert r.stdout.strip().endswith("[]")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "configs/smoke.toml"],
+        ["summary", "seed-cnn"],
+        ["sweep", "s.toml", "--data", "c"],
+        ["explore", "c", "--out", "e"],
+        ["evaluate", "default", "--out", "e"],
+        ["show", "default", "--out", "g.png"],
+        ["export", "--onnx", "m.onnx"],
+        ["demo", "--synthetic"],
+    ],
+    ids=lambda a: a[0] if a[0] != "demo" else "demo-synthetic",
+)
+def test_commands_of_the_training_extra_name_it(light_env, tmp_path, args):
+    r = _agegender(args, light_env, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and 'pip install "agegender[train]"' in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []

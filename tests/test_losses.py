@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from agegender.errors import ConfigError
-from agegender.losses import (
+from agegender.core.errors import ConfigError
+from agegender.training.losses import (
     UncertaintyWeights,
     age_loss,
     coral_levels,
@@ -135,7 +135,7 @@ def test_uncertainty_weights_module() -> None:
 
 
 def test_multitask_with_model_heads() -> None:
-    from agegender.models import create_model
+    from agegender.training.models import create_model
 
     torch.manual_seed(0)
     x = torch.randn(2, 1, 64, 64)

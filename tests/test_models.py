@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from agegender.errors import ConfigError
-from agegender.models import (
+from agegender.core.errors import ConfigError
+from agegender.training.models import (
     AGE_HEADS,
     count_parameters,
     create_model,

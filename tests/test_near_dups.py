@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agegender import near_dups as nd
-from agegender.commands.cli import main
-from agegender.data import open_cache, prepare, read_manifest, write_split_file
-from agegender.errors import DataError
-from agegender.images import decode_rgb
-from agegender.synthetic import draw_face
+from agegender.cli.main import main
+from agegender.core.errors import DataError
+from agegender.data import near_dups as nd
+from agegender.data.cache import open_cache
+from agegender.data.manifest import read_manifest
+from agegender.data.prepare import prepare
+from agegender.data.split import write_split_file
+from agegender.data.synthetic import draw_face
+from agegender.vision.images import decode_rgb, face_config
 
 
 def _shift(x: np.ndarray, dx: int, dy: int) -> np.ndarray:
@@ -112,7 +115,7 @@ def copied_folder(tmp_path_factory):
 
 def test_prepare_groups_copies_and_keeps_each_group_in_one_split(copied_folder, tmp_path):
     for seed in (0, 1, 2):
-        s = prepare([copied_folder], tmp_path / f"c{seed}", size=64, seed=seed, quiet=True)
+        s = prepare([copied_folder], tmp_path / f"c{seed}", face_config(64), seed=seed, quiet=True)
         assert s["kept"] == 60
         assert s["near_duplicate_groups"] == 12 and s["near_duplicate_images"] == 24
         assert s["near_duplicate_conflicts"] == 3
@@ -128,7 +131,7 @@ def test_prepare_groups_copies_and_keeps_each_group_in_one_split(copied_folder, 
 
 
 def test_a_published_split_is_reproduced_from_another_copy_of_the_data(copied_folder, tmp_path):
-    prepare([copied_folder], tmp_path / "a", size=64, seed=5, quiet=True)
+    prepare([copied_folder], tmp_path / "a", face_config(64), seed=5, quiet=True)
     write_split_file(tmp_path / "a", tmp_path / "split.csv")
     # the same images in another layout (two folders, other names, an extra file) and seed
     other = tmp_path / "other"
@@ -146,12 +149,14 @@ def test_a_published_split_is_reproduced_from_another_copy_of_the_data(copied_fo
     assert {h: got[h] for h in want} == want and len(got) == len(want) + 1
     (tmp_path / "bad.csv").write_text("content_hash,split\nabc,holdout\n")
     with pytest.raises(DataError, match="split 'holdout' is not one of"):
-        prepare([other], tmp_path / "c", size=64, split_file=tmp_path / "bad.csv", quiet=True)
+        prepare(
+            [other], tmp_path / "c", face_config(64), split_file=tmp_path / "bad.csv", quiet=True
+        )
 
 
 def test_evaluate_leaves_out_what_the_model_trained_on(copied_folder, tmp_path, capsys):
     cache = tmp_path / "cache"
-    prepare([copied_folder], cache, size=64, seed=3, quiet=True)
+    prepare([copied_folder], cache, face_config(64), seed=3, quiet=True)
     run = tmp_path / "run"
     overrides = [f"data.cache={cache}", f"run.out={run}", "train.threads=2", "data.limit=0"]
     smoke = ["train", "configs/smoke.toml", *overrides, "--quiet"]

@@ -17,20 +17,22 @@ import pytest
 import torch
 from PIL import Image
 
-from agegender.commands.cli import main
-from agegender.data import open_cache, prepare, read_manifest
-from agegender.errors import DataError
-from agegender.images import decode_rgb
-from agegender.labels import parse_age, parse_box, parse_gender, read_labels
-from agegender.losses import (
+from agegender.cli.main import main
+from agegender.core.errors import DataError
+from agegender.data.cache import open_cache
+from agegender.data.labels import parse_age, parse_box, parse_gender, read_labels
+from agegender.data.manifest import read_manifest
+from agegender.data.prepare import prepare
+from agegender.data.synthetic import make_dataset
+from agegender.inference.predictor import ASTRONAUT
+from agegender.training.losses import (
     age_loss,
     gender_loss,
     multitask_loss,
     range_error,
     range_label_distribution,
 )
-from agegender.predict import ASTRONAUT
-from agegender.synthetic import make_dataset
+from agegender.vision.images import decode_rgb, face_config
 
 SPLIT_FILE = Path(__file__).resolve().parents[1] / "splits/utkface.csv"
 
@@ -215,7 +217,7 @@ def own_set(tmp_path_factory, request):
 def own_cache(own_set, tmp_path_factory):
     labels, _ = own_set
     out = tmp_path_factory.mktemp("own-cache") / "cache"
-    summary = prepare([], out, size=64, labels=[labels], quiet=True, workers=1)
+    summary = prepare([], out, face_config(64), labels=[labels], quiet=True, workers=1)
     return out, summary
 
 
@@ -243,17 +245,17 @@ def test_a_photo_of_two_faces_needs_its_box(own_set, tmp_path):
     bare = [{k: v for k, v in r.items() if k != "box"} for r in rows if r.get("box")][:3]
     path = _write_csv(labels.parent / "bare.csv", bare, ["path", "age", "gender", "camera"])
     with pytest.raises(DataError, match="2 faces: give a box column to say which"):
-        prepare([], tmp_path / "c", size=64, labels=[path], quiet=True, workers=1)
+        prepare([], tmp_path / "c", face_config(64), labels=[path], quiet=True, workers=1)
 
 
 def test_reprepare_reuses_and_a_changed_label_rebuilds(own_set, own_cache, tmp_path):
     labels, rows = own_set
     out, _ = own_cache
-    assert prepare([], out, size=64, labels=[labels], quiet=True, workers=1)["reused"]
+    assert prepare([], out, face_config(64), labels=[labels], quiet=True, workers=1)["reused"]
     moved = [{**r, "path": str(labels.parent / r["path"])} for r in rows[:20]]
     moved[0]["age"] = "77"
     changed = _write_csv(tmp_path / "changed.csv", moved)
-    s = prepare([], tmp_path / "c2", size=64, labels=[changed], quiet=True, workers=1)
+    s = prepare([], tmp_path / "c2", face_config(64), labels=[changed], quiet=True, workers=1)
     cache = open_cache(tmp_path / "c2")
     first = next(i for i, p in enumerate(cache.paths) if p.endswith("p000.jpg"))
     assert not s["reused"] and cache.age[first] == 77
@@ -270,7 +272,9 @@ def test_labels_split_column_is_kept(tmp_path):
         rows.append({"path": str(path), "age": str(20 + i), "gender": "m",
                      "split": "test" if i < 10 else ""})  # fmt: skip
     labels = _write_csv(tmp_path / "l.csv", rows)
-    prepare([], tmp_path / "c", size=32, labels=[labels], aligned=True, quiet=True, workers=1)
+    prepare(
+        [], tmp_path / "c", face_config(32), labels=[labels], aligned=True, quiet=True, workers=1
+    )
     cache = open_cache(tmp_path / "c")
     by_name = dict(zip((Path(p).name for p in cache.paths), cache.split))
     assert all(by_name[Path(r["path"]).name] == "test" for r in rows[:10])
@@ -281,7 +285,7 @@ def test_utkface_folders_and_labels_mix(tmp_path, synthetic_dir):
     labels = _write_csv(tmp_path / "mine.csv", [
         {"path": str(p), "age": "20-29", "gender": "", "source": "phone"} for p in crops
     ])  # fmt: skip
-    s = prepare([synthetic_dir], tmp_path / "c", size=32, labels=[labels], aligned=True,
+    s = prepare([synthetic_dir], tmp_path / "c", face_config(32), labels=[labels], aligned=True,
                 quiet=True, workers=1)  # fmt: skip
     cache = open_cache(tmp_path / "c")
     assert s["kept"] == 140 and s["age_ranges"] == 20
@@ -298,8 +302,7 @@ def test_utkface_folders_and_labels_mix(tmp_path, synthetic_dir):
 def test_finetune_and_evaluate_by_group(own_set, own_cache, tmp_path):
     """The Done-when path at test scale: fine-tune the bundled model for one epoch on the
     prepared set, then evaluate on the labels file, by camera."""
-    from agegender.checkpoint import read_seen
-    from agegender.model_files import resolve_checkpoint
+    from agegender.inference.model_files import read_seen, resolve_checkpoint
 
     labels, _ = own_set
     cache, _ = own_cache
@@ -338,6 +341,6 @@ def test_astronaut_photo_with_a_box(tmp_path):
         {"path": "photo.jpg", "age": "40-49", "gender": "f", "box": "170 55 275 180"},
         {"path": "photo.jpg", "age": "30", "gender": "f", "box": "600 100 700 200"},
     ])  # fmt: skip
-    prepare([], tmp_path / "c", size=64, labels=[labels], quiet=True, workers=1)
+    prepare([], tmp_path / "c", face_config(64), labels=[labels], quiet=True, workers=1)
     status = [r["status"] for r in read_manifest(tmp_path / "c")]
     assert status == ["kept", "no face: no face found in the given box"]

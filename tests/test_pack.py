@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agegender.data import open_cache
+from agegender.data.cache import open_cache
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "pack_cache.py"
 

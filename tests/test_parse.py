@@ -1,6 +1,6 @@
 import pytest
 
-from agegender.data import Labels, age_band, parse_name
+from agegender.data.utkface import Labels, age_band, parse_name
 
 GOOD = [
     ("26_1_2_20170116174525125.jpg.chip.jpg", (26, 1, 2)),  # the normal form, 17 digits

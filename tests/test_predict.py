@@ -1,4 +1,4 @@
-"""`agegender predict` and :class:`agegender.predict.Predictor`: the issue-5 contract.
+"""`agegender predict` and :class:`agegender.inference.predictor.Predictor`: the issue-5 contract.
 
 The models here are untrained (tiny, built in a fixture): the tests check the plumbing (JSONL
 shape, errors, exit codes, decoding, geometry), not the accuracy. The bundled model is only used
@@ -7,10 +7,14 @@ when it exists.
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import io
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -19,19 +23,21 @@ import pytest
 from conftest import bomb_png, collage, make_checkpoint
 from PIL import Image
 
-from agegender.checkpoint import BUNDLED
-from agegender.commands.cli import main
-from agegender.draw import annotate
-from agegender.errors import AgeGenderError
-from agegender.images import decode_rgb
-from agegender.predict import ASTRONAUT, Face, Predictor
-from agegender.synthetic import draw_face
+from agegender.cli.main import main
+from agegender.core.errors import AgeGenderError
+from agegender.data.synthetic import draw_face
+from agegender.inference.draw import annotate
+from agegender.inference.model_files import BUNDLED
+from agegender.inference.predictor import ASTRONAUT, Face, Predictor
+from agegender.training.loading import open_predictor
+from agegender.vision.images import decode_rgb
 
 cv2.setNumThreads(1)  # the tests run beside other work; one thread is plenty for these sizes
 
 FACE_KEYS_DLDL = {"box", "score", "age", "age_interval", "gender", "p_female"}
 FACE_KEYS_REGRESSION = FACE_KEYS_DLDL - {"age_interval"}
 RECORD_KEYS = {"path", "faces", "error"}
+GENDERS = ("male", "female")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -115,7 +121,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def predictor(models) -> Predictor:
     """Loaded once per module: the dldl model with the YuNet detector."""
-    return Predictor.load(models["dldl"])
+    return open_predictor(models["dldl"])
 
 
 # --------------------------------------------------------------------------- JSONL contract
@@ -217,7 +223,7 @@ def test_user_errors_exit_2_with_one_line(models, tmp_path, capsys, argv, messag
 
 
 def test_train_device_message_names_the_recipe_key():
-    from agegender.torch_runtime import resolve_device
+    from agegender.training.torch_backend import resolve_device
 
     with pytest.raises(AgeGenderError, match=r"train\.device: unknown device 'foo'"):
         resolve_device("foo")
@@ -257,19 +263,33 @@ def _two_photos(folder: Path) -> dict[Path, bytes]:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["{d}/b.jpg", "--output", "{d}/a.jpg"], "is not a .jsonl or .json file"),
-        (["{d}", "--output", "{d}/a.jpg"], "is one of the input images"),
-        (["{d}", "--output", "{d}/../ow/./b.jpg"], "is one of the input images"),
-        (["{d}/a.jpg", "--output", "{d}/a.jpg"], "is one of the input images"),
+        (["{d}/b.jpg", "--output", "{d}/a.jpg"], "give FILE.jsonl, FILE.json, FILE.csv or -"),
+        (["{d}/b.jpg", "--csv", "{d}/a.jpg"], "exists and is not a CSV file"),
+        (["{d}", "--csv", "{d}/a.jpg"], "is an input"),
+        (["{d}", "--csv", "{d}/../ow/./b.jpg"], "is an input"),
+        (["{d}", "--csv", "{d}/link.csv"], "is an input"),
+        (["{d}/a.jpg", "--csv", "{d}/a.jpg"], "is an input"),
         (["{d}/a.jpg", "--output", "{d}"], "is a folder"),
-        (["{d}", "--annotate", "{d}"], "would overwrite the input"),
-        (["{d}", "--annotate", "{d}/../ow"], "would overwrite the input"),
+        (["{d}", "--annotate", "{d}"], "is an input"),
+        (["{d}", "--annotate", "{d}/../ow"], "is an input"),
     ],
-    ids=["existing-jpg", "input", "input-respelled", "same-file", "folder", "ann-same", "ann-resp"],
+    ids=[
+        "existing-jpg",
+        "existing-jpg-csv",
+        "input",
+        "input-respelled",
+        "hard-link",
+        "same-file",
+        "folder",
+        "ann-same",
+        "ann-resp",
+    ],
 )
 def test_outputs_never_replace_an_input(models, tmp_path, capsys, args, message):
     """Refused before the model loads: every photo keeps its bytes, nothing is written."""
     originals = _two_photos(tmp_path / "ow")
+    (tmp_path / "ow" / "link.csv").hardlink_to(tmp_path / "ow" / "a.jpg")
+    originals[tmp_path / "ow" / "link.csv"] = originals[tmp_path / "ow" / "a.jpg"]
     argv = [a.format(d=tmp_path / "ow") for a in args]
     assert main(["predict", *argv, "--model", str(models["dldl"]), "--aligned"]) == 2
     err = capsys.readouterr().err
@@ -340,7 +360,7 @@ def test_real_aligned_crops(models, utkface_dir, tmp_path):
 def test_aligned_files_are_decoded_as_training_decoded_them(predictor, utkface_dir):
     """An aligned JPEG goes through the cache's own decoder (luma in draft mode), so its
     prediction equals the one on the image as `prepare` stored it, bit for bit."""
-    from agegender.images import face_config, load_face
+    from agegender.vision.images import face_config, load_face
 
     files = utk_files(utkface_dir, 3)
     cached = np.stack([load_face(f, face_config(predictor.size, predictor.color)) for f in files])
@@ -533,7 +553,7 @@ def test_a_64_mp_photo_is_read(predictor, request, tmp_path):
 
 
 def test_predictor_without_detector_needs_aligned(models):
-    p = Predictor.load(models["regression"], detector=None)
+    p = open_predictor(models["regression"], detector=None)
     assert p.color == "rgb" and p.size == 64 and p.tta is False
     face = p.predict(synthetic_face(1), aligned=True)[0]
     # writable model input: torch.as_tensor warns (once per process) about read-only arrays
@@ -572,7 +592,7 @@ def test_bundled_model_on_the_astronaut():
 def test_cpu_record_falls_back_to_proc_cpuinfo(monkeypatch):
     """Without NumPy's CPUID view the CPU's features come from /proc/cpuinfo, and AMX is
     counted only beside AVX-512 in either view."""
-    from agegender import runtime
+    from agegender.inference import runtime
 
     if not Path("/proc/cpuinfo").exists():
         pytest.skip("no /proc/cpuinfo")
@@ -609,7 +629,7 @@ def test_cpu_record_falls_back_to_proc_cpuinfo(monkeypatch):
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="no bundled model in this checkout")
 def test_onnx_threads_that_sleep_answer_the_same():
-    from agegender.runtime import OnnxBackend
+    from agegender.inference.runtime import OnnxBackend
 
     predictor = Predictor.load(detector=None)
     spinning = predictor.backend
@@ -638,21 +658,22 @@ def test_commands_let_idle_onnx_threads_sleep_and_the_library_spins(monkeypatch,
     """``agegender predict`` (decoding beside the network) and ``serve`` (HTTP beside it) run
     ONNX Runtime with sleeping idle threads, the measured faster setting there, as a Predictor
     with a detector does; one without keeps them spinning; ``--spin`` turns them back on."""
-    from agegender.commands import predict as predict_command
-    from agegender.commands.cli import build_parser
+    from agegender.cli import photos as predict_command
+    from agegender.cli.args import options_from
+    from agegender.cli.main import build_parser
 
     assert _spinning(Predictor.load(detector=None).backend)  # aligned faces, nothing between
     assert not _spinning(Predictor.load().backend)  # OpenCV's detection runs between runs
-    assert build_parser("serve").parse_args(["serve"]).spin is False
+    assert options_from(build_parser("serve").parse_args(["serve"])).spins is False
     spins = []
-    real = Predictor.load
+    real = predict_command.open_predictor
 
     def spy(*args, **kwargs):
         predictor = real(*args, **kwargs)
         spins.append(_spinning(predictor.backend))
         return predictor
 
-    monkeypatch.setattr(predict_command.Predictor, "load", staticmethod(spy))
+    monkeypatch.setattr(predict_command, "open_predictor", spy)
     Image.fromarray(synthetic_face(0)).save(tmp_path / "a.png")
     for flag in ([], ["--spin"]):
         out = tmp_path / f"out{len(flag)}.jsonl"
@@ -660,3 +681,165 @@ def test_commands_let_idle_onnx_threads_sleep_and_the_library_spins(monkeypatch,
         assert main(["predict", *args, "--workers", "1", *flag]) == 0
         assert json.loads(out.read_text())["faces"]
     assert spins == [False, True]
+
+
+# --------------------------------------------------------------------------- output rules
+
+
+def test_csv_and_stdout_outputs(models, tmp_path, capsys, monkeypatch):
+    """``--output X.csv`` one row per face, ``--csv`` besides JSON lines, ``--output -`` JSON
+    lines on stdout; a cell that a spreadsheet would run as a formula gets a quote."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(synthetic_face(0)).save(folder / "=cmd.png")
+    (folder / "@bad.jpg").write_bytes(b"")
+    argv = ["predict", str(folder), "--model", str(models["dldl"]), "--aligned", "--quiet"]
+    assert main([*argv, "--output", "-"]) == 1
+    captured = capsys.readouterr()
+    lines = [json.loads(x) for x in captured.out.splitlines()]
+    assert [Path(r["path"]).name for r in lines] == ["=cmd.png", "@bad.jpg"]
+    assert "could not be read" in captured.err and "face" not in captured.out.split("{")[0]
+    out, extra = tmp_path / "faces.csv", tmp_path / "more.csv"
+    assert main([*argv, "--output", str(out)]) == 1
+    assert main([*argv, "--output", str(tmp_path / "f.jsonl"), "--csv", str(extra)]) == 1
+    assert capsys.readouterr().out == ""  # no table when the results go to files
+    for path in (out, extra):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["path", "face", "x0", "y0", "x1", "y1", "age", "age_low", "age_high",
+                           "gender", "p_female", "score", "error"]  # fmt: skip
+        face, bad = rows[1:]
+        assert face[0] == str(folder / "=cmd.png") and face[1] == "1" and face[-1] == ""
+        assert float(face[7]) <= float(face[6]) <= float(face[8]) and face[9] in GENDERS
+        assert bad[0] == str(folder / "@bad.jpg") and bad[1:-1] == [""] * 11
+        assert bad[-1].startswith("not an image")
+    # a cell starting with = or @ is text to a spreadsheet, not a formula to run
+    monkeypatch.chdir(folder)
+    assert main([*argv[:1], "=cmd.png", "@bad.jpg", *argv[2:], "--output", "r.csv"]) == 1
+    assert [r["path"] for r in csv.DictReader((folder / "r.csv").open())] == [
+        "'=cmd.png",
+        "'@bad.jpg",
+    ]
+
+
+def test_table_escapes_control_characters_in_names(models, tmp_path, capsys):
+    name = "a\nb.jpg: 1 face\x1b[2J.png"
+    Image.fromarray(synthetic_face(0)).save(tmp_path / name, format="PNG")
+    argv = ["predict", str(tmp_path), "--model", str(models["dldl"]), "--aligned"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and out.count("\n") == 2, out  # the name line and the face line
+    assert "a\\nb.jpg: 1 face\\x1b[2J.png: 1 face" in out
+
+
+def test_resume_matches_images_by_real_path(models, tmp_path, monkeypatch):
+    """The same image given as another spelling (./, a symbolic link's folder) is done."""
+    folder = tmp_path / "in"
+    _two_photos(folder)
+    (tmp_path / "alias").symlink_to(folder)
+    out = tmp_path / "p.jsonl"
+    argv = ["--model", str(models["dldl"]), "--aligned", "--quiet", "--output", str(out)]
+    assert main(["predict", str(folder / "a.jpg"), *argv]) == 0
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    real = Predictor.locate_all
+
+    def spy(self, items, aligned=False):
+        seen.extend(Path(p).name for p in items)
+        return real(self, items, aligned)
+
+    monkeypatch.setattr(Predictor, "locate_all", spy)
+    assert main(["predict", "alias/./a.jpg", "./in/b.jpg", *argv, "--resume"]) == 0
+    assert seen == ["b.jpg"]  # a.jpg was done, under another name
+    assert [Path(r["path"]).name for r in read_jsonl(out)] == ["a.jpg", "b.jpg"]
+
+
+def test_workers_are_capped_at_the_cores(models, tmp_path, capsys, monkeypatch):
+    from agegender.cli import photos
+
+    monkeypatch.setattr(photos, "default_threads", lambda: 1)
+    _two_photos(tmp_path / "in")
+    argv = ["predict", str(tmp_path / "in"), "--model", str(models["dldl"]), "--aligned"]
+    assert main([*argv, "--quiet", "--workers", "8", "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert "--workers 8 lowered to 1, the CPUs this process may use" in capsys.readouterr().err
+    assert len(read_jsonl(tmp_path / "p.jsonl")) == 2
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, from /proc (children of each thread)."""
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                kids = {int(x) for x in (task / "children").read_text().split()}
+                todo += list(kids - found)
+                found |= kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_sigterm_stops_the_workers_and_leaves_no_temporary_file(models, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(800):
+        Image.fromarray(synthetic_face(k % 7, size=320)).save(folder / f"{k:03d}.jpg")
+    out = tmp_path / "out" / "p.jsonl"
+    cmd = [sys.executable, "-m", "agegender", "predict", str(folder), "--model",
+           str(models["dldl"]), "--output", str(out), "--workers", "2", "--batch-size", "4",
+           "--unordered", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children: set[int] = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        children |= _descendants(proc.pid)
+        writing = out.parent.is_dir() and any(".tmp" in p.name for p in out.parent.iterdir())
+        if writing and len({c for c in children if _alive(c)}) >= 2:
+            break  # the workers' first results are coming in
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    children |= _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "terminated" in err
+    end = time.monotonic() + 20
+    while time.monotonic() < end and any(_alive(c) for c in children):
+        time.sleep(0.2)
+    assert not [c for c in children if _alive(c)], "worker processes left running"
+    left = [p.name for p in out.parent.iterdir()] if out.parent.exists() else []
+    assert not [n for n in left if ".tmp" in n], left
+    assert set(left) <= {"p.jsonl.partial"}
+
+
+@pytest.mark.parametrize("where", ["results", "annotated"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(models, tmp_path, capsys, monkeypatch, where):
+    import errno
+
+    from agegender.core import fileio
+
+    _two_photos(tmp_path / "in")
+    out, ann = tmp_path / "out" / "p.jsonl", tmp_path / "ann"
+    real = fileio.replace
+
+    def full(tmp, path):
+        if Path(path).suffix == (".jsonl" if where == "results" else ".jpg"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tmp, path)
+
+    monkeypatch.setattr(fileio, "replace", full)
+    argv = ["predict", str(tmp_path / "in"), "--model", str(models["dldl"]), "--aligned"]
+    argv += ["--output", str(out), "--annotate", str(ann), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device" in err and err.count("\n") == 1, err
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or ".partial" in p.name]
+    assert not out.exists()

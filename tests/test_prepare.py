@@ -8,19 +8,15 @@ import pytest
 from conftest import bomb_png
 from PIL import Image
 
-from agegender import data
-from agegender.data import (
-    MANIFEST_COLUMNS,
-    SPLITS,
-    age_band,
-    open_cache,
-    prepare,
-    read_manifest,
-    split_indices,
-)
-from agegender.errors import DataError
-from agegender.images import face_config, load_face
-from agegender.synthetic import draw_face
+from agegender.core.errors import DataError
+from agegender.data import prepare as data
+from agegender.data.cache import open_cache
+from agegender.data.manifest import MANIFEST_COLUMNS, read_manifest
+from agegender.data.prepare import prepare
+from agegender.data.split import split_indices
+from agegender.data.synthetic import draw_face
+from agegender.data.utkface import SPLITS, age_band
+from agegender.vision.images import face_config, load_face
 
 
 def test_split_is_stratified_and_proportional():
@@ -41,7 +37,7 @@ def test_split_is_stratified_and_proportional():
 
 
 def test_prepare_synthetic(synthetic_dir, tmp_path):
-    s = prepare([synthetic_dir], tmp_path, size=32, color="rgb", quiet=True, workers=2)
+    s = prepare([synthetic_dir], tmp_path, face_config(32, "rgb"), quiet=True, workers=2)
     assert (s["files_found"], s["parsed"], s["kept"]) == (120, 120, 120)
     assert sum(s["splits"].values()) == 120
     rows = read_manifest(tmp_path)
@@ -66,7 +62,7 @@ def test_kaggle_layout_duplicates_and_conflicts(synthetic_dir, tmp_path):
     # the same bytes under a name with another age: the group is unreliable and dropped
     age, rest = names[0].split("_", 1)
     shutil.copy(synthetic_dir / names[0], root / "UTKFace" / f"{int(age) % 90 + 2}_{rest}")
-    s = prepare([root], tmp_path / "cache", size=32, quiet=True, workers=1)
+    s = prepare([root], tmp_path / "cache", face_config(32), quiet=True, workers=1)
     assert s["files_found"] == 30 + 30 + 30 + 1
     assert s["duplicate_groups"] == 30  # names[:30] have two or three copies
     assert s["conflicting_groups"] == 1
@@ -85,7 +81,9 @@ def test_no_image_on_two_sides(tmp_path, synthetic_dir):
     # two folders holding the same files: copies must follow their original
     for sub in ("a", "b"):
         shutil.copytree(synthetic_dir, tmp_path / sub)
-    prepare([tmp_path / "a", tmp_path / "b"], tmp_path / "c", size=32, quiet=True, workers=1)
+    prepare(
+        [tmp_path / "a", tmp_path / "b"], tmp_path / "c", face_config(32), quiet=True, workers=1
+    )
     splits_of: dict[str, set[str]] = {}
     for r in read_manifest(tmp_path / "c"):
         splits_of.setdefault(r["content_hash"], set()).add(r["split"])
@@ -107,7 +105,7 @@ def test_bad_files_are_reported_and_skipped(tmp_path):
     bomb_png(data / "33_0_1_20170116000000013.png")
     (data / "notes.txt").write_text("ignored: not an image name")
     (data / "33_1_20170116000000013.jpg.chip.jpg").write_bytes(full)  # missing field
-    s = prepare([data], tmp_path / "cache", size=32, quiet=True, workers=2)
+    s = prepare([data], tmp_path / "cache", face_config(32), quiet=True, workers=2)
     assert s["files_found"] == 11
     assert s["unparsable"] == 1
     assert s["unreadable"] == 4
@@ -123,17 +121,17 @@ def test_bad_files_are_reported_and_skipped(tmp_path):
 def test_cache_is_reused_and_invalidated(synthetic_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synthetic_dir, data)
-    first = prepare([data], tmp_path / "c", size=32, quiet=True, workers=1)
+    first = prepare([data], tmp_path / "c", face_config(32), quiet=True, workers=1)
     assert not first["reused"]
     before = (tmp_path / "c" / "images.npy").stat().st_mtime_ns
-    again = prepare([data], tmp_path / "c", size=32, quiet=True, workers=1)
+    again = prepare([data], tmp_path / "c", face_config(32), quiet=True, workers=1)
     assert again["reused"] and again["splits"] == first["splits"]
     assert (tmp_path / "c" / "images.npy").stat().st_mtime_ns == before
-    reseeded = prepare([data], tmp_path / "c", size=32, seed=7, quiet=True, workers=1)
+    reseeded = prepare([data], tmp_path / "c", face_config(32), seed=7, quiet=True, workers=1)
     assert reseeded["reused"]
-    assert not prepare([data], tmp_path / "c", size=48, quiet=True, workers=1)["reused"]
+    assert not prepare([data], tmp_path / "c", face_config(48), quiet=True, workers=1)["reused"]
     draw_face(50, 1, 2, 64).save(data / "50_1_2_20170116000000099.jpg.chip.jpg")
-    changed = prepare([data], tmp_path / "c", size=48, quiet=True, workers=1)
+    changed = prepare([data], tmp_path / "c", face_config(48), quiet=True, workers=1)
     assert not changed["reused"] and changed["kept"] == first["kept"] + 1
 
 
@@ -228,11 +226,11 @@ def _damage(cache, how):
 )
 def test_damaged_cache_is_refused_then_rebuilt(synthetic_dir, tmp_path, how):
     cache = tmp_path / "c"
-    prepare([synthetic_dir], cache, size=32, quiet=True, workers=1)
+    prepare([synthetic_dir], cache, face_config(32), quiet=True, workers=1)
     _damage(cache, how)
     with pytest.raises(DataError, match=r"is damaged \(.+\); run prepare again"):
         open_cache(cache)
-    again = prepare([synthetic_dir], cache, size=32, quiet=True, workers=1)
+    again = prepare([synthetic_dir], cache, face_config(32), quiet=True, workers=1)
     assert not again["reused"] and again["kept"] == 120
     assert len(open_cache(cache)) == 120
 
@@ -242,14 +240,14 @@ def _interrupt(*args, **kwargs):
 
 
 def test_interrupted_prepare_leaves_no_temp_files(synthetic_dir, tmp_path, monkeypatch):
-    prepare([synthetic_dir], tmp_path / "c", size=32, quiet=True, workers=1)
-    monkeypatch.setattr(data, "_decode_chunk", _interrupt)
+    prepare([synthetic_dir], tmp_path / "c", face_config(32), quiet=True, workers=1)
+    monkeypatch.setattr(data, "decode_chunk", _interrupt)
     with pytest.raises(KeyboardInterrupt):
-        prepare([synthetic_dir], tmp_path / "new", size=32, quiet=True, workers=1)
+        prepare([synthetic_dir], tmp_path / "new", face_config(32), quiet=True, workers=1)
     assert not (tmp_path / "new").exists()
     # a rebuild interrupted while decoding leaves the old cache as it was
     with pytest.raises(KeyboardInterrupt):
-        prepare([synthetic_dir], tmp_path / "c", size=48, quiet=True, workers=1)
+        prepare([synthetic_dir], tmp_path / "c", face_config(48), quiet=True, workers=1)
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
         "cache.json",
         "images.npy",
@@ -263,15 +261,15 @@ def test_interrupted_commit_is_not_reused(synthetic_dir, tmp_path, monkeypatch):
     # killed after the new images.npy is in place: cache.json (written last) is missing, so
     # the half-written cache is refused and the next run rebuilds it
     cache = tmp_path / "c"
-    prepare([synthetic_dir], cache, size=32, quiet=True, workers=1)
+    prepare([synthetic_dir], cache, face_config(32), quiet=True, workers=1)
     with monkeypatch.context() as m:
-        m.setattr(data, "_write_manifest", _interrupt)
+        m.setattr(data, "write_manifest", _interrupt)
         with pytest.raises(KeyboardInterrupt):
-            prepare([synthetic_dir], cache, size=48, quiet=True, workers=1)
+            prepare([synthetic_dir], cache, face_config(48), quiet=True, workers=1)
     assert not list(cache.glob("*tmp*"))
     with pytest.raises(DataError, match="is damaged"):
         open_cache(cache)
-    assert not prepare([synthetic_dir], cache, size=48, quiet=True, workers=1)["reused"]
+    assert not prepare([synthetic_dir], cache, face_config(48), quiet=True, workers=1)["reused"]
     assert open_cache(cache).size == 48
 
 

@@ -5,7 +5,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from agegender.data import age_band, open_cache, prepare, read_manifest
+from agegender.data.cache import open_cache
+from agegender.data.manifest import read_manifest
+from agegender.data.prepare import prepare
+from agegender.data.utkface import age_band
 
 pytestmark = pytest.mark.slow
 

@@ -11,17 +11,20 @@ import torch
 from conftest import make_checkpoint
 from PIL import Image
 
-from agegender.checkpoint import save_checkpoint
-from agegender.commands import train as train_mod
-from agegender.commands.cli import main
-from agegender.commands.sweep import load_sweep
-from agegender.commands.train import train
-from agegender.config import load_config
-from agegender.data import open_cache, prepare, read_manifest
-from agegender.errors import ConfigError, DataError, TrainingError
-from agegender.model_files import read_meta
-from agegender.models import create_model
-from agegender.synthetic import draw_face
+from agegender.cli.main import main
+from agegender.core.config import load_config
+from agegender.core.errors import ConfigError, DataError, TrainingError
+from agegender.data.cache import open_cache
+from agegender.data.manifest import read_manifest
+from agegender.data.prepare import prepare
+from agegender.data.synthetic import draw_face
+from agegender.evaluation.sweep import load_sweep
+from agegender.inference.model_files import read_meta
+from agegender.training import train as train_mod
+from agegender.training.checkpoint import save_checkpoint
+from agegender.training.models import create_model
+from agegender.training.train import train
+from agegender.vision.images import face_config
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.toml"
 ODD = os.fsdecode(b"26_1_2_20170116174525125\xff.jpg")  # a name that is not valid UTF-8
@@ -44,7 +47,7 @@ def awkward_folder(tmp_path):
 
 
 def test_prepare_gives_odd_names_and_bad_links_their_rows(awkward_folder, tmp_path):
-    s = prepare([awkward_folder], tmp_path / "c", size=32, quiet=True)
+    s = prepare([awkward_folder], tmp_path / "c", face_config(32), quiet=True)
     assert s["files_found"] == 16
     rows = {os.fsencode(Path(r["path"]).name): r["status"] for r in read_manifest(tmp_path / "c")}
     assert rows[b"30_0_1_20170101000000000.jpg"] == "unreadable: broken symbolic link"
@@ -92,7 +95,7 @@ def test_the_next_prepare_clears_what_a_killed_one_left(awkward_folder, tmp_path
     ]
     assert main(args) == 2
     assert "an unfinished cache (prepare was interrupted" in capsys.readouterr().err
-    prepare([awkward_folder], cache, size=32, quiet=True)
+    prepare([awkward_folder], cache, face_config(32), quiet=True)
     assert not [p for p in cache.iterdir() if ".tmp" in p.name]
 
 
@@ -233,7 +236,7 @@ def test_an_edited_sidecar_is_one_line(tmp_path, capsys, edit, says):
 
 
 def test_boxes_stay_inside_the_photo(utkface_dir):
-    from agegender.predict import Predictor
+    from agegender.inference.predictor import Predictor
 
     face = np.asarray(Image.open(sorted(utkface_dir.glob("*.jpg"))[100]).convert("RGB"))
     photo = np.full((300, 400, 3), 120, np.uint8)

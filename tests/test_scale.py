@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agegender.commands.cli import main
-from agegender.predict import ASTRONAUT
-from agegender.synthetic import make_dataset
+from agegender.cli.main import main
+from agegender.data.synthetic import make_dataset
+from agegender.inference.predictor import ASTRONAUT
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,8 @@ def test_resume_needs_an_output(images, capsys):
 
 
 def test_auto_workers_is_one_for_crops_and_few_files():
-    from agegender.commands.predict import AUTO_WORKERS_FROM, auto_workers
-    from agegender.runtime import default_threads
+    from agegender.cli.photos import AUTO_WORKERS_FROM, auto_workers
+    from agegender.inference.runtime import default_threads
 
     assert auto_workers(AUTO_WORKERS_FROM - 1, aligned=False) == 1  # start-up would dominate
     assert auto_workers(100_000, aligned=True) == 1  # the network alone keeps the cores busy
@@ -99,9 +99,11 @@ def local_ray():
 
 
 def test_ray_gives_the_faces_predict_gives(local_ray, images, plain):
+    from agegender.inference.options import InferenceOptions
     from agegender.integrations.ray import paths_dataset, predict_dataset
 
-    rows = predict_dataset(paths_dataset([images]), workers=2, threads=1).take_all()
+    options = InferenceOptions(threads=1)
+    rows = predict_dataset(paths_dataset([images]), options, workers=2).take_all()
     want = {json.loads(x)["path"]: json.loads(x) for x in lines(plain)}
     assert len(rows) == len(want)
     for r in rows:

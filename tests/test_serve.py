@@ -19,9 +19,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from agegender.commands.serve import create_app, decode_upload
-from agegender.model_files import bundled
-from agegender.predict import ASTRONAUT, Predictor
+from agegender.inference.model_files import bundled
+from agegender.inference.predictor import ASTRONAUT, Predictor
+from agegender.serve.app import create_app, decode_upload, uvicorn_config
+from agegender.serve.uploads import ServiceLimits
 
 LOCAL = "http://127.0.0.1:8000"  # a client of the default loopback service
 
@@ -193,17 +194,28 @@ def test_limits(predictor):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--workers", "0"], "workers must be 1 or more, got 0"),
-        (["--queue", "-1"], "queue must be 0 or more, got -1"),
-        (["--max-upload-mb", "0"], "max_upload_mb must be 0.001 MB (1 kB) or more, got 0.0"),
-        (["--max-upload-mb", "nan"], "max_upload_mb must be 0.001 MB (1 kB) or more, got nan"),
-        (["--max-upload-mb", "1e-7"], "max_upload_mb must be 0.001 MB (1 kB) or more, got 1e-07"),
+        (["--workers", "0"], "workers must be 1-256, got 0 (--workers)"),
+        (["--queue", "-1"], "queue must be 0-100000, got -1 (--queue)"),
+        (["--max-upload-mb", "0"], "max_upload_mb must be 0.001-4096, got 0.0 (--max-upload-mb)"),
+        (["--max-upload-mb", "nan"], "max_upload_mb must be 0.001-4096, got nan (--max-upload-mb)"),
+        (
+            ["--max-upload-mb", "1e308"],
+            "max_upload_mb must be 0.001-4096, got 1e+308 (--max-upload-mb)",
+        ),
+        (
+            ["--max-upload-mb", "1e-7"],
+            "max_upload_mb must be 0.001-4096, got 1e-07 (--max-upload-mb)",
+        ),
+        (
+            ["--max-video-mb", "inf"],
+            "max_video_mb must be 0.01-1e+06, got inf (--max-video-mb)",
+        ),
         (["--port", "99999"], "port must be 0-65535 (0: any free port), got 99999"),
         (["--port", "-1"], "port must be 0-65535 (0: any free port), got -1"),
     ],
 )
 def test_serve_cli_bad_options_are_one_line(capsys, args, words):
-    from agegender.commands.cli import main
+    from agegender.cli.main import main
 
     assert main(["serve", *args]) == 2
     out, err = capsys.readouterr()
@@ -211,7 +223,7 @@ def test_serve_cli_bad_options_are_one_line(capsys, args, words):
 
 
 def test_serve_cli_port_in_use_is_refused_before_announcing(capsys):
-    from agegender.commands.cli import main
+    from agegender.cli.main import main
 
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
@@ -222,10 +234,14 @@ def test_serve_cli_port_in_use_is_refused_before_announcing(capsys):
 
 
 def test_create_app_bad_limits_are_config_errors(predictor):
-    from agegender.errors import ConfigError
+    from agegender.core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="max_batch must be 1 or more, got 0"):
+    with pytest.raises(ConfigError, match=r"max_batch must be 1-10000, got 0 \(--max-batch\)"):
         create_app(predictor=predictor, max_batch=0)
+    with pytest.raises(ConfigError, match="unknown service setting 'max_fces'"):
+        create_app(predictor=predictor, max_fces=3)
+    with pytest.raises(ConfigError, match="max_faces must be"):
+        ServiceLimits(max_faces=True)  # a bool is no count
 
 
 def test_batch_answers_an_oversized_file_in_its_own_result(predictor):
@@ -282,11 +298,14 @@ class _Slow:
         self.size, self.color, self.tta = real.size, real.color, real.tta
         self.batches: list[int] = []
 
-    def predict_batch(self, images, aligned=False):
+    def locate_all(self, images, aligned=False):
         self.batches.append(len(images))
         self.started.set()
         self.release.wait(30)
-        return self.real.predict_batch(images, aligned)
+        return self.real.locate_all(images, aligned)
+
+    def finish(self, located):
+        return self.real.finish(located)
 
 
 def _free_port() -> int:
@@ -303,12 +322,7 @@ class LiveServer:
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        from agegender.commands.web import HeaderDeadline
-
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", http=HeaderDeadline
-        )
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, "warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:
@@ -410,11 +424,11 @@ def test_batcher_never_strands_an_upload():
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from agegender.commands.serve import _Batcher
+    from agegender.serve.app import _Batcher
 
     async def main() -> int:
         with ThreadPoolExecutor(1) as pool:
-            batcher = _Batcher(lambda items: [len(d) for d, _ in items], pool, 1, 10_000, 4)
+            batcher = _Batcher(lambda items: [len(d) for d, _ in items], pool, 1, 4)
 
             async def one(k: int) -> int:
                 for _ in range(k % 3):
@@ -535,11 +549,8 @@ def test_an_api_key_guards_the_api(predictor):
         assert c.get("/health").json()["api_key"] is True  # the page asks for the key
 
 
-def test_half_sent_headers_are_timed_out(predictor, monkeypatch):
-    from agegender.commands import web
-
-    monkeypatch.setattr(web, "HEADER_TIMEOUT_S", 0.5)
-    with LiveServer(create_app(predictor=predictor)) as server:
+def test_half_sent_headers_are_timed_out(predictor):
+    with LiveServer(create_app(predictor=predictor, header_timeout_s=0.5)) as server:
         slow = socket.create_connection(("127.0.0.1", server.port))
         slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the end
         slow.settimeout(5)
@@ -590,8 +601,8 @@ def _face_frames(n: int, moving: bool = True) -> list[bytes]:
     """JPEG frames of the bundled photo's face walking over a background."""
     import cv2
 
-    from agegender.images import decode_rgb
-    from agegender.synthetic import Scene
+    from agegender.data.synthetic import Scene
+    from agegender.vision.images import decode_rgb
 
     face = cv2.resize(decode_rgb(ASTRONAUT.read_bytes())[40:240, 124:324], (200, 200))
     scene = Scene([face], [lambda t: (200 + (200 * t if moving else 0), 180, 120)], frames=n)
@@ -630,7 +641,7 @@ def test_live_session_ids_are_checked(client, session):
 def test_live_sessions_are_bounded(predictor, monkeypatch):
     """The service holds at most MAX_SESSIONS trackers, the least recently used dropped first,
     and forgets one idle for SESSION_IDLE_S."""
-    from agegender.commands import serve_video
+    from agegender.serve import video as serve_video
 
     sessions = serve_video.Sessions(predictor, max_sessions=2, idle_s=60)
     a, b = sessions.get("aaaaaaaa"), sessions.get("bbbbbbbb")
@@ -646,7 +657,7 @@ def test_live_sessions_are_bounded(predictor, monkeypatch):
 
 
 def test_video_upload_answers_its_persons(client, tmp_path):
-    from agegender.synthetic import write_video
+    from agegender.data.synthetic import write_video
 
     frames = [decode_upload(f) for f in _face_frames(30)]
     clip = write_video(frames, tmp_path / "walk.mp4")
@@ -674,14 +685,12 @@ def test_bad_video_uploads(client, tmp_path, data, form, status, words):
     assert r.status_code == status and words in r.json()["detail"]
 
 
-def test_video_limits(predictor, tmp_path, monkeypatch):
-    from agegender.commands import serve_video
-    from agegender.synthetic import write_video
+def test_video_limits(predictor, tmp_path):
+    from agegender.data.synthetic import write_video
 
     frames = [decode_upload(f) for f in _face_frames(50, moving=False)]
     clip = write_video(frames, tmp_path / "two_s.mp4").read_bytes()  # 2 s at 25 fps
-    monkeypatch.setattr(serve_video, "MAX_VIDEO_S", 1.0)
-    app = create_app(predictor=predictor, max_video_mb=len(clip) / 1e6 * 2)
+    app = create_app(predictor=predictor, max_video_mb=len(clip) / 1e6 * 2, max_video_s=1.0)
     with TestClient(app, base_url=LOCAL) as c:
         r = c.post("/api/video", files={"video": ("c.mp4", clip)})
         assert r.status_code == 422 and "the limit is 1 s" in r.json()["detail"]
@@ -743,3 +752,221 @@ def test_page_live_webcam_in_headless_chromium(predictor, tmp_path):
             assert driver.find_element(By.ID, "live").text == "Live"
         finally:
             driver.quit()
+
+
+# ----------------------------------------------------------------------------- hardening
+
+
+def test_limits_are_one_validated_object():
+    limits = ServiceLimits()
+    assert limits.replace(max_faces=3).max_faces == 3 and limits.max_faces != 3
+    for bad in (float("nan"), float("inf"), 1e308, -1.0):
+        with pytest.raises(
+            Exception, match=r"^max_upload_mb must be 0\.001-4096, got .* \(--max-upload-mb\)$"
+        ):
+            ServiceLimits(max_upload_mb=bad)
+
+
+def _slow_post(port: int, path: str, length: int, first: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+    )
+    s.sendall(head.encode() + first)
+    return s
+
+
+def test_a_trickling_body_is_cut_off(predictor, caplog):
+    app = create_app(predictor=predictor, body_timeout_s=1.0, min_body_kbps=1.0)
+    with LiveServer(app) as server, caplog.at_level("INFO"):
+        slow = _slow_post(server.port, "/api/predict", 100_000, b"--b\r\n")
+        t0 = time.monotonic()
+        slow.settimeout(0.5)
+        closed = False
+        while time.monotonic() - t0 < 8 and not closed:
+            try:
+                slow.sendall(b"x")  # a byte every half second: far under 1 kB/s
+                closed = slow.recv(100) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+        slow.close()
+        assert closed and time.monotonic() - t0 < 4
+        # a body that keeps up is not cut: the service still answers at once
+        status, _ = _raw_post(server.port, "/api/predict", ASTRONAUT.read_bytes())
+        assert status == 200
+    # one warning, no traceback, for the connection cut off
+    assert not any(r.exc_info for r in caplog.records)
+    assert [r.levelname for r in caplog.records if r.name == "agegender.serve"] == ["WARNING"]
+
+
+def test_connections_are_capped_with_a_503_and_a_bounded_log(predictor, caplog):
+    app = create_app(predictor=predictor, max_connections=2, header_timeout_s=30)
+    with LiveServer(app) as server:
+        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        time.sleep(0.2)
+        with caplog.at_level("WARNING", logger="agegender.serve"):
+            for _ in range(10):
+                extra = socket.create_connection(("127.0.0.1", server.port))
+                extra.settimeout(5)
+                answer = b""
+                while chunk := extra.recv(4096):
+                    answer += chunk
+                extra.close()
+                assert answer.startswith(b"HTTP/1.1 503 ") and b"--max-connections" in answer
+                assert b"x-frame-options: DENY" in answer
+        refused = [r for r in caplog.records if r.name == "agegender.serve"]
+        assert len(refused) == 1 and not any(r.exc_info for r in caplog.records)
+        for s in held:
+            s.close()
+        time.sleep(0.2)
+        with httpx_client(server) as http:
+            assert http.get("/health").status_code == 200
+
+
+def httpx_client(server):
+    import httpx
+
+    return httpx.Client(base_url=server.url, timeout=30)
+
+
+class _Broken(_Slow):
+    def locate_all(self, images, aligned=False):
+        raise RuntimeError("a bug")
+
+
+def test_a_500_carries_the_security_headers(predictor):
+    app = create_app(predictor=_Broken(predictor))
+    with TestClient(app, base_url=LOCAL, raise_server_exceptions=False) as c:
+        r = post(c, ASTRONAUT.read_bytes())
+        assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+        assert r.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.parametrize(
+    "origin", ["http://127.0.0.1:9999", "https://127.0.0.1:8000", "http://127.0.0.1"]
+)
+def test_the_origin_must_match_scheme_host_and_port(client, origin):
+    files = {"image": ("a.jpg", ASTRONAUT.read_bytes())}
+    r = client.post("/api/predict", files=files, headers={"Origin": origin})
+    assert r.status_code == 403 and "cross-origin" in r.json()["detail"]
+
+
+def test_an_allowed_origin_may_post(predictor):
+    app = create_app(predictor=predictor, allow_origins=("https://app.example",))
+    files = {"image": ("a.jpg", ASTRONAUT.read_bytes())}
+    with TestClient(app, base_url=LOCAL) as c:
+        ok = c.post("/api/predict", files=files, headers={"Origin": "https://app.example:443"})
+        assert ok.status_code == 200
+        r = c.post("/api/predict", files=files, headers={"Origin": "http://app.example"})
+        assert r.status_code == 403
+
+
+def test_a_refused_post_is_read_by_every_client(predictor):
+    app = create_app(predictor=predictor, api_key="s3cret")
+    with LiveServer(app) as server:
+        # http.client sends all of its 3 MB before reading: the 401 must still reach it
+        status, body = _raw_post(server.port, "/api/predict", b"\xff" * 3_000_000)
+        assert status == 401 and "API key" in body["detail"]
+
+
+def test_api_keys_are_utf8_and_bearer_is_case_insensitive(predictor):
+    key = "clé-ü-s3cret"
+    files = {"image": ("a.jpg", ASTRONAUT.read_bytes())}
+    with TestClient(create_app(predictor=predictor, api_key=key), base_url=LOCAL) as c:
+        for given in [
+            b"Bearer " + key.encode(),
+            b"bearer " + key.encode(),
+            b"BEARER  " + key.encode(),
+        ]:
+            r = c.post("/api/predict", files=files, headers={"Authorization": given})
+            assert r.status_code == 200, given
+        r = c.post("/api/predict", files=files, headers={"X-API-Key": key.encode()})
+        assert r.status_code == 200
+        wrong = c.post("/api/predict", files=files, headers={"Authorization": key.encode()})
+        assert wrong.status_code == 401  # no scheme
+
+
+def test_head_answers_on_the_page_and_health(client):
+    for path in ("/", "/health"):
+        r = client.head(path)
+        assert r.status_code == 200 and r.content == b"", path
+        assert r.headers["x-frame-options"] == "DENY"
+
+
+def test_faces_per_image_are_capped_and_the_answer_says_so(predictor):
+    one = Image.open(ASTRONAUT)
+    two = Image.new("RGB", (one.width * 2, one.height))
+    two.paste(one, (0, 0))
+    two.paste(one, (one.width, 0))
+    data = encode(two)
+    with TestClient(create_app(predictor=predictor, max_faces=1), base_url=LOCAL) as c:
+        body = post(c, data).json()
+        assert len(body["faces"]) == 1 and body["faces_left_out"] == 1
+        body = post(c, ASTRONAUT.read_bytes()).json()
+        assert len(body["faces"]) == 1 and body["faces_left_out"] == 0
+    assert len(predictor.predict(data)) == 2
+
+
+def test_a_truncated_png_is_a_422_even_in_a_batch(client):
+    rng = np.random.default_rng(0)
+    full = encode(Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)), "PNG")
+    cut = full[: len(full) // 2]
+    r = post(client, cut, "cut.png")
+    assert r.status_code == 422 and "\n" not in r.json()["detail"]
+    files = [("images", ("a.jpg", ASTRONAUT.read_bytes())), ("images", ("cut.png", cut))]
+    results = client.post("/api/predict/batch", files=files).json()["results"]
+    assert [x["status"] for x in results] == [200, 422] and len(results[0]["faces"]) == 1
+
+
+def test_uploads_are_booked_before_their_bodies_are_read(predictor):
+    """Memory: a request's Content-Length is booked against --max-buffered-mb before its body
+    is read; a batch that would not fit is answered 503 at once."""
+    import httpx
+
+    slow = _Slow(predictor)
+    app = create_app(predictor=slow, max_upload_mb=1, max_batch=2, max_buffered_mb=3)
+    junk = ("images", ("junk.jpg", b"\xff" * 1_500_000))  # its own 413, but it is in the body
+    files = [("images", ("a.jpg", ASTRONAUT.read_bytes())), junk]
+    with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        first: list = []
+        t = threading.Thread(
+            target=lambda: first.append(http.post("/api/predict/batch", files=files))
+        )
+        t.start()
+        assert slow.started.wait(10)
+        r = http.post("/api/predict/batch", files=files)
+        assert r.status_code == 503 and "--max-buffered-mb" in r.json()["detail"]
+        assert r.headers["retry-after"] == "1"
+        slow.release.set()
+        t.join(30)
+        assert [x["status"] for x in first[0].json()["results"]] == [200, 413]
+
+
+def test_a_video_is_budgeted_in_pixels_times_frames(client, predictor, tmp_path):
+    from agegender.data.synthetic import write_video
+
+    frames = [decode_upload(f) for f in _face_frames(10, moving=False)]
+    clip = write_video(frames, tmp_path / "c.mp4").read_bytes()
+    body = client.post("/api/video", files={"video": ("c.mp4", clip)}, data={"fps": "25"}).json()
+    h, w = frames[0].shape[:2]
+    assert body["cost"] == {"pixel_frames": 10 * w * h, "max_pixel_frames": 2_000_000_000}
+    app = create_app(predictor=predictor, max_video_pixels=5 * w * h)
+    with TestClient(app, base_url=LOCAL) as c:
+        r = c.post("/api/video", files={"video": ("c.mp4", clip)}, data={"fps": "25"})
+        assert r.status_code == 422 and "--max-video-pixels" in r.json()["detail"]
+
+
+def test_a_still_image_is_not_a_video_and_slow_clips_keep_their_rate(client, tmp_path):
+    from agegender.data.synthetic import write_video
+    from agegender.inference.tracking import sampled
+
+    r = client.post("/api/video", files={"video": ("a.mp4", ASTRONAUT.read_bytes())})
+    assert r.status_code == 422 and "a single image, not a video" in r.json()["detail"]
+    frames = [decode_upload(f) for f in _face_frames(4, moving=False)]
+    clip = write_video(frames, tmp_path / "slow.mp4", fps=0.5)
+    got, rate = sampled(clip, None)
+    assert rate == pytest.approx(0.5) and [f.time_s for f in got] == pytest.approx([0, 2, 4, 6])

@@ -3,10 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from agegender.commands.cli import main
-from agegender.commands.sweep import load_sweep, run_sweep
-from agegender.data import prepare
-from agegender.errors import ConfigError, DataError
+from agegender.cli.main import main
+from agegender.core.errors import ConfigError, DataError
+from agegender.data.prepare import prepare
+from agegender.evaluation.sweep import load_sweep, run_sweep
+from agegender.vision.images import face_config
 
 SWEEPS = sorted((Path(__file__).parents[1] / "sweeps").glob("*.toml"))
 
@@ -14,7 +15,7 @@ SWEEPS = sorted((Path(__file__).parents[1] / "sweeps").glob("*.toml"))
 @pytest.fixture(scope="module")
 def cache96(synthetic_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache96")
-    prepare([synthetic_dir], out, size=96, quiet=True, workers=1)
+    prepare([synthetic_dir], out, face_config(96), quiet=True, workers=1)
     return out
 
 
@@ -52,7 +53,7 @@ def test_every_sweep_runs_reduced(sweep, cache96, synthetic_dir, tmp_path):
 @pytest.mark.slow
 def test_a_run_prepared_from_root_keeps_the_caches_split(synthetic_dir, tmp_path):
     cache = tmp_path / "cache"
-    prepare([synthetic_dir], cache, size=64, seed=3, quiet=True, workers=1)
+    prepare([synthetic_dir], cache, face_config(64), seed=3, quiet=True, workers=1)
     smoke = Path(__file__).parents[1] / "configs" / "smoke.toml"
     (tmp_path / "s.toml").write_text(
         f'base = "{smoke}"\n[[run]]\nname = "gray"\n[[run]]\nname = "rgb"\n'

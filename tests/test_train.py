@@ -8,17 +8,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from agegender.augment import augment
-from agegender.checkpoint import load_checkpoint
-from agegender.commands import train as train_mod
-from agegender.commands.cli import main
-from agegender.commands.train import train
-from agegender.config import load_config
-from agegender.errors import ConfigError
-from agegender.losses import UncertaintyWeights
-from agegender.models import from_config
-from agegender.step import TrainForward, graph_train_forward
-from agegender.synthetic import make_dataset
+from agegender.cli.main import main
+from agegender.core.config import load_config
+from agegender.core.errors import ConfigError
+from agegender.data.synthetic import make_dataset
+from agegender.inference.predictor import Predictor
+from agegender.inference.runtime import default_threads
+from agegender.training import train as train_mod
+from agegender.training.augment import augment
+from agegender.training.checkpoint import load_checkpoint
+from agegender.training.losses import UncertaintyWeights
+from agegender.training.models import from_config
+from agegender.training.step import TrainForward, graph_train_forward
+from agegender.training.torch_backend import predict_arrays
+from agegender.training.train import train
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.toml"
 ARTEFACTS = {
@@ -56,6 +59,14 @@ def test_smoke_run_writes_every_artefact(cache64, tmp_path):
     out2 = model(torch.zeros(2, 1, 64, 64))
     assert out2["age"].shape == (2,)
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # the run's ONNX file, newer than the weights: the run folder predicts without torch
+    assert (out / "best.onnx").stat().st_mtime >= (out / "best.safetensors").stat().st_mtime
+    predictor = Predictor.load(out, detector=None, precision="fp32")
+    assert predictor.backend.path == out / "best.onnx"
+    faces = np.full((2, 64, 64, 1), 128, np.uint8)
+    expected = predict_arrays(model, faces, tta=predictor.tta)
+    got = predictor.backend(faces, predictor.tta)
+    np.testing.assert_allclose(got["age"], expected["age"], atol=1e-3)
 
 
 @pytest.mark.slow
@@ -258,6 +269,26 @@ def test_values_no_run_can_use_fail_before_anything_is_written(tmp_path, overrid
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".hidden", ""])
+def test_run_name_is_one_folder_under_runs(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", str(SMOKE), f"data.cache={tmp_path / 'nope'}", f"run.name={name}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "must be a plain name" in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())  # nothing written, inside runs/ or out of it
+
+
+def test_threads_capped_at_the_cores_available(capsys, monkeypatch):
+    cores = default_threads()
+    assert train_mod._threads(0, 1, quiet=False) == cores
+    assert train_mod._threads(cores + 7, 1, quiet=False) == cores
+    assert f"train.threads={cores + 7} lowered to {cores}" in capsys.readouterr().err
+    assert train_mod._threads(1, 1, quiet=False) == 1 and not capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes share the cores
+    assert train_mod._threads(0, 2, quiet=True) == max(cores // 2, 1)
+
+
 def test_recipe_that_is_not_text_is_a_config_error(tmp_path, capsys):
     recipe = tmp_path / "r.toml"
     recipe.write_bytes("[train]\nepochs = 1\n".encode("utf-16"))
@@ -312,7 +343,7 @@ def test_rgb_run_from_folder(tmp_path):
 
 
 def _aug(**kw):
-    from agegender.config import AugConfig
+    from agegender.core.config import AugConfig
 
     zero = dict(rotate=0.0, flip=False, brightness=0.0, contrast=0.0, scale=0.0, shift=0.0)
     return AugConfig(**{**zero, **kw})
@@ -368,8 +399,8 @@ def test_augment_parameters_do_what_they_say():
 
 @pytest.mark.slow
 def test_balanced_training_draws_each_race_alike(cache64, tmp_path):
-    from agegender.data import open_cache
-    from agegender.dataset import load_data
+    from agegender.data.cache import open_cache
+    from agegender.training.dataset import load_data
 
     cfg = _smoke(cache64, tmp_path / "run", "data.balance=race", "data.balance_power=1.0")
     whole = _smoke(cache64, tmp_path / "run", "data.balance=race", "data.balance_power=1.0",
@@ -396,7 +427,7 @@ def test_balanced_training_draws_each_race_alike(cache64, tmp_path):
 def test_amp_auto_needs_native_bf16_on_cpu(monkeypatch, bf16, capability, expected):
     """AVX-512 without AVX512-BF16/AMX (Skylake) emulates bf16, slower than fp32: auto stays
     fp32 there, as on a CPU whose torch kernels are held to AVX2."""
-    from agegender import torch_runtime
+    from agegender.training import torch_backend as torch_runtime
 
     info = dict(torch_runtime.cpu_info(), bf16=bf16)
     monkeypatch.setattr(torch_runtime, "cpu_info", lambda: info)

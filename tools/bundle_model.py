@@ -19,11 +19,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from agegender import fileio
-from agegender.checkpoint import load_checkpoint, read_meta, read_seen, save_checkpoint
-from agegender.commands.evaluate import evaluate
-from agegender.commands.export import export
-from agegender.model_files import WEIGHTS
+from agegender.core import fileio
+from agegender.evaluation.evaluate import evaluate
+from agegender.inference.model_files import WEIGHTS, read_meta, read_seen
+from agegender.inference.options import InferenceOptions
+from agegender.training.checkpoint import load_checkpoint, save_checkpoint
+from agegender.training.export import export
 
 FP16_TOLERANCE = {"gender_accuracy": 1e-3, "age_mae": 0.02}
 INT8_TOLERANCE = {"gender_accuracy": 1e-3, "age_mae": 0.03}
@@ -63,18 +64,21 @@ def main() -> None:
             half = save_checkpoint(
                 Path(tmp) / "half.safetensors", model, extra, half=True, seen=read_seen(src)
             )
-            results["fp32"] = _scores(evaluate(src, out_dir=Path(tmp) / "full", **kw))
-            results["fp16"] = _scores(evaluate(half, out_dir=Path(tmp) / "half", **kw))
+            # the checkpoints themselves, on torch: what fp16 storage changes, before any export
+            on_torch = InferenceOptions(model=str(src), backend="torch")
+            results["fp32"] = _scores(evaluate(on_torch, out_dir=Path(tmp) / "full", **kw))
+            on_torch = on_torch.replace(model=str(half))
+            results["fp16"] = _scores(evaluate(on_torch, out_dir=Path(tmp) / "half", **kw))
             if not _within(results["fp32"], results["fp16"], FP16_TOLERANCE):
                 raise SystemExit(f"fp16 storage loses too much: {results}")
             save_checkpoint(dst, model, extra, half=True, seen=read_seen(src))
         export(dst, WEIGHTS / f"{args.name}.onnx", half_weights=True)
         int8 = WEIGHTS / f"{args.name}.int8.onnx"
         export(dst, int8, int8=True, data=args.cache)
-        results["onnx_fp32"] = _scores(evaluate(args.name, backend="onnx", precision="fp32",
-                                                out_dir=Path(tmp) / "o32", **kw))  # fmt: skip
-        results["onnx_int8"] = _scores(evaluate(args.name, backend="onnx", precision="int8",
-                                                out_dir=Path(tmp) / "o8", **kw))  # fmt: skip
+        for precision in ("fp32", "int8"):
+            onnx = InferenceOptions(model=args.name, precision=precision)
+            out = Path(tmp) / f"onnx-{precision}"
+            results[f"onnx_{precision}"] = _scores(evaluate(onnx, out_dir=out, **kw))
     results["int8_kept"] = _within(results["onnx_fp32"], results["onnx_int8"], INT8_TOLERANCE)
     if not results["int8_kept"]:
         int8.unlink()

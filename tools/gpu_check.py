@@ -33,11 +33,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from agegender.checkpoint import load_checkpoint
-from agegender.commands import train as train_mod
-from agegender.commands.cli import main as cli_main
-from agegender.commands.train import train
-from agegender.config import load_config
+from agegender.cli.main import main as cli_main
+from agegender.core.config import load_config
+from agegender.training import train as train_mod
+from agegender.training.checkpoint import load_checkpoint
+from agegender.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTEFACTS = (

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from agegender.commands.report import table, worst_lines
+from agegender.evaluation.report import table, worst_lines
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -154,16 +154,37 @@ def model_card(evals: Path, run: Path) -> str:
     train = json.loads((run / "metrics.json").read_text())
     recipe = tomllib.loads((run / "config.toml").read_text())
     hours = train["train_seconds"] / 3600
+    img_s = _images_per_second(run, train)
+    fast = _speed_sentence()
+    int8 = {n: bundled[n]["onnx_int8"] for n in bundled}
+    retrained = retrain_lines(run.parent)
+    if retrained:
+        retrained = "\nThe default's recipe retrained on other 2-core CPUs:\n" + "\n".join(
+            retrained
+        )
+    worst = "\n".join(worst_lines(m)).strip()
+    worst = worst[0].lower() + worst[1:]  # after "`default`'s"
+    return (
+        _card_models(train, m)
+        + _card_training(train, recipe, hours, img_s, retrained)
+        + _card_metrics(m, acc, int8, whole, worst, fast)
+        + CARD_LIMITS
+    )
+
+
+def _images_per_second(run: Path, train: dict) -> float:
     # images/second from the epochs' own rows: the metrics.json of a run resumed before the fix
     # counted only the last process's images over every epoch's seconds
     with open(run / "history.csv", newline="") as f:
         epochs = list(csv.DictReader(f))
-    img_s = (
-        sum(float(r["img_per_s"]) * float(r["seconds"]) for r in epochs) / train["train_seconds"]
-    )
+    return sum(float(r["img_per_s"]) * float(r["seconds"]) for r in epochs) / train["train_seconds"]
+
+
+def _speed_sentence() -> str:
+    """The bundled models' speed on this machine, from ``reports/speed/predict.json``."""
     speed = Path("reports/speed/predict.json")
     b = json.loads(speed.read_text()) if speed.is_file() else None
-    fast = (
+    return (
         f"On a {b['cpu']['cores']}-core {b['cpu']['name']} ({b['cpu']['class'].upper()} class), "
         f"{b['threads']} threads, one aligned face from JPEG file to answer takes "
         f"{b['batch1']['default int8 (tta False)']['median_ms']:.1f} ms (int8) / "
@@ -174,14 +195,9 @@ def model_card(evals: Path, run: Path) -> str:
         if b
         else "Speed: run `python benchmarks/predict_speed.py` on your CPU."
     )
-    int8 = {n: bundled[n]["onnx_int8"] for n in bundled}
-    retrained = retrain_lines(run.parent)
-    if retrained:
-        retrained = "\nThe default's recipe retrained on other 2-core CPUs:\n" + "\n".join(
-            retrained
-        )
-    worst = "\n".join(worst_lines(m)).strip()
-    worst = worst[0].lower() + worst[1:]  # after "`default`'s"
+
+
+def _card_models(train: dict, m: dict) -> str:
     return f"""# Model card: agegender `default` and `accurate`
 
 The two bundled models: `Predictor.load()`, `agegender predict`, `serve` and `demo` use
@@ -211,7 +227,11 @@ by group, stratified by gender and age band. Both models trained on train+val; t
 the content hashes and near-duplicate signatures of the images it trained on, and `evaluate`
 leaves those and their near-copies out.
 
-## Training
+"""
+
+
+def _card_training(train: dict, recipe: dict, hours: float, img_s: float, retrained: str) -> str:
+    return f"""## Training
 `default`: `agegender train configs/student.toml data.cache=cache/utk128`: {train["epochs_run"]}
 epochs, AdamW one-cycle, batch augmentation, loss = hard labels (10 x gender BCE + DLDL) mixed
 with the teacher's flip-averaged outputs (weight {recipe["distill"]["weight"]}). {hours:.1f} hours of epochs on this
@@ -221,7 +241,11 @@ ran other work for part of it). `accurate`:
 `configs/default.toml`, 40 epochs, 108 minutes on the same CPU.
 {retrained}
 
-## Test metrics, on faces neither model saw
+"""
+
+
+def _card_metrics(m: dict, acc: dict, int8: dict, whole: dict, worst: str, fast: str) -> str:
+    return f"""## Test metrics, on faces neither model saw
 `agegender evaluate MODEL --data cache/utk128 --split test`:
 
 | model | n | gender accuracy | male | female | age MAE | gender ECE | 90 % interval coverage |
@@ -245,7 +269,10 @@ leaves out the {whole["excluded_seen_in_training"]:,} images `default` trained o
 
 {fast}
 
-## Limits
+"""
+
+
+CARD_LIMITS = """## Limits
 - **Licence.** UTKFace is for non-commercial research only; these weights are derived from it.
   Do not use them commercially.
 - **Apparent, not real, age.** UTKFace's ages are partly estimated by annotators; the model
@@ -366,7 +393,12 @@ def full_runs_section(folder: Path) -> list[str]:
 
 def gpu_section(folder: Path) -> list[str]:
     """What ran on a lent GPU: the CUDA checks and the training throughput, from their JSON."""
-    lines = ["## On a lent GPU", ""]
+    return ["## On a lent GPU", "", *_gpu_checks(folder), *_gpu_throughput(folder)]
+
+
+def _gpu_checks(folder: Path) -> list[str]:
+    """What ``tools/gpu_check.py`` found, if it ran."""
+    lines: list[str] = []
     check = folder / "gpu_check.json"
     if check.is_file():
         c = json.loads(check.read_text())
@@ -389,6 +421,12 @@ def gpu_section(folder: Path) -> list[str]:
                 "run on a GPU yet: whether the difference is that noise is open.",
                 "",
             ]
+    return lines
+
+
+def _gpu_throughput(folder: Path) -> list[str]:
+    """A table of training images/second by model, batch and mode, from the benchmark files."""
+    lines: list[str] = []
     cols = {}  # (model, batch) -> {column: img/s}
     device = ""
     for name, before in (

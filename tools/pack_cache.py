@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from agegender.data import open_cache
+from agegender.data.cache import open_cache
 
 META = ("manifest.csv", "cache.json", "summary.json")
 

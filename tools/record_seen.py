@@ -20,10 +20,12 @@ import struct
 
 import numpy as np
 
-from agegender.checkpoint import load_checkpoint, save_checkpoint
-from agegender.data import SPLITS, open_cache, split_indices
-from agegender.model_files import SEEN_HASHES
-from agegender.near_dups import SeenRecord, hash_bytes, signatures
+from agegender.data.cache import open_cache
+from agegender.data.near_dups import SeenRecord, hash_bytes, signatures
+from agegender.data.split import split_indices
+from agegender.data.utkface import SPLITS
+from agegender.inference.model_files import SEEN_HASHES
+from agegender.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _stored_half(path: str) -> bool:

@@ -24,7 +24,7 @@ import sys
 import time
 from collections import Counter
 
-from agegender.runtime import cpu_info
+from agegender.inference.runtime import cpu_info
 
 _LOOP = """
 import sys, numpy as np, onnxruntime as ort

@@ -2,9 +2,11 @@
 
 __version__ = "0.1.0"
 
-from agegender.data import Cache, open_cache, parse_name, prepare
-from agegender.errors import AgeGenderError, ConfigError, DataError
-from agegender.predict import Face, Predictor
+from agegender.core.errors import AgeGenderError, ConfigError, DataError
+from agegender.data.cache import Cache, open_cache
+from agegender.data.prepare import prepare
+from agegender.data.utkface import parse_name
+from agegender.inference.predictor import Face, Predictor
 
 __all__ = [
     "AgeGenderError",

@@ -1,3 +1,3 @@
-from agegender.commands.cli import main
+from agegender.cli.main import main
 
 raise SystemExit(main())

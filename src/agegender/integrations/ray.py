@@ -35,12 +35,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from agegender.errors import first_line
-from agegender.images import find_images
+from agegender.core.errors import first_line
+from agegender.inference.options import InferenceOptions
+from agegender.vision.scan import find_images
 
 try:
     import pyarrow as pa
@@ -60,15 +60,15 @@ COLUMNS = tuple(SCHEMA.names)
 
 
 class FaceActor:
-    """What each actor of the pool runs: a :class:`~agegender.predict.Predictor`, loaded once,
-    over batches of image paths (or bytes)."""
+    """What each actor of the pool runs: a
+    :class:`~agegender.inference.predictor.Predictor`, loaded once, over batches of image paths
+    (or bytes)."""
 
-    def __init__(self, model: str, aligned: bool, threads: int | None, load: dict) -> None:
-        from agegender.predict import Predictor
+    def __init__(self, options: InferenceOptions, aligned: bool) -> None:
+        from agegender.training.loading import open_predictor
 
         self.aligned = aligned
-        detector = None if aligned else load.pop("detector", "yunet")
-        self.predictor = Predictor.load(model, threads=threads, detector=detector, **load)
+        self.predictor = open_predictor(options.replace(detector=None) if aligned else options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         column = "bytes" if "bytes" in batch else "path"
@@ -89,26 +89,28 @@ class FaceActor:
 
 def predict_dataset(
     ds: ray.data.Dataset,
-    model: str = "default",
+    options: InferenceOptions | str = "default",
     aligned: bool = False,
     batch_size: int = 64,
     workers: int = 2,
-    threads: int | None = 1,
     num_gpus: float = 0,
-    **load: Any,
 ) -> ray.data.Dataset:
     """``ds`` (a ``path`` column, or ``bytes`` with an optional ``path``) -> one row per image
-    (see the module). ``workers`` actors of ``threads`` threads each (the cluster's CPUs over
-    ``threads`` is a good ``workers``); ``num_gpus`` per actor runs the network on torch and
-    CUDA (``backend="torch"`` then goes in ``load``, with the other
-    :meth:`~agegender.predict.Predictor.load` arguments)."""
+    (see the module). ``options``: an :class:`~agegender.inference.options.InferenceOptions`
+    or a model. ``workers`` actors of ``options.threads`` threads each (1 where unset: the
+    cluster's CPUs over the threads is a good ``workers``); ``num_gpus`` per actor runs the
+    network on torch and CUDA (with ``backend="torch"`` in the options)."""
+    if isinstance(options, str):
+        options = InferenceOptions(model=options)
+    if options.threads is None:
+        options = options.replace(threads=1)
     return ds.map_batches(
         FaceActor,
-        fn_constructor_args=(model, aligned, threads, dict(load)),
+        fn_constructor_args=(options, aligned),
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=workers,
-        num_cpus=threads or 1,
+        num_cpus=options.threads,
         num_gpus=num_gpus,
     )
 
@@ -157,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     if ds.count() == 0:
         print(f"nothing to do: the {len(skip):,} images are in {a.output} already")
         return 0
-    load = {"backend": "torch", "device": "cuda"} if a.gpus else {}
-    out = predict_dataset(ds, a.model, a.aligned, a.batch_size, a.workers, a.threads, a.gpus,
-                          **load)  # fmt: skip
+    gpu = {"backend": "torch", "device": "cuda"} if a.gpus else {}
+    options = InferenceOptions(model=a.model, threads=a.threads, **gpu)
+    out = predict_dataset(ds, options, a.aligned, a.batch_size, a.workers, a.gpus)
     out.write_parquet(a.output)
     print(f"wrote {a.output} ({len(skip):,} images done before were skipped)")
     return 0

@@ -1,0 +1,3 @@
+"""The bottom layer: errors, atomic file writes and the one rule for what an output may replace,
+the training recipes. Imports nothing of agegender.
+"""

@@ -14,6 +14,7 @@ from agegender.core.errors import ConfigError
 from agegender.data.synthetic import make_dataset
 from agegender.inference.predictor import Predictor
 from agegender.inference.runtime import default_threads
+from agegender.training import distributed
 from agegender.training import train as train_mod
 from agegender.training.augment import augment
 from agegender.training.checkpoint import load_checkpoint
@@ -281,12 +282,12 @@ def test_run_name_is_one_folder_under_runs(tmp_path, monkeypatch, capsys, name):
 
 def test_threads_capped_at_the_cores_available(capsys, monkeypatch):
     cores = default_threads()
-    assert train_mod._threads(0, 1, quiet=False) == cores
-    assert train_mod._threads(cores + 7, 1, quiet=False) == cores
+    assert distributed.process_threads(0, 1, quiet=False) == cores
+    assert distributed.process_threads(cores + 7, 1, quiet=False) == cores
     assert f"train.threads={cores + 7} lowered to {cores}" in capsys.readouterr().err
-    assert train_mod._threads(1, 1, quiet=False) == 1 and not capsys.readouterr().err
+    assert distributed.process_threads(1, 1, quiet=False) == 1 and not capsys.readouterr().err
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes share the cores
-    assert train_mod._threads(0, 2, quiet=True) == max(cores // 2, 1)
+    assert distributed.process_threads(0, 2, quiet=True) == max(cores // 2, 1)
 
 
 def test_recipe_that_is_not_text_is_a_config_error(tmp_path, capsys):
@@ -397,11 +398,33 @@ def test_augment_parameters_do_what_they_say():
     assert not torch.allclose(a, (x * 3).clamp(-1, 1), atol=1e-2)
 
 
+def _race_skewed(cache: Path, tmp_path: Path) -> Path:
+    """``cache`` where some race is over thrice as common as another (the real UTKFace), else
+    a cache of synthetic faces made so: make_dataset draws races evenly, and balancing even
+    groups would show nothing."""
+    from agegender.data.cache import open_cache
+    from agegender.data.prepare import prepare
+    from agegender.vision.images import face_config
+
+    counts = np.bincount(open_cache(cache).race)
+    if counts.max() > 3 * counts[counts > 0].min():
+        return cache
+    src = tmp_path / "skewed-faces"
+    for k, path in enumerate(make_dataset(src, n=300, size=64, seed=5)):
+        if k % 3:  # two thirds White: about 200 of race 0 against about 25 of each other
+            age, gender, _, rest = path.name.split("_", 3)
+            path.rename(path.with_name(f"{age}_{gender}_0_{rest}"))
+    out = tmp_path / "skewed-cache"
+    prepare([src], out, face_config(64), quiet=True)
+    return out
+
+
 @pytest.mark.slow
 def test_balanced_training_draws_each_race_alike(cache64, tmp_path):
     from agegender.data.cache import open_cache
     from agegender.training.dataset import load_data
 
+    cache64 = _race_skewed(cache64, tmp_path)
     cfg = _smoke(cache64, tmp_path / "run", "data.balance=race", "data.balance_power=1.0")
     whole = _smoke(cache64, tmp_path / "run", "data.balance=race", "data.balance_power=1.0",
                    "data.limit=0")  # fmt: skip
@@ -435,3 +458,43 @@ def test_amp_auto_needs_native_bf16_on_cpu(monkeypatch, bf16, capability, expect
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert torch_runtime.use_amp(torch.device("cpu"), "auto") is expected
     assert torch_runtime.use_amp(torch.device("cpu"), "off") is False
+
+
+FINETUNE = Path(__file__).parents[1] / "configs" / "finetune.toml"
+
+
+@pytest.mark.slow
+def test_finetune_scores_test_without_what_its_start_saw_as_evaluate_does(tmp_path, capsys):
+    from conftest import make_checkpoint
+
+    from agegender.data.cache import open_cache
+    from agegender.data.near_dups import SeenRecord
+    from agegender.data.prepare import prepare
+    from agegender.evaluation.evaluate import evaluate
+    from agegender.training.checkpoint import save_checkpoint
+    from agegender.vision.images import face_config
+
+    src, cache = tmp_path / "faces", tmp_path / "cache"
+    make_dataset(src, n=300, size=64, seed=11)
+    prepare([src], cache, face_config(64), quiet=True, workers=1)
+    # a start that "trained on" the first 10 test images of the cache: they must not score it
+    opened = open_cache(cache)
+    shown = opened.indices("test")[:10]
+    start = make_checkpoint(tmp_path / "start" / "best.safetensors", tta=False)
+    model, meta = load_checkpoint(start)
+    seen = SeenRecord.of([opened.content_hash[i] for i in shown], opened.images[shown])
+    save_checkpoint(start, model, {k: meta[k] for k in ("epoch", "metrics", "config")}, seen=seen)
+    overrides = [f"data.cache={cache}", f"model.init={start}", f"run.out={tmp_path / 'run'}",
+                 "train.epochs=2", "train.threads=2", "train.freeze="]  # fmt: skip
+    out = train(load_config(FINETUNE, overrides))
+    printed = capsys.readouterr().out
+    # the header names the network model.init holds, not the recipe's default model
+    assert printed.splitlines()[0].startswith("resnet-mt-small (")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_left_out"] >= 10
+    assert f"without {metrics['test_left_out']:,} test images" in printed
+    ev = evaluate(out, cache, "test", out_dir=tmp_path / "eval", timing=False, quiet=True)
+    assert ev["excluded_seen_in_training"] == metrics["test_left_out"]
+    assert ev["n"] == len(opened.indices("test")) - metrics["test_left_out"]
+    assert metrics["test_acc"] == pytest.approx(ev["gender_accuracy"], abs=1e-6)
+    assert metrics["test_mae"] == pytest.approx(ev["age_mae"], abs=1e-3)

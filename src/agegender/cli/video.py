@@ -15,11 +15,13 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from agegender.cli.photos import STDOUT, csv_cell, output_format, shown
 from agegender.core import fileio
 from agegender.core.errors import ConfigError, DataError
+from agegender.inference import draw
 from agegender.inference.options import InferenceOptions
 from agegender.inference.tracking import DETECT_EVERY, FrameResult
 from agegender.training.loading import open_predictor
@@ -29,6 +31,8 @@ TRACK_COLUMNS = (
     "age_low", "age_high", "gender", "p_female", "age_spread", "frame_age_spread",
     "x0", "y0", "x1", "y1",
 )  # fmt: skip
+#: the smallest label text (px) on the annotated video: read while it plays, not paused
+VIDEO_TEXT_PX = 20
 
 
 def predict_video(
@@ -192,20 +196,40 @@ def _writer(path: Any, rate: float, fps: float | None, tracking: Any) -> cv2.Vid
 
 
 def _draw(rgb: np.ndarray, r: FrameResult, tracking: Any) -> np.ndarray:
-    """The frame (BGR, for OpenCV) with each face's box, track id and running estimate."""
-    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    """The frame (BGR, for OpenCV) with each face's box, track id and running estimate, the
+    labels placed as a photo's (:mod:`agegender.inference.draw`). A face not yet confirmed as
+    a person (no track id) gets a grey dashed box and no label; a gender not yet sure
+    (``"?"``) a grey box and label."""
+    img = Image.fromarray(rgb)
+    pen = ImageDraw.Draw(img)
     running = {t.id: t.evidence.estimate() for t in tracking.tracker.active}
     items: list[tuple[int | None, tuple]] = [(tid, f.box) for tid, f in r.faces]
     items += [(tid, box) for tid, box in r.carried]
+    labels = []
     for tid, box in items:
-        est = running.get(tid) if tid is not None else None
-        colour = (120, 60, 230) if est and est["gender"] == "female" else (230, 120, 40)
-        x0, y0, x1, y1 = (round(float(v)) for v in box)
-        cv2.rectangle(bgr, (x0, y0), (x1, y1), colour, 2)
-        label = "?" if tid is None else f"#{tid}"
-        if est:
-            label += f" {'F' if est['gender'] == 'female' else 'M'} {est['age']:.0f}"
-            if est["age_interval"]:
-                label += f" ({est['age_interval'][0]:.0f}-{est['age_interval'][1]:.0f})"
-        cv2.putText(bgr, label, (x0, max(y0 - 6, 12)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 2)
-    return bgr
+        box = tuple(float(v) for v in box)
+        if tid is None:
+            draw.draw_box(pen, box, draw.UNSURE, 2, dashed=True)
+            continue
+        est = running.get(tid)
+        colour = draw.colour_of(est["gender"] if est else None)
+        draw.draw_box(pen, box, colour, draw.line_width(box))
+        labels.append((box, _label(tid, est), colour))
+    taken: list[tuple[float, float, float, float]] = []
+    for box, text, colour in labels:  # after every box: no box crosses a label
+        taken.append(
+            draw.draw_label(pen, box, text, colour, img.size, VIDEO_TEXT_PX, taken, bold=True)
+        )
+    return np.ascontiguousarray(np.asarray(img)[:, :, ::-1])
+
+
+def _label(tid: int, est: dict[str, Any] | None) -> str:
+    """``"#3 F 34 (29-40)"``: the track and its running estimate, ``?`` for a gender not
+    yet sure."""
+    if not est:
+        return f"#{tid}"
+    gender = {"female": "F", "male": "M"}.get(est["gender"], "?")
+    label = f"#{tid} {gender} {est['age']:.0f}"
+    if est["age_interval"]:
+        label += f" ({est['age_interval'][0]:.0f}-{est['age_interval'][1]:.0f})"
+    return label

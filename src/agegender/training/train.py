@@ -20,7 +20,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import Any
@@ -472,7 +472,8 @@ def _run(
     wrap_for_training(run, data)
     world = distributed.world_size()
     run.log(
-        f"{cfg.model.name} ({count_parameters(run.model):,} params) on "
+        # the network model.init's checkpoint holds, whatever the recipe's [model] says
+        f"{model.config.get('name', cfg.model.name)} ({count_parameters(run.model):,} params) on "
         f"{len(data.x['train']):,} images [{cfg.data.size}px {cfg.data.color}], device {device}"
         f"{' bf16' if amp else ''}, {torch.get_num_threads()} threads"
         f"{f' x {world} processes' if world > 1 else ''} -> {out}"
@@ -556,11 +557,14 @@ def finish(run: Run, data: Data, train_time: float, img_s: float) -> Path:
         best = blank_model(cfg).to(device).eval()
     distributed.broadcast_state(best)
     results: dict[str, Any] = {}
+    scored, left_out = _unseen_test(run, data)
     # train too (no augmentation, eval mode): the train-val gap is the study's overfitting table
     for split in ("train", "val", "test"):
-        if len(data.x[split]):
-            results[split] = validate(run, best, data, split, None, tta=cfg.train.tta)
+        if len(scored.x[split]):
+            results[split] = validate(run, best, scored, split, None, tta=cfg.train.tta)
     metrics = _final_metrics(run, data, results, train_time, img_s, digest)
+    if left_out is not None:
+        metrics["test_left_out"] = left_out
     if rank == 0:
         fileio.write_json(out / "metrics.json", metrics)
         meta = read_meta(out / "best.safetensors")
@@ -575,8 +579,37 @@ def finish(run: Run, data: Data, train_time: float, img_s: float) -> Path:
         f"{s} acc {r['acc']:.4f} mae {r['mae']:.3f}" for s, r in results.items() if s != "train"
     )
     tta = "flip TTA" if cfg.train.tta else "no TTA"
+    if left_out is not None:
+        scores += f" (without {left_out:,} test images its start or teacher saw, as evaluate does)"
     run.log(f"best epoch {run.best_epoch}: {scores}  ({tta}); training {img_s:.0f} img/s -> {out}")
     return out
+
+
+def _unseen_test(run: Run, data: Data) -> tuple[Data, int | None]:
+    """``data`` with its test split shorn of what the run's record of seen images holds, and
+    how many were left out (None: nothing to leave out).
+
+    A run from ``model.init`` (or distilled from a teacher) has seen more than its own train
+    and val splits: its start may have trained on this cache's test images, or near-copies of
+    them. Those are left out by the same record, and the same test, that ``agegender evaluate``
+    applies to the run's checkpoint, so the two report the same test figures.
+    """
+    cfg = run.cfg
+    if not (cfg.model.init or _distill(cfg)) or run.seen is None or data.cache is None:
+        return data, None
+    cache, rows = data.cache, data.cache.indices("test")
+    if len(rows) == 0:
+        return data, 0
+    seen = run.seen.seen([cache.content_hash[i] for i in rows], cache.images[rows])
+    if seen.all():
+        raise DataError(
+            f"every test image of {cfg.data.cache or 'the cache'} was seen by model.init (or its "
+            "teacher), or is a near-copy of one: there is nothing left to score the run on"
+        )
+    keep = torch.as_tensor(~seen, device=data.x["test"].device)
+    split = {k: {**v, "test": v["test"][keep]} for k, v in (("x", data.x), ("age", data.age),
+                                                              ("gender", data.gender))}  # fmt: skip
+    return replace(data, **split), int(seen.sum())
 
 
 def _final_metrics(

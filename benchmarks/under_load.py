@@ -9,7 +9,8 @@ issue that asked for the torch-free path saw torch at 2 threads take 630 ms for 
 one core busy). For each ``--busy`` count, that many ``while True: pass`` processes run beside
 this one while ``--n`` aligned test-split faces go one by one (decode, preprocess, the network)
 through each runtime: ONNX Runtime (``default`` int8 and fp32, its idle threads spinning, as
-:class:`~agegender.inference.predictor.Predictor` has them by default; with ``--no-spin`` also sleeping, as
+:class:`~agegender.inference.predictor.Predictor` has them by default; with ``--no-spin`` also
+sleeping, as
 ``agegender predict`` and ``serve`` have them) and, where torch is installed, ``--backend
 torch``. Medians and 90th/99th percentiles; every runtime is timed within one busy setting,
 side by side.

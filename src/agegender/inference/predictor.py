@@ -154,8 +154,9 @@ class Predictor:
         iterate the result for each sampled frame's faces and track ids; its ``tracks`` then
         hold one estimate per person (see :mod:`agegender.inference.tracking`). ``fps``:
         frames a second to look at (None: all); ``detect_every``: detect on every k-th of
-        those, the tracks' boxes carried in between. ``source=None``: frames are pushed one by one to the
-        result's :meth:`Tracking.step`, of which ``keep_ended`` ended tracks are kept."""
+        those, the tracks' boxes carried in between. ``source=None``: frames are pushed one
+        by one to the result's :meth:`Tracking.step`, of which ``keep_ended`` ended tracks are
+        kept."""
         if self.detector is None:
             raise AgeGenderError("tracking needs a face detector: load the predictor with one")
         return Tracking(self, source, fps, detect_every, keep_ended)

@@ -29,7 +29,7 @@ from agegender.training.loading import open_predictor
 TRACK_COLUMNS = (
     "track", "first_frame", "last_frame", "start_s", "end_s", "frames", "best_frame", "age",
     "age_low", "age_high", "gender", "p_female", "age_spread", "frame_age_spread",
-    "x0", "y0", "x1", "y1",
+    "x0", "y0", "x1", "y1", "returns", "joined", "low_quality_frames",
 )  # fmt: skip
 #: the smallest label text (px) on the annotated video: read while it plays, not paused
 VIDEO_TEXT_PX = 20
@@ -172,6 +172,7 @@ def _write_tracks(tracks: list[dict], targets: dict[str, Any]) -> None:
             for t in tracks:
                 low, high = t.get("age_interval") or ("", "")
                 row = {**t, "age_low": low, "age_high": high}
+                row["joined"] = " ".join(map(str, t.get("joined", ())))  # ids merged into it
                 row.update(zip(("x0", "y0", "x1", "y1"), t["box"]))
                 w.writerow([csv_cell(row[k]) for k in TRACK_COLUMNS])
 
@@ -183,6 +184,10 @@ def _print_tracks(name: str, tracks: list[dict], frames: int, seconds: float) ->
         iv = t.get("age_interval")
         span = f" ({iv[0]:.0f}-{iv[1]:.0f})" if iv else ""
         when = f"{t['start_s']:.1f}-{t['end_s']:.1f} s, {t['frames']} frames"
+        if t.get("returns"):
+            when += f", came back {t['returns']}x"
+        if t.get("joined"):
+            when += f" (also shown as #{', #'.join(map(str, t['joined']))})"
         print(f"  #{t['track']:<3d} {t['gender']:6s} p_female {t['p_female']:.2f}  age "
               f"{t['age']:4.1f}{span}  {when}")  # fmt: skip
 

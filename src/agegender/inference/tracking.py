@@ -409,22 +409,37 @@ def face_like(face: Any) -> bool:
 
 def frame_quality(face: Any, frame_shape: tuple[int, ...], crop: np.ndarray | None = None) -> dict:
     """How well a frame shows a detected face (``box``, ``score``, ``landmarks``): ``edge``
-    (its box reaches the picture's border: part of the face is cut off), ``sharp`` (the aligned
-    crop's Laplacian variance over :data:`BLUR_OK`, at most 1, at least :data:`BLUR_FLOOR`),
-    ``face_like`` (:func:`face_like`) and the product of those weights, ``weight``, which
-    multiplies the frame's share in its track's estimate."""
-    h, w = frame_shape[:2]
-    x0, y0, x1, y1 = face.box
-    margin = 0.02 * max(x1 - x0, y1 - y0)
-    edge = x0 <= margin or y0 <= margin or x1 >= w - margin or y1 >= h - margin
+    (its box reaches the picture's border), ``sharp`` (the aligned crop's Laplacian variance
+    over :data:`BLUR_OK`, at most 1, at least :data:`BLUR_FLOOR`), ``face_like``
+    (:func:`face_like`) and the product of the three weights, ``weight``, which multiplies the
+    frame's share in its track's estimate. At the edge, a face whose landmarks come near the
+    border (eyes or mouth cut off) weighs :data:`EDGE_WEIGHT`; one whose landmarks are well
+    inside (a forehead or chin cut off) loses the share of its box outside the picture."""
+    edge, cut = _edge(face, frame_shape)
     sharp = 1.0
     if crop is not None:
         gray = crop.mean(axis=-1) if crop.ndim == 3 else crop
         lap = float(cv2.Laplacian(gray.astype(np.float32), cv2.CV_32F).var())
         sharp = min(max(lap / BLUR_OK, BLUR_FLOOR), 1.0)
     like = face_like(face)
-    weight = (EDGE_WEIGHT if edge else 1.0) * sharp * (1.0 if like else ODD_WEIGHT)
+    weight = cut * sharp * (1.0 if like else ODD_WEIGHT)
     return {"edge": edge, "sharp": round(sharp, 3), "face_like": like, "weight": weight}
+
+
+def _edge(face: Any, frame_shape: tuple[int, ...]) -> tuple[bool, float]:
+    """Whether the box reaches the picture's border, and the weight that leaves the frame."""
+    h, w = frame_shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in face.box)
+    side = max(x1 - x0, y1 - y0, 1.0)
+    margin = 0.02 * side
+    if x0 > margin and y0 > margin and x1 < w - margin and y1 < h - margin:
+        return False, 1.0
+    near = 0.1 * side  # landmarks this close to the border: the face itself is cut
+    marks = getattr(face, "landmarks", None) or ()
+    if not marks or any(x < near or y < near or x > w - near or y > h - near for x, y in marks):
+        return True, EDGE_WEIGHT
+    inside = (min(x1, w) - max(x0, 0.0)) * (min(y1, h) - max(y0, 0.0))
+    return True, max(EDGE_WEIGHT, inside / max((x1 - x0) * (y1 - y0), 1e-9))
 
 
 class Tracker:

@@ -358,3 +358,78 @@ def test_worst_groups_name_the_worst_race_and_age_band():
     # a group under 30 images is never named
     small = compute_metrics(age[:25], gender[:25], race[:25], age_pred[:25], p_female[:25])
     assert small["worst_groups"]["race"]["gender_accuracy"] is None
+
+
+# --------------------------------------------------------------------------- reliability
+
+
+def test_timing_reps_are_bounded(ckpt, cache64, tmp_path, capsys):
+    from agegender.evaluation.evaluate import MAX_TIMING_REPS
+
+    with pytest.raises(DataError, match="timing reps must be at most 10,000, got 10,001"):
+        evaluate(ckpt, cache64, out_dir=tmp_path / "e", timing_reps=MAX_TIMING_REPS + 1)
+    argv = ["evaluate", str(ckpt), "--data", str(cache64), "--out", str(tmp_path / "e")]
+    assert main([*argv, "--timing-reps", "1000000", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "at most 10,000" in err and err.count("\n") == 1
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_failed_report_leaves_nothing_partial(ckpt, cache64, tmp_path, monkeypatch):
+    import errno
+
+    from agegender.evaluation import report
+
+    out = tmp_path / "e"
+    evaluate(ckpt, cache64, out_dir=out, timing=False, quiet=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "render", full)  # after predictions.csv and the plots
+    with pytest.raises(DataError, match="no space left on the device; nothing written"):
+        evaluate(ckpt, cache64, out_dir=out, timing=False, quiet=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old report, whole
+    with pytest.raises(DataError, match="nothing written"):
+        evaluate(ckpt, cache64, out_dir=tmp_path / "new", timing=False, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # no new folder, no temporary
+
+
+def test_compare_says_what_it_left_out_once(ckpt, cache64, tmp_path, monkeypatch, capsys):
+    from agegender.evaluation import evaluate as ev
+
+    class Seen:  # a record of having trained on the first three images
+        def seen(self, hashes, faces):
+            return np.arange(len(hashes)) < 3
+
+    monkeypatch.setattr(ev, "_seen_record", lambda path: Seen())
+    other = _checkpoint(tmp_path / "other.safetensors")
+    ev.compare(ckpt, other, tmp_path / "cmp", data=cache64, timing=False, quiet=True)
+    assert capsys.readouterr().err.count("left out 3 of") == 1
+    evaluate(ckpt, cache64, out_dir=tmp_path / "e", timing=False, quiet=True)
+    assert capsys.readouterr().err.count("left out 3 of") == 1  # outside compare, as before
+
+
+def test_report_cells_stay_in_their_cells_and_predictions_are_quoted(tmp_path):
+    from types import SimpleNamespace
+
+    from agegender.evaluation import report
+
+    lines = report.table(["camera", "n"], [["a|b\nc <script>", 1]])
+    assert lines[3] == "| a\\|b c &lt;script> | 1 |"
+    d = SimpleNamespace(
+        paths=['=HYPERLINK("http://x").png', "-x.png", "ok.png"],
+        ages=np.array([30, 40, 50]),
+        genders=np.array([0, 1, -1]),
+        races=np.array([0, -1, 2]),
+    )
+    pred = {"age": np.array([31.0, 39.0, 52.0]), "p_female": np.array([0.1, 0.9, 0.5])}
+    report.write_predictions(tmp_path / "p.csv", d, pred)
+    with (tmp_path / "p.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert [r[0] for r in rows[1:]] == ['\'=HYPERLINK("http://x").png', "'-x.png", "ok.png"]
+    m = {"by_race": {}, "by_group": {"cam|era": {"x\ny": {"n": 1, "gender_accuracy": None,
+                                                          "age_mae": None}}}}  # fmt: skip
+    text = "\n".join(report._group_lines(m))
+    assert "## By cam\\|era" in text and "| x y |" in text

@@ -159,3 +159,24 @@ def test_commands_of_the_training_extra_name_it(light_env, tmp_path, args):
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and 'pip install "agegender[train]"' in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_predict_writing_the_same_output_is_refused(light_env, tmp_path):
+    out = tmp_path / "faces.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from agegender.core import fileio\n"
+         f"with fileio.output_file({str(out)!r}, 'JSON lines') as f:\n"
+         "    f.write('first\\n'); print('held', flush=True); sys.stdin.readline()"],
+        env=light_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = _agegender(["predict", str(ASTRONAUT), "--output", str(out), "--quiet"], light_env)
+        assert r.returncode == 2, r.stderr
+        assert f"is being written by another run (pid {holder.pid})" in r.stderr
+        assert r.stderr.count("\n") == 1
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert out.read_text() == "first\n"  # the first run's output, not replaced
+    r = _agegender(["predict", str(ASTRONAUT), "--output", str(out), "--quiet"], light_env)
+    assert r.returncode == 0 and json.loads(out.read_text().splitlines()[0])["faces"]

@@ -250,3 +250,187 @@ def test_help_shows_no_default_of_none(capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--help"])
     assert "(default: None)" not in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- image inputs
+
+
+def _jpeg_claiming(tmp_path: Path, w: int, h: int) -> Path:
+    """8x8 pixels of JPEG data under a header that claims ``w`` x ``h``."""
+    import io
+    import struct
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", h, w)
+    path = tmp_path / "claims.jpg"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_api_errors_name_the_path_and_what_was_expected(tmp_path):
+    from agegender.vision.images import decode_rgb, load_photo
+
+    with pytest.raises(ValueError, match=r"^no such file: .*missing\.jpg$"):
+        decode_rgb(tmp_path / "missing.jpg")
+    with pytest.raises(ValueError, match=r"^.* is a directory$"):
+        load_photo(tmp_path)
+    with pytest.raises(ValueError) as e:
+        decode_rgb(np.zeros((8, 8, 3), np.float32))
+    assert str(e.value).startswith(
+        "expected a uint8 RGB (or gray) image array or a PIL image, got float32"
+    )
+    assert "decode_rgb" not in str(e.value) and "as_rgb_array" not in str(e.value)
+
+
+def test_a_jpeg_whose_data_is_far_short_of_its_header_is_corrupt(tmp_path, capsys):
+    from PIL import ImageFile
+
+    from agegender.vision.images import decode_rgb, load_photo
+
+    path = _jpeg_claiming(tmp_path, 6000, 6000)
+    assert path.stat().st_size < 1000 and not ImageFile.LOAD_TRUNCATED_IMAGES
+    for read in (decode_rgb, load_photo, lambda p: load_photo(p, work_pixels=1_000_000)):
+        with pytest.raises(ValueError, match=r"^corrupt image: truncated"):
+            read(path)
+    # a draft-mode decode of a file cut short raises too
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(ValueError, match=r"^corrupt image"):
+        load_photo(path, work_pixels=1_000_000)
+    # and the command line says so instead of "no faces"
+    path = _jpeg_claiming(tmp_path, 6000, 6000)
+    model = make_checkpoint(tmp_path / "m.safetensors")
+    out = tmp_path / "p.jsonl"
+    main(["predict", str(path), "--model", str(model), "--quiet", "--output", str(out)])
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["error"].startswith("corrupt image: truncated")
+
+
+def test_a_webp_is_refused_from_its_header_over_the_pixel_limit(tmp_path, monkeypatch):
+    from agegender.vision import images
+
+    path = tmp_path / "big.webp"
+    Image.new("RGB", (3000, 2000), (90, 90, 90)).save(path, "WEBP", lossless=True)
+    assert path.stat().st_size < 20_000
+    opened = []
+    monkeypatch.setattr(images.Image, "open", lambda *a, **k: opened.append(a))
+    with pytest.raises(ValueError, match=r"^image too large \(6\.0 MP > 1\.0 MP\)"):
+        images.load_photo(path, work_pixels=1_000_000)
+    with pytest.raises(ValueError, match=r"^decompression bomb: 3000x2000"):
+        images.decode_rgb(path, max_pixels=1_000_000)
+    assert opened == []  # refused before the decoder, which allocates the canvas, was made
+
+
+def test_a_png_is_refused_over_the_pixels_it_would_be_decoded_at(tmp_path):
+    from agegender.vision.images import load_photo
+
+    path = tmp_path / "big.png"
+    Image.new("L", (2000, 1000)).save(path)
+    with pytest.raises(ValueError, match=r"^image too large \(2\.0 MP > 1\.0 MP\)"):
+        load_photo(path, work_pixels=1_000_000)
+
+
+def test_a_float_tiff_with_a_nan_pixel_is_not_blanked(tmp_path):
+    from agegender.vision.images import decode_rgb
+
+    arr = np.linspace(0, 100, 64 * 64, dtype=np.float32).reshape(64, 64)
+    arr[3, 5] = np.nan
+    arr[7, 9] = np.inf
+    Image.fromarray(arr, mode="F").save(tmp_path / "f.tif")
+    rgb = decode_rgb(tmp_path / "f.tif")
+    assert rgb[63, 63, 0] == 255 and rgb[32, 0, 0] > 100
+    assert rgb[3, 5, 0] == 0 and rgb[7, 9, 0] == 255
+
+
+# --------------------------------------------------------------------------- outputs and CSVs
+
+
+def test_a_second_run_writing_one_output_is_refused(tmp_path, capsys):
+    from agegender.core import fileio
+
+    out = tmp_path / "p.jsonl"
+    with fileio.output_file(out, "JSON lines") as f:
+        f.write("first\n")
+        with (
+            pytest.raises(
+                DataError, match=rf"is being written by another run \(pid {os.getpid()}\)"
+            ),
+            fileio.output_path(out, "JSON lines"),
+        ):
+            pass
+        # the command line says so in one line, exit 2
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "a.png")
+        model = make_checkpoint(tmp_path / "m.safetensors")
+        argv = ["predict", str(tmp_path / "a.png"), "--aligned", "--model", str(model)]
+        assert main([*argv, "--quiet", "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "is being written by another run (pid" in err and err.count("\n") == 1
+    assert out.read_text() == "first\n"  # the first run's output, whole
+    assert not fileio.lock_path(out).exists()
+    with fileio.output_file(out, "JSON lines") as f:  # free again
+        f.write("second\n")
+    assert out.read_text() == "second\n"
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_quoted_and_read_back(tmp_path):
+    from agegender.core.fileio import csv_cell, csv_value
+    from agegender.data.manifest import Row, read_manifest, read_rows, write_manifest
+
+    risky = ['=HYPERLINK("http://x")', "+x", "-x", "@SUM(1)", "\tx", "\rx", "'=x", "'plain"]
+    for text in risky:
+        assert csv_cell(text).startswith("'") and csv_value(csv_cell(text)) == text
+    assert csv_cell("-1") == "-1" and csv_cell("plain") == "plain" and csv_cell(-1) == -1
+    rows = [Row("=cmd.png", status="skipped: x", origin="@SUM(1)", groups={"cam": "+x"})]
+    rows[0].note = "-note"
+    write_manifest(tmp_path / "manifest.csv", rows, ["cam"])
+    text = (tmp_path / "manifest.csv").read_text()
+    assert "'=cmd.png" in text and "'@SUM(1)" in text and "'+x" in text and ",-1," in text
+    back = read_manifest(tmp_path)[0]
+    assert back["path"] == "=cmd.png" and back["by:cam"] == "+x" and back["note"] == "-note"
+    again, _ = read_rows(tmp_path / "manifest.csv")
+    assert (again[0].path, again[0].origin, again[0].groups, again[0].note) == (
+        "=cmd.png", "@SUM(1)", {"cam": "+x"}, "-note"
+    )  # fmt: skip
+
+
+def test_a_manifest_without_the_note_column_still_reads(tmp_path):
+    from agegender.data.manifest import MANIFEST_COLUMNS, read_rows
+
+    old = ",".join(MANIFEST_COLUMNS[:-1]) + ",by:cam\n" + "a.png,,,,,,x,,,,,skipped: y,-1,c0\n"
+    (tmp_path / "manifest.csv").write_text(old)
+    rows, groups = read_rows(tmp_path / "manifest.csv")
+    assert groups == ["cam"] and rows[0].note == "" and rows[0].groups == {"cam": "c0"}
+
+
+def test_labels_paths_outside_their_folder_are_read_and_noted(tmp_path):
+    from agegender.data.labels import OUTSIDE, read_labels
+
+    inside = tmp_path / "set"
+    inside.mkdir()
+    labels = inside / "labels.csv"
+    labels.write_text(
+        "path,age,gender\n"
+        f"a.png,30,m\nsub/../b.png,31,f\n../c.png,32,m\n{tmp_path / 'd.png'},33,f\n"
+    )
+    rows, _ = read_labels(labels)
+    assert [r.problem for r in rows] == ["", "", "", ""]
+    assert [r.note for r in rows] == ["", "", OUTSIDE, OUTSIDE]
+
+
+def test_prepare_notes_outside_paths_in_the_manifest(tmp_path):
+    from agegender.data.labels import OUTSIDE
+
+    (tmp_path / "set").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("set/a.png", "c.png"):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
+    labels = tmp_path / "set" / "labels.csv"
+    labels.write_text("path,age,gender,camera\na.png,30,m,=HYPERLINK(1)\n../c.png,32,f,@x\n")
+    prepare([], tmp_path / "c", face_config(32), labels=[labels], aligned=True, quiet=True)
+    rows = {Path(r["path"]).name: r for r in read_manifest(tmp_path / "c")}
+    assert rows["a.png"]["note"] == "" and rows["c.png"]["note"] == OUTSIDE
+    assert rows["a.png"]["by:camera"] == "=HYPERLINK(1)"
+    assert "'=HYPERLINK(1)" in (tmp_path / "c" / "manifest.csv").read_text()

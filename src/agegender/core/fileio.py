@@ -24,6 +24,11 @@ from typing import IO, Any
 
 from agegender.core.errors import DataError
 
+try:
+    import fcntl
+except ImportError:  # Windows: outputs are not locked there
+    fcntl = None  # type: ignore[assignment]
+
 _UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then put back
 os.umask(_UMASK)
 #: what a temporary file of :func:`temp_path` is called: the target's name + ``.tmp`` + a pid
@@ -204,7 +209,9 @@ def output_path(
     """A temporary path beside ``path`` to write an output to; it replaces ``path`` when the
     block ends without an exception (if the block wrote it: a writer may find nothing to write).
 
-    ``path`` is checked first (:func:`check_output`), its folder made. On any exception,
+    ``path`` is checked first (:func:`check_output`), its folder made, and it is locked
+    (:func:`output_lock`) while the block runs: a second run writing the same output is
+    refused instead of replacing the first one's. On any exception,
     Ctrl-C included, the temporary file is removed, except that with ``partial`` an interrupted
     or failed block's non-empty file is kept there (what a later run can resume from); a full
     disk is a one-line :class:`DataError` and leaves nothing.
@@ -212,22 +219,25 @@ def output_path(
     path = check_output(path, kind, inputs, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path, path.suffix)  # the extension too: writers choose a format by it
-    try:
-        yield tmp
-        if tmp.exists():
-            replace(tmp, path)
-    except OSError as e:
-        if e.errno in _FULL:
-            raise DataError(f"{what} {path}: no space left on the device; nothing written") from e
-        raise
-    except BaseException as e:
-        # what a run found before Ctrl-C, SIGTERM or a dead worker is worth keeping; what it
-        # found before the disk filled up would only fill it further
-        if partial is not None and not is_disk_full(e) and tmp.is_file() and tmp.stat().st_size:
-            os.replace(tmp, partial)
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)  # only still there when the block failed
+    with output_lock(path, what):  # refused here, before anything is written or removed
+        try:
+            yield tmp
+            if tmp.exists():
+                replace(tmp, path)
+        except OSError as e:
+            if e.errno in _FULL:
+                raise DataError(
+                    f"{what} {path}: no space left on the device; nothing written"
+                ) from e
+            raise
+        except BaseException as e:
+            # what a run found before Ctrl-C, SIGTERM or a dead worker is worth keeping; what it
+            # found before the disk filled up would only fill it further
+            if partial is not None and not is_disk_full(e) and tmp.is_file() and tmp.stat().st_size:
+                os.replace(tmp, partial)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)  # only still there when the block failed
 
 
 @contextlib.contextmanager
@@ -258,3 +268,99 @@ def is_disk_full(error: BaseException | None) -> bool:
             return True
         error = error.__cause__
     return False
+
+
+# --------------------------------------------------------------------------- locks
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The sidecar ``NAME.lock`` that :func:`output_lock` locks for ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, what: str = "output") -> Iterator[None]:
+    """Hold an advisory lock on ``path``'s sidecar ``NAME.lock`` (holding this process's pid)
+    for the block; raise a one-line :class:`DataError`, ``"PATH is being written by another
+    run (pid N)"``, when another run holds it. A no-op where there is no ``fcntl`` (Windows).
+
+    The lock is the open file's (``flock``), so a killed run's lock goes with it; the sidecar
+    is removed on release.
+    """
+    if fcntl is None:
+        yield
+        return
+    lock = lock_path(path)
+    fd = _acquire(lock, Path(path), what)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # while still held: a run waiting on it then finds a fresh file
+        os.close(fd)
+
+
+def _acquire(lock: Path, path: Path, what: str) -> int:
+    """An open, locked descriptor of ``lock``; the file is checked to still be the one named
+    ``lock`` after locking (the run before may have removed it in between)."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                return _unlocked(lock)
+            raise DataError(
+                f"{what} {path} is being written by another run (pid {_holder(lock)})"
+            ) from None
+        st = os.fstat(fd)
+        if file_id(lock) == (st.st_dev, st.st_ino):
+            return fd
+        os.close(fd)
+
+
+def _unlocked(lock: Path) -> int:
+    """A descriptor for a file system without locks (some network mounts): not locked."""
+    return os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+
+
+def _holder(lock: Path) -> str:
+    try:
+        return lock.read_text(encoding="utf-8").strip() or "?"
+    except OSError:
+        return "?"
+
+
+# --------------------------------------------------------------------------- CSV cells
+
+#: what a spreadsheet reads a cell starting with as a formula (OWASP's list)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` as a CSV cell that no spreadsheet runs as a formula.
+
+    Text starting with ``= + - @``, a tab or a carriage return gets a leading ``'``, and so
+    does text already starting with ``'``, so that :func:`csv_value` gives the text back
+    exactly; numbers (``-1``, ``+2.5``) and non-text values are left as they are.
+
+    >>> csv_cell("=HYPERLINK(1)"), csv_cell("-1"), csv_cell(-1), csv_value("'=HYPERLINK(1)")
+    ("'=HYPERLINK(1)", '-1', -1, '=HYPERLINK(1)')
+    """
+    if not isinstance(value, str) or not value:
+        return value
+    if value[0] == "'" or (value.startswith(FORMULA_STARTS) and not _NUMBER.fullmatch(value)):
+        return "'" + value
+    return value
+
+
+def csv_value(cell: str) -> str:
+    """The text :func:`csv_cell` was given for ``cell``."""
+    if cell[:1] == "'" and cell[1:2] and (cell[1] == "'" or cell[1:].startswith(FORMULA_STARTS)):
+        return cell[1:]
+    return cell

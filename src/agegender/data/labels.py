@@ -16,7 +16,9 @@ any other column, kept as a group for the per-group tables of ``evaluate`` (``ca
   tables; any other values are a group like the rest.
 
 A row that cannot be used keeps its reason (``bad label: ...``), which ``prepare`` writes to the
-manifest; the other rows go on.
+manifest; the other rows go on. A row whose path is absolute or leads out of the labels file's
+folder (``../x``) is read like the others but carries a note (:data:`OUTSIDE`), which the
+manifest's ``note`` column shows: a labels file from elsewhere can name any file you can read.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ REQUIRED = ("path", "age")
 #: columns with a meaning of their own; every other one is a group
 KNOWN = ("path", "age", "gender", "box", "split", "race")
 RACE_NAMES = ("white", "black", "asian", "indian", "others")
+#: the note of a row whose path is outside the labels file's folder
+OUTSIDE = "path outside the labels file's folder"
 _GENDERS = {
     "0": 0, "m": 0, "male": 0, "man": 0, "boy": 0,
     "1": 1, "f": 1, "female": 1, "woman": 1, "girl": 1,
@@ -60,6 +64,7 @@ class LabelRow:
     groups: dict[str, str] = field(default_factory=dict)
     problem: str = ""  # why the row cannot be used; "" when it can
     line: int = 0
+    note: str = ""  # what to know of a usable row (OUTSIDE), for the manifest
 
 
 def parse_age(text: str) -> tuple[int, int]:
@@ -147,6 +152,17 @@ def _records(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     return columns, rows
 
 
+def is_outside(raw: str) -> bool:
+    """Whether a labels file's ``path`` value leaves its folder: absolute, or up with ``..``.
+
+    >>> is_outside("a/b.jpg"), is_outside("a/../b.jpg"), is_outside("../b.jpg"), is_outside("/b")
+    (False, False, True, True)
+    """
+    if Path(raw).is_absolute() or os.path.isabs(raw) or re.match(r"^[A-Za-z]:|^[\\/]", raw):
+        return True
+    return os.path.normpath(raw).replace("\\", "/").split("/")[0] == ".."
+
+
 def read_labels(path: str | os.PathLike) -> tuple[list[LabelRow], list[str]]:
     """The rows of a labels file (each with its ``problem``, if any) and its group columns.
 
@@ -174,6 +190,8 @@ def read_labels(path: str | os.PathLike) -> tuple[list[LabelRow], list[str]]:
             continue
         p = Path(raw)
         row.path = str(p if p.is_absolute() else path.parent / p)
+        if is_outside(raw):
+            row.note = OUTSIDE
         try:
             row.age_low, row.age_high = parse_age(rec.get("age", ""))
             row.gender = parse_gender(rec.get("gender", ""))

@@ -1,6 +1,10 @@
 """``manifest.csv``: one row per file a cache was prepared from, with its labels, origin,
-content hash, near-duplicate group, split, status (``kept`` or why it was not) and its row in
-``images.npy`` (-1 if not kept)."""
+content hash, near-duplicate group, split, status (``kept`` or why it was not), its row in
+``images.npy`` (-1 if not kept) and a note (a labels file's path outside its folder).
+
+Text cells that a spreadsheet would run as a formula (``=HYPERLINK(...)``, ``+x``, ``@SUM``)
+are written with a leading ``'`` (:func:`agegender.core.fileio.csv_cell`) and read back as
+they were."""
 
 from __future__ import annotations
 
@@ -30,7 +34,10 @@ MANIFEST_COLUMNS = (
     "split",
     "status",
     "index",
+    "note",
 )
+#: the columns of manifests written before ``note`` came, which still read
+_WITHOUT_NOTE = MANIFEST_COLUMNS[:-1]
 
 
 @dataclass
@@ -53,6 +60,7 @@ class Row:
     groups: dict[str, str] = field(default_factory=dict)
     aligned: bool = True  # a crop taken as given, else detected and aligned
     given_split: str = ""  # the labels file's own split for it
+    note: str = ""  # what to know of it: agegender.data.labels.OUTSIDE
 
     @property
     def key(self) -> tuple[str, str]:
@@ -67,30 +75,33 @@ def write_manifest(path: Path, rows: list[Row], group_columns: list[str]) -> Non
         w = csv.writer(f)
         w.writerow([*MANIFEST_COLUMNS, *(GROUP_PREFIX + g for g in group_columns)])
         for r in rows:
-            w.writerow(
-                [
-                    r.path,
-                    blank(r.age),
-                    blank(r.age_low),
-                    blank(r.age_high),
-                    blank(r.gender),
-                    blank(r.race),
-                    r.origin,
-                    r.box,
-                    r.content_hash,
-                    r.group,
-                    r.split,
-                    r.status,
-                    r.index,
-                    *(r.groups.get(g, "") for g in group_columns),
-                ]
-            )
+            cells = [
+                r.path,
+                blank(r.age),
+                blank(r.age_low),
+                blank(r.age_high),
+                blank(r.gender),
+                blank(r.race),
+                r.origin,
+                r.box,
+                r.content_hash,
+                r.group,
+                r.split,
+                r.status,
+                r.index,
+                r.note,
+                *(r.groups.get(g, "") for g in group_columns),
+            ]
+            w.writerow([fileio.csv_cell(c) for c in cells])
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> list[dict[str, str]]:
-    """The rows of ``manifest.csv`` as dicts of strings."""
+    """The rows of ``manifest.csv`` as dicts of strings (as they were before quoting)."""
     with (Path(cache_dir) / "manifest.csv").open(newline="", **PATHS_IN_TEXT) as f:
-        return list(csv.DictReader(f))
+        return [
+            {k: fileio.csv_value(v) if isinstance(v, str) else v for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
 
 
 def read_rows(path: Path) -> tuple[list[Row], list[str]]:
@@ -104,8 +115,10 @@ def read_rows(path: Path) -> tuple[list[Row], list[str]]:
         with path.open(newline="", **PATHS_IN_TEXT) as f:
             reader = csv.reader(f)
             header = next(reader, [])
-            extra = header[len(MANIFEST_COLUMNS) :]
-            if tuple(header[: len(MANIFEST_COLUMNS)]) != MANIFEST_COLUMNS or not all(
+            noted = tuple(header[: len(MANIFEST_COLUMNS)]) == MANIFEST_COLUMNS
+            columns = MANIFEST_COLUMNS if noted else _WITHOUT_NOTE
+            extra = header[len(columns) :]
+            if tuple(header[: len(columns)]) != columns or not all(
                 c.startswith(GROUP_PREFIX) for c in extra
             ):
                 raise ValueError("not the manifest header")
@@ -113,6 +126,9 @@ def read_rows(path: Path) -> tuple[list[Row], list[str]]:
             rows = []
             for fields in reader:
                 line = reader.line_num
+                fields = [fileio.csv_value(c) for c in fields]
+                if not noted:  # an older manifest: no note
+                    fields.insert(len(_WITHOUT_NOTE), "")
                 rows.append(parse_row(fields, group_columns))
     except (ValueError, csv.Error) as e:
         raise ValueError(f"line {line}: {e}") from None
@@ -123,14 +139,14 @@ def parse_row(fields: list[str], group_columns: list[str]) -> Row:
     """One manifest line as a :class:`Row`; ``ValueError`` for one no ``prepare`` writes."""
     if len(fields) != len(MANIFEST_COLUMNS) + len(group_columns):
         raise ValueError(f"{len(fields)} fields instead of {len(MANIFEST_COLUMNS)}")
-    path, age, low, high, gender, race, origin, box, digest, group, split, status, index = fields[
-        : len(MANIFEST_COLUMNS)
-    ]
+    path, age, low, high, gender, race, origin, box, digest, group, split, status, index, note = (
+        fields[: len(MANIFEST_COLUMNS)]
+    )
     number = lambda x: int(x) if x else None  # noqa: E731
     r = Row(path, number(age), number(gender), number(race), digest, group, split, status)
     r.age_low, r.age_high, r.origin, r.box = number(low), number(high), origin, box
     r.groups = dict(zip(group_columns, fields[len(MANIFEST_COLUMNS) :]))
-    r.index = int(index)
+    r.index, r.note = int(index), note
     if not status:
         raise ValueError("no status")
     if status == "kept" and not _valid_kept(r):

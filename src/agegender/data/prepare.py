@@ -338,7 +338,7 @@ def _labelled_rows(
 
 def _from_label(lr: LabelRow, origin: str, aligned: bool) -> Row:
     r = Row(str(_real(Path(lr.path))) if lr.path else "", origin=origin, aligned=aligned)
-    r.status = lr.problem
+    r.status, r.note = lr.problem, lr.note
     if not lr.problem:
         r.age_low, r.age_high = lr.age_low, lr.age_high
         r.age = (lr.age_low + lr.age_high) // 2

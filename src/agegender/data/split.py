@@ -93,7 +93,14 @@ def write_split_file(cache_dir: str | os.PathLike, path: str | os.PathLike) -> i
         w = csv.writer(f)
         w.writerow(SPLIT_FILE_COLUMNS)
         for r in rows:
-            w.writerow([Path(r["path"]).name, r["content_hash"], r["group"][:16], r["split"]])
+            w.writerow(
+                [
+                    fileio.csv_cell(Path(r["path"]).name),
+                    r["content_hash"],
+                    r["group"][:16],
+                    r["split"],
+                ]
+            )
     return len(rows)
 
 

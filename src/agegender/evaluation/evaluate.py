@@ -11,8 +11,11 @@ pure function of the labels and predictions.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,6 +46,9 @@ from agegender.training.loading import open_predictor
 from agegender.vision.images import preprocess_batch
 
 GOOD_AGE_ERROR = 5  # show(): a face counts as right within this many years
+#: most single-image calls ``--timing-reps`` may ask for: the median settles long before, and
+#: more only keeps the machine busy (10,000 at 2 ms is 20 s)
+MAX_TIMING_REPS = 10_000
 SPLIT_CHOICES = (*SPLITS, "all")
 
 #: what :func:`evaluate` and :func:`compare` take: ``options`` or a model's name or path
@@ -52,6 +58,20 @@ Run = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
 # --------------------------------------------------------------------------- model and data
+
+#: the notes already printed by this :func:`compare` (both of its evaluations leave out the
+#: same images and skip the same files); None outside one: every note is printed
+_SAID: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("said", default=None)
+
+
+def _note(line: str) -> None:
+    """Print ``line`` to stderr, once per :func:`compare`."""
+    said = _SAID.get()
+    if said is not None:
+        if line in said:
+            return
+        said.add(line)
+    print(line, file=sys.stderr)
 
 
 class _Loaded(NamedTuple):
@@ -166,11 +186,10 @@ def _unseen(
     if seen.all():
         raise DataError(f"every image of {where} was seen in training (or is a near-copy)")
     if seen.any():
-        print(
+        _note(
             f"agegender: left out {int(seen.sum()):,} of {len(rows):,} images that the "
             f"model{'s' if len(records) > 1 else ''} trained or validated on, or near-copies "
-            "of them",
-            file=sys.stderr,
+            "of them"
         )
     return rows[~seen], int(seen.sum())
 
@@ -193,7 +212,7 @@ def _open_data(
     cache = open_cache(work_dir / "cache")
     skipped = _skipped(work_dir / "cache")
     if skipped:  # said here, since the folder's manifest goes with the temporary cache
-        print(f"agegender: {_skipped_line(skipped, root)}", file=sys.stderr)
+        _note(f"agegender: {_skipped_line(skipped, root)}")
     return cache, cache.indices(None), "all", f"{root} (all usable images)", skipped
 
 
@@ -351,6 +370,8 @@ def _check_request(batch_size: int, timing: bool, timing_reps: int, out: Path) -
         raise DataError(f"batch size must be >= 1, got {batch_size}")
     if timing and timing_reps < 1:
         raise DataError(f"timing reps must be >= 1, got {timing_reps}")
+    if timing and timing_reps > MAX_TIMING_REPS:
+        raise DataError(f"timing reps must be at most {MAX_TIMING_REPS:,}, got {timing_reps:,}")
     if (out / "best.safetensors").is_file() or (out / "last.state.pt").is_file():
         # its metrics.json is the training's, which sweeps and reports read
         raise DataError(
@@ -379,11 +400,43 @@ def _describe(
 
 
 def _write_report(out: Path, m: dict[str, Any], d: _Loaded, pred: dict[str, np.ndarray]) -> None:
+    """Write the report's files into a temporary folder beside ``out``, then move them in:
+    a failure (a full disk) leaves ``out`` as it was, not half a report."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~fileio._UMASK)  # mkdtemp's 0700 would become the folder's
+    except OSError as e:
+        _disk_full(e, out)
+        raise
+    try:
+        report.write_predictions(tmp / "predictions.csv", d, pred)
+        report.plots(m, d.ages, pred["age"], tmp)
+        fileio.write_text(tmp / "report.md", report.render(m))
+        fileio.write_json(tmp / "metrics.json", m)
+        _move_in(tmp, out)
+    except OSError as e:
+        _disk_full(e, out)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_in(tmp: Path, out: Path) -> None:
+    """The files of ``tmp`` into ``out``: the folder itself when ``out`` is new, else each
+    file over its old self (renames, which a full disk does not stop)."""
+    if not out.exists():
+        with contextlib.suppress(OSError):  # made meanwhile: filled file by file below
+            tmp.rename(out)
+            return
     out.mkdir(parents=True, exist_ok=True)
-    report.write_predictions(out / "predictions.csv", d, pred)
-    report.plots(m, d.ages, pred["age"], out)
-    fileio.write_text(out / "report.md", report.render(m))
-    fileio.write_json(out / "metrics.json", m)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+
+
+def _disk_full(error: OSError, out: Path) -> None:
+    if fileio.is_disk_full(error):
+        raise DataError(f"--out {out}: no space left on the device; nothing written") from error
 
 
 def evaluate(
@@ -412,7 +465,8 @@ def evaluate(
         out_dir: where the files go (created).
         batch_size: images per forward pass (and the batch size timed).
         timing: also time inference at batch size 1 and ``batch_size``.
-        timing_reps: single-image calls timed (see :func:`time_inference`).
+        timing_reps: single-image calls timed (see :func:`time_inference`), at most
+            :data:`MAX_TIMING_REPS`.
         quiet: no progress bar.
         exclude_seen: leave out every image the model trained or validated on, and
             near-copies of them, by the record its checkpoint keeps (says how many, and
@@ -466,8 +520,14 @@ def compare(
     out = Path(out_dir)
     opts = as_options(options, {})
     model, other = opts.model, os.fspath(other_model)
-    a = evaluate(opts, data, out_dir=out / "a", also_unseen_by=[other], **kw)
-    b = evaluate(opts.replace(model=other), data, out_dir=out / "b", also_unseen_by=[model], **kw)
+    said = _SAID.set(set())  # a note the first evaluation printed is not printed again
+    try:
+        a = evaluate(opts, data, out_dir=out / "a", also_unseen_by=[other], **kw)
+        b = evaluate(
+            opts.replace(model=other), data, out_dir=out / "b", also_unseen_by=[model], **kw
+        )
+    finally:
+        _SAID.reset(said)
     rows = [
         _diff_row("gender accuracy", a["gender_accuracy"], b["gender_accuracy"], percent=True),
         _diff_row("age MAE (years)", a["age_mae"], b["age_mae"]),

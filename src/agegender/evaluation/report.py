@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,30 @@ def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def md_cell(value: object) -> str:
+    """``value`` as text that stays in its Markdown table cell (or line): ``|`` escaped, line
+    breaks as spaces, ``<`` and ``&`` as entities (no HTML from a labels file's values).
+
+    >>> md_cell("a|b\\nc<d>")
+    'a\\\\|b c&lt;d>'
+    """
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace("\\", "\\\\")
+    return _one_line(text.replace("|", "\\|"))
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"[\r\n\t\v\f\x85\u2028\u2029]+", " ", text)
+
+
+def _code(value: object) -> str:
+    """``value`` as inline code on one line (a backtick in it would end the code early)."""
+    return "`" + _one_line(str(value)).replace("`", "'") + "`"
+
+
 def table(header: list[str], rows: list[list[object]]) -> list[str]:
-    lines = ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    """A Markdown table, every cell through :func:`md_cell`."""
+    lines = ["", "| " + " | ".join(map(md_cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
     return [*lines, ""]
 
 
@@ -199,7 +221,7 @@ def _intro_lines(m: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"Skipped {sk['n']:,} of the folder's {sk['of']:,} image files ({why}), e.g. "
-            + "; ".join(f"`{e}`" for e in sk["examples"])
+            + "; ".join(map(_code, sk["examples"]))
             + ".",
         ]
     return lines
@@ -281,8 +303,8 @@ def _group_lines(m: dict[str, Any]) -> list[str]:
             ],
         )
     for column, groups in m.get("by_group", {}).items():
-        lines += [f"## By {column}", "", f"The labels' `{column}` column (a range label's error "
-                  "is its distance to the range)."]  # fmt: skip
+        lines += [f"## By {md_cell(column)}", "", f"The labels' {_code(column)} column (a range "
+                  "label's error is its distance to the range)."]  # fmt: skip
         lines += table(
             [column, "n", "gender accuracy", "age MAE (years)"],
             [
@@ -348,7 +370,8 @@ def _calibration_lines(m: dict[str, Any]) -> list[str]:
 
 def write_predictions(path: Path, d: Any, pred: dict[str, np.ndarray]) -> Path:
     """``predictions.csv``: one row per image (``d`` has ``paths``, ``ages``, ``genders``,
-    ``races``), written atomically."""
+    ``races``), written atomically; a path that a spreadsheet would take for a formula is
+    quoted (:func:`agegender.core.fileio.csv_cell`)."""
     std = pred.get("age_std")
     header = ["path", "age_true", "gender_true", "race", "age_pred", "p_female", "gender_pred"]
     name = lambda names, code: names[code] if code >= 0 else ""  # noqa: E731 (-1: not known)
@@ -366,5 +389,6 @@ def write_predictions(path: Path, d: Any, pred: dict[str, np.ndarray]) -> Path:
                 f"{pred['p_female'][i]:.5f}",
                 GENDERS[int(pred["p_female"][i] > 0.5)],
             ]
-            w.writerow(row + ([f"{std[i]:.3f}"] if std is not None else []))
+            row += [f"{std[i]:.3f}"] if std is not None else []
+            w.writerow([fileio.csv_cell(c) for c in row])
     return path

@@ -54,6 +54,8 @@ ImageSource = (
     str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | Image.Image | np.ndarray
 )
 _16BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+#: formats whose decoder can shrink while decoding (DCT scaling), so larger photos are allowed
+_DRAFTABLE = ("JPEG", "MPO")
 
 
 def face_config(size: int, color: str = "gray", interpolation: str = "bilinear") -> dict:
@@ -75,11 +77,17 @@ def open_image(src: str | os.PathLike | IO[bytes], max_pixels: int = MAX_PIXELS)
     """Open an image lazily, refusing decompression bombs before any pixel is decoded.
 
     Raises ``ValueError`` with a one-line reason for files that are not usable images (a
-    FIFO or a device too, refused before it is opened: reading one would block or never end).
+    FIFO or a device too, refused before it is opened: reading one would block or never end;
+    ``"no such file: PATH"``, ``"PATH is a directory"``). A format whose opening already
+    allocates its canvas (WebP) has its declared size checked from its first bytes, and a
+    JPEG whose data is far too short for its declared size is corrupt (truncated): its decoder
+    would fill the missing blocks with gray rather than fail.
     """
-    special = not_regular(src) if isinstance(src, (str, os.PathLike)) else None
-    if special:
-        raise ValueError(special)
+    _refuse_special(src)
+    declared = _declared_size(src)
+    if declared and declared[0] * declared[1] > max_pixels:
+        w, h = declared
+        raise ValueError(f"decompression bomb: {w}x{h} pixels exceeds {max_pixels:,}")
     try:
         img = Image.open(src)
     except UnidentifiedImageError:  # an OSError too, so it goes first
@@ -91,12 +99,84 @@ def open_image(src: str | os.PathLike | IO[bytes], max_pixels: int = MAX_PIXELS)
         if link:
             raise ValueError(link) from None
         if isinstance(e, FileNotFoundError):
-            raise ValueError("no such file") from None
+            raise ValueError(f"no such file: {os.fsdecode(src)}") from None  # type: ignore[arg-type]
         raise ValueError(f"corrupt image: {e}") from None
     w, h = img.size
     if w * h > max_pixels:
         raise ValueError(f"decompression bomb: {w}x{h} pixels exceeds {max_pixels:,}")
+    _check_jpeg_length(img)
     return img
+
+
+def _refuse_special(src: str | os.PathLike | IO[bytes]) -> None:
+    """Refuse a folder, a FIFO or a device by name before anything opens it (reading a FIFO
+    would block until a writer comes, a device might never end)."""
+    if not isinstance(src, (str, os.PathLike)):
+        return
+    if os.path.isdir(src):
+        raise ValueError(f"{os.fsdecode(src)} is a directory")
+    special = not_regular(src)
+    if special:
+        raise ValueError(special)
+
+
+#: bytes at the start of a file that :func:`_declared_size` reads
+_HEAD = 30
+
+
+def _declared_size(src: str | os.PathLike | IO[bytes]) -> tuple[int, int] | None:
+    """The ``(width, height)`` a WebP file declares in its first bytes, read before Pillow
+    opens it (opening one creates its decoder, which allocates the whole canvas); None for
+    other formats, which Pillow opens from the header alone, and for what cannot be read."""
+    try:
+        if isinstance(src, (str, os.PathLike)):
+            with open(src, "rb") as f:
+                head = f.read(_HEAD)
+        else:
+            at = src.tell()
+            head = src.read(_HEAD)
+            src.seek(at)
+    except (OSError, AttributeError, ValueError):
+        return None
+    if len(head) < _HEAD or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return None
+    chunk = head[12:16]
+    if chunk == b"VP8X":  # extended: 24-bit canvas size minus one
+        return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
+    if chunk == b"VP8L" and head[20] == 0x2F:  # lossless: 14-bit sizes minus one
+        bits = int.from_bytes(head[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 ":  # lossy: 14-bit sizes after the frame tag and start code
+        return (
+            int.from_bytes(head[26:28], "little") & 0x3FFF,
+            int.from_bytes(head[28:30], "little") & 0x3FFF,
+        )
+    return None
+
+
+#: the fewest bits a JPEG can spend on an 8x8 block: Huffman coding spends at least a bit on a
+#: block's DC alone (two with its AC end-of-block), so a quarter of one leaves room for
+#: arithmetic coding of flat images while a header claiming 6000x6000 over 600 bytes fails
+_JPEG_BITS_PER_BLOCK = 0.25
+
+
+def _check_jpeg_length(img: Image.Image) -> None:
+    """Refuse a JPEG whose file is too short to hold the blocks its header declares: libjpeg
+    decodes such a file without an error, as gray, which would read as "no faces"."""
+    if img.format not in ("JPEG", "MPO") or img.fp is None:
+        return
+    try:
+        at = img.fp.tell()
+        length = img.fp.seek(0, os.SEEK_END)
+        img.fp.seek(at)
+    except (OSError, AttributeError, ValueError):
+        return
+    w, h = img.size
+    blocks = math.ceil(w / 8) * math.ceil(h / 8)
+    if length * 8 < blocks * _JPEG_BITS_PER_BLOCK:
+        raise ValueError(
+            f"corrupt image: truncated ({length:,} bytes cannot hold {w}x{h} pixels of JPEG data)"
+        )
 
 
 def upright_size(img: Image.Image) -> tuple[int, int]:
@@ -115,14 +195,23 @@ def _too_large(pixels: int, limit: int) -> str:
 
 
 def open_photo(
-    src: str | os.PathLike | IO[bytes], max_pixels: int = MAX_PHOTO_PIXELS
+    src: str | os.PathLike | IO[bytes],
+    max_pixels: int = MAX_PHOTO_PIXELS,
+    *,
+    full_pixels: int = MAX_PIXELS,
 ) -> Image.Image:
     """Open a photo lazily (its header only), like :func:`open_image` but with a photo's
     limit: more than ``max_pixels`` raises ``ValueError("image too large (N MP > M MP)")``.
-    PIL refuses more than ``2 * Image.MAX_IMAGE_PIXELS`` (179 MP) whatever the limit.
+    A WebP allocates its whole canvas when it is opened, so more than ``full_pixels`` of one
+    is refused from its header, before any decoding. PIL refuses more than
+    ``2 * Image.MAX_IMAGE_PIXELS`` (179 MP) whatever the limit.
     """
     if Image.MAX_IMAGE_PIXELS:
         max_pixels = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)
+    _refuse_special(src)  # before its first bytes are read
+    declared = _declared_size(src)  # a WebP, whose opening allocates it whole
+    if declared and declared[0] * declared[1] > min(max_pixels, full_pixels):
+        raise ValueError(_too_large(declared[0] * declared[1], min(max_pixels, full_pixels)))
     with warnings.catch_warnings():
         # PIL warns from 89 MP on; the limit that applies is ours, checked below
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -135,8 +224,10 @@ def open_photo(
                 raise
             raise ValueError(_too_large(int(found[1]), max_pixels)) from None
     w, h = img.size
-    if w * h > max_pixels:
-        raise ValueError(_too_large(w * h, max_pixels))
+    # a WebP's canvas is allocated whole on opening: its size alone is the cost
+    limit = min(max_pixels, full_pixels) if img.format == "WEBP" else max_pixels
+    if w * h > limit:
+        raise ValueError(_too_large(w * h, limit))
     return img
 
 
@@ -147,8 +238,13 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     """16-bit scaled to 8 bits by its maximum (PIL would clip at 255), transparency composited
     over white; other modes are left for ``convert``."""
     if img.mode in _16BIT:
-        arr = np.clip(np.asarray(img, dtype=np.float32), 0, None)
-        img = Image.fromarray((arr * (255.0 / max(float(arr.max()), 1.0))).astype(np.uint8))
+        arr = np.asarray(img, dtype=np.float32)
+        finite = np.isfinite(arr)
+        # a NaN or infinite pixel (float TIFFs) would make the maximum NaN and blank the image:
+        # it is set to the finite range's ends and the rest scaled by that range
+        top = max(float(arr[finite].max()), 1.0) if finite.any() else 1.0
+        arr = np.clip(np.nan_to_num(arr, nan=0.0, posinf=top, neginf=0.0), 0, None)
+        img = Image.fromarray((arr * (255.0 / top)).astype(np.uint8))
     if "A" in img.getbands() or "transparency" in img.info:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img.convert("RGBA"))
@@ -184,20 +280,32 @@ def _decode(img: Image.Image, mode: str, own: bool, checked: bool, shrink: int =
     return img
 
 
-def as_rgb_array(img: np.ndarray, who: str) -> np.ndarray:
-    """Check an array image and return it as ``(H, W, 3)`` uint8 (gray is repeated)."""
+#: what an array image must be, in the words of its errors
+_EXPECTED = "expected a uint8 RGB (or gray) image array or a PIL image"
+
+
+def as_rgb_array(img: np.ndarray, who: str = "") -> np.ndarray:
+    """Check an array image and return it as ``(H, W, 3)`` uint8 (gray is repeated).
+
+    ``who``: the public function that was given it, kept for callers; errors speak of the
+    image, in the user's terms, not of the functions it passed through.
+    """
+    del who
     if not isinstance(img, np.ndarray):
-        raise TypeError(f"{who} expects a numpy array (see decode_rgb), got {type(img).__name__}")
+        raise TypeError(f"{_EXPECTED} (a numpy array), got {type(img).__name__}")
     if img.dtype != np.uint8:
-        raise ValueError(f"{who} expects a uint8 image, got {img.dtype} (use decode_rgb)")
+        raise ValueError(
+            f"{_EXPECTED}, got {img.dtype} values of shape {img.shape} "
+            "(scale them to 0-255 and use .astype(np.uint8))"
+        )
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"{who} expects an RGB image (H, W, 3), got shape {img.shape}")
+        raise ValueError(f"{_EXPECTED} of shape (H, W, 3) or (H, W), got shape {img.shape}")
     if img.shape[0] == 0 or img.shape[1] == 0:
-        raise ValueError(f"{who} got an empty image of shape {img.shape}")
+        raise ValueError(f"expected an image, got an empty array of shape {img.shape}")
     return img
 
 
@@ -212,7 +320,7 @@ def decode_rgb(src: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     images are converted.
 
     Raises ``ValueError`` with a one-line reason (``"not an image (unknown format)"``,
-    ``"corrupt image: ..."``, ``"decompression bomb: ..."``, ``"no such file"``).
+    ``"corrupt image: ..."``, ``"decompression bomb: ..."``, ``"no such file: PATH"``).
     """
     if isinstance(src, np.ndarray):
         if src.ndim == 3 and src.shape[2] == 4 and src.dtype == np.uint8:
@@ -244,7 +352,8 @@ def load_photo(
     at 200 px, so the shrunk image loses nothing they need.
 
     Raises ``ValueError`` with a one-line reason, ``"image too large (N MP > M MP)"`` above
-    ``max_pixels``.
+    ``max_pixels``, and for a photo of another format than JPEG (decoded whole) above
+    ``work_pixels``.
     """
     if isinstance(src, np.ndarray):
         rgb = decode_rgb(src)
@@ -256,10 +365,10 @@ def load_photo(
             raise ValueError(_too_large(src.width * src.height, max_pixels))
         img = src
     else:
-        img = open_photo(src, max_pixels)
+        img = open_photo(src, max_pixels, full_pixels=work_pixels)
     full = upright_size(img)
     w, h = img.size
-    if w * h > work_pixels and img is not src and img.format in ("JPEG", "MPO"):
+    if w * h > work_pixels and img is not src and img.format in _DRAFTABLE:
         # the decoder's DCT scaling (1/2, 1/4, 1/8): the biggest that keeps w // k pixels
         k = math.ceil(math.sqrt(w * h / work_pixels))
         img.draft(img.mode, (max(w // k, 1), max(h // k, 1)))

@@ -194,7 +194,7 @@ def test_limits(predictor):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--workers", "0"], "workers must be 1-256, got 0 (--workers)"),
+        (["--workers", "0"], "workers must be 1-256, got 0 (--request-threads)"),
         (["--queue", "-1"], "queue must be 0-100000, got -1 (--queue)"),
         (["--max-upload-mb", "0"], "max_upload_mb must be 0.001-4096, got 0.0 (--max-upload-mb)"),
         (["--max-upload-mb", "nan"], "max_upload_mb must be 0.001-4096, got nan (--max-upload-mb)"),

@@ -203,6 +203,12 @@ def _run_page(driver, url: str, photo: Path, aligned: bool = False) -> tuple[lis
     )
 
 
+def _iou(a, b) -> float:
+    from agegender.vision.detect import iou
+
+    return float(iou(np.array([a], float), np.array([b], float))[0, 0])
+
+
 def _compare(page: list[dict], expected: list) -> list[tuple[float, float]]:
     """Pairs the page's faces with the package's by box; asserts they agree."""
     assert len(page) == len(expected)
@@ -215,11 +221,12 @@ def _compare(page: list[dict], expected: list) -> list[tuple[float, float]]:
                 *(centre - [(f["box"][0] + f["box"][2]) / 2, (f["box"][1] + f["box"][3]) / 2])
             ),
         )
-        side = face.box[2] - face.box[0]
-        assert np.abs(np.subtract(mine["box"], face.box)).max() < 0.05 * side
+        # the package also looks on the photo turned by +-45 degrees and keeps the best-scoring
+        # box of each face; the page looks upright only: the same face, a box a little off
+        assert _iou(mine["box"], face.box) > 0.75
         assert mine["gender"] == face.gender
         assert abs(mine["age"] - face.age) < 3
-        assert mine["score"] == pytest.approx(face.score, abs=0.02)
+        assert mine["score"] == pytest.approx(face.score, abs=0.1)
         assert mine["age_interval"][0] <= mine["age"] <= mine["age_interval"][1]
         ages.append((face.age, mine["age"]))
     return ages

@@ -32,8 +32,8 @@ Handler = Callable[[argparse.Namespace], int | None]
 PACKAGE = Path(__file__).resolve().parents[1]
 
 MODEL_HELP = (
-    "default (the bundled model), accurate, a run folder, a checkpoint (.safetensors) or an "
-    ".onnx file"
+    "default (the bundled fast model), accurate (the larger one), a run folder, a checkpoint "
+    "(.safetensors) or an .onnx file"
 )
 DATA_HELP = (
     "a prepared cache or a plain UTKFace-style image folder (used whole, prepared at the "

@@ -37,6 +37,7 @@ import functools
 import html
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -88,6 +89,15 @@ PAGE = Path(__file__).resolve().parents[1] / "assets" / "index.html"
 log = logging.getLogger("agegender.serve")
 
 
+#: reStructuredText's inline literal, as the route docstrings write it: ``x``
+_LITERAL = re.compile(r"``(.+?)``", re.DOTALL)
+
+
+def _text(text: str) -> str:
+    """A docstring as HTML: escaped, each ``x`` shown as <code>x</code> (not with its marks)."""
+    return _LITERAL.sub(r"<code>\1</code>", html.escape(text))
+
+
 def docs_page(schema: dict[str, Any]) -> str:
     """The API reference, one self-contained HTML page made from the OpenAPI schema."""
     esc = html.escape
@@ -96,15 +106,15 @@ def docs_page(schema: dict[str, Any]) -> str:
         "<style>body{font:15px system-ui,sans-serif;max-width:52em;margin:2em auto;padding:0 1em}"
         "code{background:#eee;padding:0 .2em}h2{margin-top:2em}</style>",
         f"<h1>{esc(schema['info']['title'])} {esc(schema['info']['version'])}</h1>",
-        f"<p>{esc(schema['info'].get('description', ''))} The schema: "
+        f"<p>{_text(schema['info'].get('description', ''))} The schema: "
         "<a href=/openapi.json><code>/openapi.json</code></a>.</p>",
     ]
     for path, methods in schema["paths"].items():
         for method, op in methods.items():
             parts.append(f"<h2><code>{method.upper()} {esc(path)}</code></h2>")
-            parts.append(f"<p>{esc(op.get('description') or op.get('summary', ''))}</p>")
+            parts.append(f"<p>{_text(op.get('description') or op.get('summary', ''))}</p>")
             codes = ", ".join(
-                f"<b>{esc(code)}</b> {esc(r.get('description', ''))}"
+                f"<b>{esc(code)}</b> {_text(r.get('description', ''))}"
                 for code, r in op.get("responses", {}).items()
             )
             parts.append(f"<p>Answers: {codes}.</p>")

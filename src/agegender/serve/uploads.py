@@ -44,8 +44,9 @@ MAX_VIDEO_MB = 50.0
 
 
 def flag(name: str) -> str:
-    """The command-line option that sets the limit ``name`` (``max_pixels`` -> ``--max-pixels``)."""
-    return "--" + name.replace("_", "-")
+    """The command-line option that sets the limit ``name`` (``max_pixels`` -> ``--max-pixels``;
+    ``workers``, threads, is ``--request-threads``: predict's ``--workers`` counts processes)."""
+    return "--request-threads" if name == "workers" else "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)

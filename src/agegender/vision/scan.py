@@ -24,8 +24,9 @@ from pathlib import Path
 from agegender.core.errors import DataError
 
 #: what a folder scan picks up (any case); a file named on the command line is read whatever
-#: its extension
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+#: its extension. Every one is a format :mod:`agegender.vision.images` decodes (a GIF by its
+#: first frame), so a folder finds what naming its files would read.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 _KINDS = (
     (stat.S_ISDIR, "a folder"),

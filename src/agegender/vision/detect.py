@@ -367,12 +367,13 @@ class YuNetDetector:
         """Rows ``(N, 15)`` in ``bgr``'s pixels of every face found, merged, best first."""
         long_side = max(bgr.shape[:2])
         coarse = min(max(long_side, self.min_side), self.max_side)
-        parts = [self._coarse_passes(bgr, coarse)]
-        for scale in self._finer_scales(long_side, coarse / long_side):
-            parts.append(self._tiled_pass(bgr, scale))
-        rows = _nms(np.concatenate(parts), self.nms_threshold)
+        upright, turned = self._coarse_passes(bgr, coarse)
+        finer = [
+            self._tiled_pass(bgr, s) for s in self._finer_scales(long_side, coarse / long_side)
+        ]
+        rows = _merge([upright, *finer, turned], self.nms_threshold)
         if len(rows) == 0 and coarse > _FALLBACK_SIDE:
-            rows = _nms(self._coarse_passes(bgr, _FALLBACK_SIDE), self.nms_threshold)
+            rows = _merge(list(self._coarse_passes(bgr, _FALLBACK_SIDE)), self.nms_threshold)
         return rows
 
     def _angles(self) -> list[float]:
@@ -406,13 +407,14 @@ class YuNetDetector:
         ok = np.all(np.isfinite(rows), axis=1) & (rows[:, 2] > 0) & (rows[:, 3] > 0)
         return rows[ok]
 
-    def _coarse_passes(self, bgr: np.ndarray, side: int) -> np.ndarray:
-        """Rows of ``bgr`` shrunk to long side ``side``, upright and turned by each angle."""
+    def _coarse_passes(self, bgr: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of ``bgr`` shrunk to long side ``side``: ``(upright, turned by each angle)``."""
         work, sx, sy = _resized(bgr, side / max(bgr.shape[:2]))
-        parts = []
+        upright, turned = [np.zeros((0, 15))], [np.zeros((0, 15))]
         for angle, m, size in _turns(work.shape, self._angles()):
-            parts.append(_unturned(self._run(_turn(work, m, size)), m, angle))
-        return _unscaled(np.concatenate(parts), sx, sy)
+            rows = _unturned(self._run(_turn(work, m, size)), m, angle)
+            (upright if angle == 0 else turned).append(rows)
+        return _unscaled(np.concatenate(upright), sx, sy), _unscaled(np.concatenate(turned), sx, sy)
 
     def _tiled_pass(self, bgr: np.ndarray, scale: float) -> np.ndarray:
         """Rows of ``bgr`` scaled by ``scale``, cut into overlapping tiles when large."""
@@ -580,6 +582,38 @@ def _tile_starts(length: int) -> tuple[list[int], int]:
     n = math.ceil((length - _TILE_OVERLAP) / (_TILE - _TILE_OVERLAP))
     size = math.ceil((length + (n - 1) * _TILE_OVERLAP) / n)
     return [round(k * (length - size) / (n - 1)) for k in range(n)], size
+
+
+def _merge(passes: list[np.ndarray], threshold: float) -> np.ndarray:
+    """The rows of several passes, each face once, best score first. The upright coarse pass
+    comes first. A later pass's find of a face already found replaces it only when the two
+    read the face's roll differently (by over :data:`_SAME_ROLL` degrees) and the later one
+    scores higher: an upright face keeps the box and landmarks it always had (a turned pass's
+    box of it is looser, its reading the same), while a face the upright pass reads the wrong
+    way up takes the better reading of the pass that saw it upright."""
+    kept = np.zeros((0, 15))
+    for rows in passes:
+        for row in _nms(rows, threshold):
+            if len(kept):
+                box = np.concatenate([row[0:2], row[0:2] + row[2:4]])[None]
+                old = np.column_stack([kept[:, 0:2], kept[:, 0:2] + kept[:, 2:4]])
+                same = iou(box, old)[0] > threshold
+                if same.any():
+                    turn = np.abs((_row_roll(kept[same]) - _row_roll(row[None]) + 180) % 360 - 180)
+                    if turn.max() <= _SAME_ROLL or row[14] <= kept[same, 14].max():
+                        continue
+                    kept = kept[~same]
+            kept = np.concatenate([kept, row[None]])
+    return kept[np.argsort(-kept[:, 14], kind="stable")]
+
+
+#: rolls (degrees) two finds of one face may differ by and still be one reading of it
+_SAME_ROLL = 30.0
+
+
+def _row_roll(rows: np.ndarray) -> np.ndarray:
+    """The eye line's angle (degrees, as :attr:`FacialArea.roll`) of YuNet rows ``(N, 15)``."""
+    return np.degrees(np.arctan2(rows[:, 7] - rows[:, 5], rows[:, 6] - rows[:, 4]))
 
 
 def _nms(rows: np.ndarray, threshold: float) -> np.ndarray:

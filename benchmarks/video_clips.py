@@ -36,7 +36,6 @@ import csv
 import json
 import math
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from video_speed import groups_of_six  # this folder: python puts a script's on the path
 
 from agegender.data.synthetic import Scene, background, write_video
 from agegender.data.utkface import parse_name
@@ -54,6 +54,8 @@ from agegender.inference.predictor import Predictor
 from agegender.inference.runtime import cpu_class, cpu_info
 from agegender.vision.detect import iou
 from agegender.vision.images import decode_rgb
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 SPLITS = Path(__file__).resolve().parents[1] / "splits/utkface.csv"
 FPS = 25.0
@@ -63,19 +65,7 @@ def pick_faces(data: Path, clips: int, seed: int) -> list[list[Path]]:
     """``clips`` groups of six test-split faces, three of each gender, ages 5 and up."""
     with open(SPLITS, newline="") as f:
         names = sorted(r["name"] for r in csv.DictReader(f) if r["split"] == "test")
-    rng = random.Random(seed)
-    rng.shuffle(names)
-    by_gender: dict[int, list[Path]] = {0: [], 1: []}
-    for name in names:
-        label = parse_name(name)
-        if label is not None and label[0] >= 5 and (data / name).is_file():
-            by_gender[label[1]].append(data / name)
-    groups = []
-    for k in range(clips):
-        six = by_gender[0][3 * k : 3 * k + 3] + by_gender[1][3 * k : 3 * k + 3]
-        rng.shuffle(six)
-        groups.append(six)
-    return groups
+    return groups_of_six(names, data, clips, seed)
 
 
 # --------------------------------------------------------------------------- clips

@@ -66,6 +66,12 @@ def pick_faces(data: Path, cache: Path, clips: int, seed: int) -> list[list[Path
             for r in csv.DictReader(f)
             if r["split"] == "test" and r["status"] == "kept"
         )
+    return groups_of_six(names, data, clips, seed)
+
+
+def groups_of_six(names: list[str], data: Path, clips: int, seed: int) -> list[list[Path]]:
+    """``clips`` groups of six of the UTKFace files ``names`` in ``data``, three of each
+    gender, ages 5 and up, shuffled by ``seed``."""
     rng = random.Random(seed)
     rng.shuffle(names)
     by_gender: dict[int, list[Path]] = {0: [], 1: []}

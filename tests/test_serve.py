@@ -802,11 +802,28 @@ def test_a_trickling_body_is_cut_off(predictor, caplog):
     assert [r.levelname for r in caplog.records if r.name == "agegender.serve"] == ["WARNING"]
 
 
+def _posted(port: int, image: bytes) -> socket.socket:
+    """A connection that has sent a whole /api/predict request and waits for its answer."""
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--b--\r\n"
+    )
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(
+        b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+        b"boundary=b\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    return s
+
+
 def test_connections_are_capped_with_a_503_and_a_bounded_log(predictor, caplog):
-    app = create_app(predictor=predictor, max_connections=2, header_timeout_s=30)
+    """Connections doing work fill the slots: one more is answered 503, logged once."""
+    slow = _Slow(predictor)
+    app = create_app(predictor=slow, max_connections=2, header_timeout_s=30)
     with LiveServer(app) as server:
-        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
-        time.sleep(0.2)
+        held = [_posted(server.port, ASTRONAUT.read_bytes()) for _ in range(2)]
+        assert slow.started.wait(20)
+        time.sleep(1.5)  # past the grace after which a silent connection could be evicted
         with caplog.at_level("WARNING", logger="agegender.serve"):
             for _ in range(10):
                 extra = socket.create_connection(("127.0.0.1", server.port))
@@ -819,11 +836,34 @@ def test_connections_are_capped_with_a_503_and_a_bounded_log(predictor, caplog):
                 assert b"x-frame-options: DENY" in answer
         refused = [r for r in caplog.records if r.name == "agegender.serve"]
         assert len(refused) == 1 and not any(r.exc_info for r in caplog.records)
+        slow.release.set()
         for s in held:
+            s.settimeout(20)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
             s.close()
         time.sleep(0.2)
         with httpx_client(server) as http:
             assert http.get("/health").status_code == 200
+
+
+def test_connections_that_send_nothing_make_room_for_new_ones(predictor, caplog):
+    """Slow-loris clients (headers or a body trickling in) hold every slot: a new connection
+    closes the one sending least, so /health still answers."""
+    app = create_app(predictor=predictor, max_connections=3, header_timeout_s=30)
+    with LiveServer(app) as server:
+        silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        trickle = socket.create_connection(("127.0.0.1", server.port))
+        trickle.sendall(
+            b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/"
+            b"form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n-"
+        )
+        time.sleep(1.5)
+        with caplog.at_level("WARNING", logger="agegender.serve"), httpx_client(server) as http:
+            for _ in range(3):
+                assert http.get("/health", headers={"connection": "close"}).status_code == 200
+        assert any("slowest connection" in r.getMessage() for r in caplog.records)
+        for s in (*silent, trickle):
+            s.close()
 
 
 def httpx_client(server):

@@ -64,9 +64,11 @@ from agegender.serve.guards import (
     Admission,
     Guard,
     Lane,
+    RateLimitedLog,
     Route,
     allowed_hosts,
     protocol_for,
+    quiet_resource_errors,
 )
 from agegender.serve.uploads import (
     ERRORS,
@@ -317,6 +319,7 @@ def _fastapi(pool: ThreadPoolExecutor) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        quiet_resource_errors(asyncio.get_running_loop(), RateLimitedLog())
         yield
         pool.shutdown(wait=False, cancel_futures=True)
 

@@ -18,6 +18,7 @@ from the routes.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 import json
@@ -73,6 +74,21 @@ class RateLimitedLog:
         more = f" ({self.held} more like it since the last)" if self.held else ""
         self.last, self.held = now, 0
         log.warning("%s%s", message, more)
+
+
+def quiet_resource_errors(loop: Any, refusals: RateLimitedLog) -> None:
+    """Rate-limit asyncio's report of a full file table: past the open-file limit each failed
+    ``accept()`` logs a traceback (thousands a second under a connection flood), where one line
+    every few seconds says all there is to say. Other errors go to the default handler."""
+
+    def handler(loop: Any, context: dict) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            refusals.warning(f"out of file descriptors ({exc.strerror}): connections wait")
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 def json_headers(body: bytes, close: bool, extra: Iterable[tuple[bytes, bytes]] = ()) -> list:
@@ -323,7 +339,7 @@ class GuardedH11(H11Protocol):
         super().connection_made(transport)
         self._timer: Any = None
         self._since, self._body_start, self._body_bytes = self.loop.time(), None, 0
-        if len(self.connections) > self.limits.max_connections:
+        if len(self.connections) > self.limits.max_connections and not self._evict_one():
             self.refusals.warning(
                 f"refused a connection: {self.limits.max_connections} open (--max-connections)"
             )
@@ -332,6 +348,33 @@ class GuardedH11(H11Protocol):
             transport.close()
             return
         self._arm(self.limits.header_timeout_s)
+
+    def _evict_one(self) -> bool:
+        """Make room by closing the connection that holds a slot while sending least: still
+        sending its headers, or its body slower than ``min_body_kbps``, for over a second (a
+        slow client, or one trickling bytes on purpose). Otherwise the new connection is
+        refused: the busy ones are doing work."""
+        now, rate = self.loop.time(), self.limits.min_body_kbps * 1e3
+        worst, worst_rate = None, rate
+        for other in self.connections:
+            if other is self or not isinstance(other, GuardedH11) or other.transport.is_closing():
+                continue
+            state = other.conn.their_state
+            if state is h11.IDLE and now - other._since > 1.0:
+                seen = 0.0  # no request yet: nothing sent at all
+            elif state is h11.SEND_BODY and other._body_start is not None:
+                spent = now - other._body_start
+                seen = other._body_bytes / spent if spent > 1.0 else rate
+            else:
+                continue
+            if seen < worst_rate:
+                worst, worst_rate = other, seen
+        if worst is None:
+            return False
+        self.refusals.warning("closed the slowest connection to make room for a new one")
+        worst._arm(None)
+        worst.transport.close()
+        return True
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -620,3 +620,23 @@ def test_utkface_faces_leaving_and_returning_are_counted_once(predictor, six_tes
     second = lambda t: (450, 180, 110) if 0.4 < t < 0.65 else None  # noqa: E731
     tracks, _ = track(predictor, Scene(women, [first, second], frames=100))
     assert len(tracks) == 2 and sorted(t["returns"] for t in tracks) == [0, 1]
+
+
+def test_a_damaged_clip_and_a_missing_camera_print_one_line(tmp_path):
+    """OpenCV's and FFmpeg's own warnings are silenced: the user reads our line alone."""
+    import subprocess
+    import sys
+
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    for k in range(20):
+        writer.write(np.full((48, 64, 3), k * 10, np.uint8))
+    writer.release()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(clip.read_bytes()[:600])
+    for args in ([str(cut)], ["--camera", "97"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "agegender", "predict", *args], capture_output=True, text=True
+        )
+        assert run.returncode == 2
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr

@@ -44,7 +44,7 @@ import numpy as np
 
 from agegender.core.errors import AgeGenderError
 from agegender.inference.face import Face, faces_from
-from agegender.vision.detect import face_crop, get_detector, iou
+from agegender.vision.detect import face_crop, get_detector, iou, opencv_errors_only
 
 if TYPE_CHECKING:
     from agegender.inference.predictor import Predictor
@@ -129,7 +129,8 @@ def open_source(source: Any) -> tuple[Iterator[tuple[int, np.ndarray]], float]:
         if still:
             raise VideoError(f"{source}: a single image, not a video")
     if isinstance(source, (str, os.PathLike, int)):
-        cap = cv2.VideoCapture(source if isinstance(source, int) else str(source))
+        with opencv_errors_only():
+            cap = cv2.VideoCapture(source if isinstance(source, int) else str(source))
         if not cap.isOpened():
             cap.release()
             if isinstance(source, int):

@@ -20,12 +20,13 @@ to be brought into that geometry before prediction. This module does it in three
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -193,6 +194,21 @@ def _read_verified(path: Path, sha256: str) -> bytes:
             f"expected {sha256} (reinstall agegender to restore it)"
         )
     return data
+
+
+@contextlib.contextmanager
+def opencv_errors_only() -> Iterator[None]:
+    """OpenCV (and the FFmpeg inside it) says nothing below an error meanwhile: its warnings
+    (a camera index that does not open, a damaged file's FFmpeg complaints) would print
+    before the one-line error the caller gives."""
+    # read by OpenCV when its FFmpeg backend starts: quiet (AV_LOG_QUIET) unless the user set it
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    old = _set_cv_log_level(2)  # 2 = errors only
+    try:
+        yield
+    finally:
+        if old is not None:
+            _set_cv_log_level(old)
 
 
 def _set_cv_log_level(level: int | None) -> int | None:

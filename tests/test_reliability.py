@@ -324,13 +324,17 @@ def test_a_webp_is_refused_from_its_header_over_the_pixel_limit(tmp_path, monkey
     assert opened == []  # refused before the decoder, which allocates the canvas, was made
 
 
-def test_a_png_is_refused_over_the_pixels_it_would_be_decoded_at(tmp_path):
+def test_a_large_png_is_shrunk_and_a_large_webp_refused_from_its_header(tmp_path):
+    """A PNG is decoded and shrunk to the working size (its cost is its file's); a WebP
+    allocates its whole canvas on opening, so over the working size it is refused first."""
     from agegender.vision.images import load_photo
 
-    path = tmp_path / "big.png"
-    Image.new("L", (2000, 1000)).save(path)
+    Image.new("L", (2000, 1000)).save(tmp_path / "big.png")
+    rgb, size = load_photo(tmp_path / "big.png", work_pixels=1_000_000)
+    assert size == (2000, 1000) and rgb.shape[0] * rgb.shape[1] <= 1_000_000
+    Image.new("L", (2000, 1000)).save(tmp_path / "big.webp", lossless=True)
     with pytest.raises(ValueError, match=r"^image too large \(2\.0 MP > 1\.0 MP\)"):
-        load_photo(path, work_pixels=1_000_000)
+        load_photo(tmp_path / "big.webp", work_pixels=1_000_000)
 
 
 def test_a_float_tiff_with_a_nan_pixel_is_not_blanked(tmp_path):

@@ -4,7 +4,7 @@ model a recipe trains (fresh, or from ``model.init``'s weights to fine-tune)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +147,22 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
             if n in hit:
                 p.requires_grad_(False)
     return to_channels_last(model) if cfg.train.channels_last else model
+
+
+def without_seen_test(data: Data, seen: SeenRecord, where: str) -> tuple[Data, int]:
+    """``data`` with its test split shorn of the images ``seen`` holds (near-copies too), and
+    how many were left out: the same record and test ``agegender evaluate`` applies, so a
+    fine-tuned run's test figures and evaluate's agree. ``where`` names the cache in errors."""
+    cache, rows = data.cache, data.cache.indices("test")
+    if len(rows) == 0:
+        return data, 0
+    mask = seen.seen([cache.content_hash[i] for i in rows], cache.images[rows])
+    if mask.all():
+        raise DataError(
+            f"every test image of {where} was seen by model.init (or its teacher), or is a "
+            "near-copy of one: there is nothing left to score the run on"
+        )
+    keep = torch.as_tensor(~mask, device=data.x["test"].device)
+    split = {k: {**v, "test": v["test"][keep]} for k, v in (("x", data.x), ("age", data.age),
+                                                              ("gender", data.gender))}  # fmt: skip
+    return replace(data, **split), int(mask.sum())

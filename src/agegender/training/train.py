@@ -20,7 +20,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import Any
@@ -41,7 +41,7 @@ from agegender.inference.model_files import read_meta, read_seen, resolve_checkp
 from agegender.training import distributed
 from agegender.training.augment import DRAWS
 from agegender.training.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from agegender.training.dataset import Data, blank_model, build_model, load_data
+from agegender.training.dataset import Data, blank_model, build_model, load_data, without_seen_test
 from agegender.training.losses import UncertaintyWeights, range_error
 from agegender.training.models import count_parameters, list_models, normalize
 from agegender.training.onnx_export import export_onnx
@@ -586,30 +586,12 @@ def finish(run: Run, data: Data, train_time: float, img_s: float) -> Path:
 
 
 def _unseen_test(run: Run, data: Data) -> tuple[Data, int | None]:
-    """``data`` with its test split shorn of what the run's record of seen images holds, and
-    how many were left out (None: nothing to leave out).
-
-    A run from ``model.init`` (or distilled from a teacher) has seen more than its own train
-    and val splits: its start may have trained on this cache's test images, or near-copies of
-    them. Those are left out by the same record, and the same test, that ``agegender evaluate``
-    applies to the run's checkpoint, so the two report the same test figures.
-    """
+    """``data`` without the test images a run from ``model.init`` (or a teacher's) may have
+    seen through its start, as evaluate leaves them out, and how many (None: none to)."""
     cfg = run.cfg
     if not (cfg.model.init or _distill(cfg)) or run.seen is None or data.cache is None:
         return data, None
-    cache, rows = data.cache, data.cache.indices("test")
-    if len(rows) == 0:
-        return data, 0
-    seen = run.seen.seen([cache.content_hash[i] for i in rows], cache.images[rows])
-    if seen.all():
-        raise DataError(
-            f"every test image of {cfg.data.cache or 'the cache'} was seen by model.init (or its "
-            "teacher), or is a near-copy of one: there is nothing left to score the run on"
-        )
-    keep = torch.as_tensor(~seen, device=data.x["test"].device)
-    split = {k: {**v, "test": v["test"][keep]} for k, v in (("x", data.x), ("age", data.age),
-                                                              ("gender", data.gender))}  # fmt: skip
-    return replace(data, **split), int(seen.sum())
+    return without_seen_test(data, run.seen, cfg.data.cache or "the cache")
 
 
 def _final_metrics(

@@ -188,7 +188,10 @@ def _run_page(driver, url: str, photo: Path, aligned: bool = False) -> tuple[lis
 
     driver.get(url)
     WebDriverWait(driver, 60).until(
-        lambda d: d.execute_script("return window.agegender.ready || window.agegender.error")
+        # window.agegender exists once the page's script has run: a wait may come before
+        lambda d: d.execute_script(
+            "return window.agegender && (window.agegender.ready || window.agegender.error)"
+        )
     )
     assert driver.execute_script("return window.agegender.error") is None
     driver.execute_script("window.agegender.lastResult = null")

@@ -205,3 +205,49 @@ def test_normalize() -> None:
         normalize(x.float(), cfg)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         normalize(x[:, :1], cfg)
+
+
+def test_child_temperature_softens_childrens_gender_in_eval_only_and_travels_with_the_weights(
+    tmp_path,
+):
+    from agegender.core.errors import DataError
+    from agegender.training.checkpoint import load_checkpoint, save_checkpoint
+    from agegender.training.models import child_softening
+
+    torch.manual_seed(0)
+    plain = create_model("resnet-mt-small", img_size=64, age_head="dldl").eval()
+    calibrated = create_model(
+        "resnet-mt-small", img_size=64, age_head="dldl", child_temperature=3.0
+    )
+    calibrated.load_state_dict(plain.state_dict())
+    calibrated.eval()
+    x = torch.randn(8, 1, 64, 64)
+    a, b = plain(x), calibrated(x)
+    torch.testing.assert_close(b["age"], a["age"])  # ages untouched
+    torch.testing.assert_close(b["gender"], child_softening(a["gender"], a["age"], 3.0))
+    assert torch.equal(torch.sign(b["gender"]), torch.sign(a["gender"]))  # no gender flips
+    calibrated.train(), plain.train()  # training sees the plain logits
+    torch.manual_seed(1)
+    ta = plain(x)["gender"]
+    torch.manual_seed(1)
+    torch.testing.assert_close(calibrated(x)["gender"], ta)
+
+    path = save_checkpoint(tmp_path / "c.safetensors", calibrated.eval(), {"epoch": 1})
+    loaded, meta = load_checkpoint(path)
+    assert loaded.child_temperature == 3.0 and meta["model"]["child_temperature"] == 3.0
+    # fine-tuning starts from the weights, not from a calibration fitted to them
+    from pathlib import Path
+
+    from agegender.core.config import load_config
+    from agegender.training.dataset import build_model
+
+    smoke = Path(__file__).parents[1] / "configs" / "smoke.toml"
+    tuned = build_model(load_config(smoke, [f"model.init={path}"]), torch.device("cpu"))
+    assert tuned.child_temperature == 1.0 and tuned.config["child_temperature"] == 1.0
+    # a sidecar that claims a temperature no calibration gives is refused
+    sidecar = path.with_suffix(".json")
+    bad = json.loads(sidecar.read_text())
+    bad["model"]["child_temperature"] = 1e9
+    sidecar.write_text(json.dumps(bad))
+    with pytest.raises((ConfigError, DataError), match="child_temperature"):
+        load_checkpoint(path)

@@ -498,3 +498,103 @@ def test_finetune_scores_test_without_what_its_start_saw_as_evaluate_does(tmp_pa
     assert ev["n"] == len(opened.indices("test")) - metrics["test_left_out"]
     assert metrics["test_acc"] == pytest.approx(ev["gender_accuracy"], abs=1e-6)
     assert metrics["test_mae"] == pytest.approx(ev["age_mae"], abs=1e-3)
+
+
+def test_random_erasing_greys_one_rectangle_of_the_asked_share_of_faces():
+    from agegender.training.augment import draw_count
+
+    x = torch.full((400, 1, 32, 32), 0.5)
+    aug = _aug(erase=0.5)
+    assert draw_count(aug) == draw_count(_aug()) + 5
+    y = augment(x, aug, torch.Generator().manual_seed(0))
+    grey = (y == 0).flatten(1).float().mean(1)  # share of each face erased
+    erased = grey > 0
+    assert 0.4 < erased.float().mean() < 0.6  # about half the faces
+    # each rectangle covers 2-20 % of the face (a few pixels more where it is cut to pixels)
+    assert grey[erased].min() >= 0.01 and grey[erased].max() <= 0.26
+    assert torch.equal(y[~erased], x[~erased])  # the others are untouched
+    # one rectangle: the erased pixels of a face span as many rows and columns as they fill
+    k = int(torch.nonzero(erased)[0])
+    rows, cols = torch.nonzero(y[k, 0] == 0).unbind(1)
+    assert (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1) == len(rows)
+
+
+def test_mixup_blends_the_batch_with_its_neighbour_and_both_labels_count():
+    from agegender.training.augment import draw_count, mixup
+
+    aug = _aug(mixup=1.0)
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2)
+    gen = torch.Generator().manual_seed(3)
+    lams = []
+    for _ in range(200):
+        y, lam = mixup(x, aug, torch.rand(4, draw_count(aug), generator=gen))
+        torch.testing.assert_close(y, lam * x + (1 - lam) * x.roll(1, 0))
+        lams.append(lam.item())
+    lams = torch.tensor(lams)
+    # Beta(1/2, 1/2) folded onto [0.5, 1]: its mean is 0.5 + 1/pi, and most blends are uneven
+    assert lams.min() >= 0.5 and lams.max() <= 1
+    assert abs(lams.mean().item() - (0.5 + 1 / torch.pi)) < 0.04
+    never = mixup(x, _aug(mixup=0.0), torch.rand(4, 7 + 2, generator=gen))
+    assert never[1].item() == 1.0 and torch.equal(never[0], x)
+
+    # in a training step, the blended batch is scored against both faces' labels
+    cfg = load_config(SMOKE, ["aug.mixup=1.0", "train.channels_last=false"])
+    model = from_config(cfg.model, 64, "gray")
+    model.eval()  # no dropout, no BatchNorm updates: the same forward twice
+    plain = TrainForward(load_config(SMOKE, ["train.augment=false"]), model, None, False)
+    step = TrainForward(cfg, model, None, False)
+    faces = torch.randint(0, 256, (4, 1, 64, 64), dtype=torch.uint8, generator=gen)
+    age, gender = torch.tensor([5.0, 30.0, 60.0, 80.0]), torch.tensor([0.0, 1.0, 1.0, 0.0])
+    draws = torch.rand(4, draw_count(cfg.aug), generator=gen)
+    draws[:, :7] = 0.5  # the geometric and colour draws at their middle: no change
+    draws[0, -2], draws[0, -1] = 0.0, 1 / 3  # mixed; lam = max(u, 1 - u) for u = 1/4: 0.75
+    loss, _, _ = step(faces, draws, age, gender)
+    blended = (0.75 * faces.float() + 0.25 * faces.float().roll(1, 0)).round().to(torch.uint8)
+    expect_a = plain(blended, draws, age, gender)[0]
+    expect_b = plain(blended, draws, age.roll(1), gender.roll(1))[0]
+    torch.testing.assert_close(loss, 0.75 * expect_a + 0.25 * expect_b, atol=0.05, rtol=0.01)
+
+
+def test_gender_smoothing_bounds_the_cost_of_a_wrong_label():
+    from agegender.training.step import recipe_loss
+
+    cfg = load_config(SMOKE, ["loss.w_age=0", "loss.w_gender=1", "loss.gender_smoothing=0.2"])
+    sure = {"gender": torch.tensor([20.0, 20.0]), "age": torch.tensor([30.0, 30.0])}
+    # a confident right answer now costs something, and a confident wrong one less than before
+    right = recipe_loss(cfg, "regression", sure, torch.tensor([30, 30]), torch.tensor([1, 1]), None)
+    wrong = recipe_loss(cfg, "regression", sure, torch.tensor([30, 30]), torch.tensor([0, 0]), None)
+    assert right["loss"].item() == pytest.approx(0.1 * 20, rel=0.01)  # BCE at target 0.9
+    assert wrong["loss"].item() == pytest.approx(0.9 * 20, rel=0.01)
+    # unknown genders (-1) stay left out
+    age, unknown = torch.tensor([30, 30]), torch.tensor([-1, -1])
+    unknown = recipe_loss(cfg, "regression", sure, age, unknown, None)
+    assert unknown["loss"].item() == 0
+
+
+def test_several_teachers_are_averaged_and_their_seen_images_all_kept(tmp_path):
+    from conftest import make_checkpoint
+
+    from agegender.data.near_dups import SeenRecord
+    from agegender.inference.model_files import read_seen
+    from agegender.training.checkpoint import save_checkpoint
+    from agegender.training.models import create_model
+    from agegender.training.step import distill_targets, teacher_targets
+
+    paths = []
+    for k in range(2):
+        path = make_checkpoint(tmp_path / f"t{k}" / "best.safetensors", seed=k)
+        model, meta = load_checkpoint(path)
+        pixels = np.full((1, 64, 64, 1), k, np.uint8)
+        seen = SeenRecord.of([f"{k:064x}"], pixels)
+        extra = {k: meta[k] for k in ("epoch", "metrics", "config")}
+        save_checkpoint(path, model, extra, seen=seen)
+        paths.append(path)
+    x = torch.randint(0, 256, (6, 1, 64, 64), dtype=torch.uint8)
+    student = create_model("resnet-mt-small", img_size=64, age_head="dldl")
+    cfg = load_config(SMOKE, [f"distill.teacher={paths[0]}, {paths[1]}"])
+    gender, age, seen = distill_targets(cfg, x, student, amp=False)
+    each = [teacher_targets(load_checkpoint(p)[0], x, "dldl", True, False) for p in paths]
+    torch.testing.assert_close(gender, (each[0][0] + each[1][0]) / 2)
+    torch.testing.assert_close(age, (each[0][1] + each[1][1]) / 2)
+    assert age.shape == (6, 117) and torch.allclose(age.sum(1), torch.ones(6))
+    assert len(seen) == len(read_seen(paths[0])) + len(read_seen(paths[1])) == 2

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tqdm import tqdm
-
 from agegender.core import fileio
 from agegender.core.errors import ConfigError, DataError, first_line
+from agegender.core.progress import progress_bar
 from agegender.inference.draw import annotate
 from agegender.inference.face import Face
 from agegender.inference.options import InferenceOptions
@@ -247,9 +246,8 @@ class _Writers:
         self.plan, self.failed = plan, 0
         self.jsonl: IO[str] | None = None
         self.csv: Any = None
-        self.bar = tqdm(total=len(plan.files), unit="img", desc="predicting", file=sys.stderr,
-                        disable=quiet or len(plan.files) < 2 or not sys.stderr.isatty(),
-                        leave=False)  # fmt: skip
+        self.bar = progress_bar(total=len(plan.files), unit="img", desc="predicting",
+                                quiet=quiet or len(plan.files) < 2)  # fmt: skip
         self.stack = contextlib.ExitStack()
 
     def __enter__(self) -> _Writers:

@@ -16,11 +16,11 @@ from typing import Any
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from agegender.cli.photos import STDOUT, csv_cell, output_format, shown
 from agegender.core import fileio
 from agegender.core.errors import ConfigError, DataError
+from agegender.core.progress import progress_bar
 from agegender.inference import draw
 from agegender.inference.options import InferenceOptions
 from agegender.inference.tracking import DETECT_EVERY, FrameResult
@@ -120,8 +120,7 @@ def _follow(tracking: Any, targets: dict[str, Any], name: str, fps: float | None
             camera: bool) -> tuple[int, int]:  # fmt: skip
     """Run the tracking to its end, writing the frames' log and the annotated video as it
     goes; returns ``(frames read, exit code)``."""
-    bar = tqdm(desc=shown(name), unit="frame", leave=False, file=sys.stderr,
-               disable=quiet or not sys.stderr.isatty())  # fmt: skip
+    bar = progress_bar(desc=shown(name), unit="frame", quiet=quiet)
     n, code, writer = 0, 0, None
     with contextlib.ExitStack() as stack:
         stack.callback(bar.close)

@@ -66,11 +66,16 @@ class LossConfig:
     w_gender: float = 1.0  # weight of the gender loss (equal weights: the study's best)
     uncertainty: bool = False  # learn the task weights (Kendall et al. 2018) instead
     sigma: float = 2.0  # std (years) of the Gaussian label distribution of the dldl head
+    # gender targets 1 - s/2 and s/2 instead of 1 and 0: a wrong label (UTKFace has them)
+    # costs a bounded loss, and the model is not pushed to certainty
+    gender_smoothing: float = 0.0
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    teacher: str = ""  # a model to learn from as well: accurate, a run folder, a checkpoint
+    # a model to learn from as well (accurate, a run folder, a checkpoint); several,
+    # comma-separated, are an ensemble whose outputs are averaged
+    teacher: str = ""
     weight: float = 0.5  # share of the loss from the teacher's outputs (the rest: the labels)
     tta: bool = True  # the teacher's outputs averaged with the mirrored face's
 
@@ -83,6 +88,8 @@ class AugConfig:
     contrast: float = 0.2  # max contrast change, fraction
     scale: float = 0.1  # max zoom in/out, fraction
     shift: float = 0.05  # max translation, fraction of the side
+    erase: float = 0.0  # share of faces given one mid-grey rectangle (random erasing)
+    mixup: float = 0.0  # share of batches blended with themselves shifted by one face (mixup)
 
 
 @dataclass(frozen=True)
@@ -299,10 +306,15 @@ def check_config(cfg: Config, models: list[str] | None = None) -> None:
         (loss.w_age < 0 or loss.w_gender < 0, "loss.w_age and loss.w_gender must be >= 0"),
         (loss.w_age == loss.w_gender == 0, "loss.w_age and loss.w_gender cannot both be 0"),
         (not 0 < loss.sigma <= 50, "loss.sigma must be in (0, 50] years"),
+        (not 0 <= loss.gender_smoothing < 1, "loss.gender_smoothing must be in [0, 1)"),
         (not 0 <= aug.rotate <= 180, "aug.rotate must be 0-180 degrees"),
         *(
             (not 0 <= getattr(aug, k) < 1, f"aug.{k} must be in [0, 1)")
             for k in ("brightness", "contrast", "scale", "shift")
+        ),
+        *(
+            (not 0 <= getattr(aug, k) <= 1, f"aug.{k} must be in [0, 1]")
+            for k in ("erase", "mixup")
         ),
         (models is not None and m.name not in models, f"unknown model.name {m.name!r}; "
          f"registered: {', '.join(models or [])}"),

@@ -9,7 +9,6 @@ built there, on the first photo, so no process keeps state between chunks.
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from agegender.core.progress import progress_bar
 from agegender.vision.images import load_face, load_photo
 from agegender.vision.scan import link_problem, not_regular
 
@@ -36,10 +36,8 @@ def pool_map(
 ) -> list[Any]:
     """Run ``fn(*job)`` for each job in a process pool with a progress bar (``sizes``: the
     images of each job); results in order. One worker or one job: in this process."""
-    from tqdm import tqdm
-
     results: list = [None] * len(jobs)
-    bar = tqdm(total=sum(sizes), desc=desc, unit="img", disable=quiet, leave=False, file=sys.stderr)
+    bar = progress_bar(total=sum(sizes), quiet=quiet, desc=desc, unit="img")
     if workers <= 1 or len(jobs) <= 1:
         for j, job in enumerate(jobs):
             results[j] = fn(*job)

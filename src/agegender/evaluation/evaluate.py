@@ -27,11 +27,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
 from agegender.core import fileio
 from agegender.core.config import load_config
 from agegender.core.errors import DataError
+from agegender.core.progress import progress_bar
 from agegender.data.cache import is_cache, open_cache, unfinished_cache
 from agegender.data.manifest import read_manifest
 from agegender.data.prepare import prepare
@@ -325,7 +325,7 @@ def predict_all(
     """``run`` over ``images`` in batches, the outputs concatenated."""
     parts: dict[str, list[np.ndarray]] = {}
     starts = range(0, len(images), batch_size)
-    for s in tqdm(starts, desc="predicting", unit="batch", leave=False, disable=not progress):
+    for s in progress_bar(starts, quiet=not progress, desc="predicting", unit="batch"):
         for k, v in run(images[s : s + batch_size]).items():
             parts.setdefault(k, []).append(np.asarray(v))
     return {k: np.concatenate(v) for k, v in parts.items()}

@@ -161,11 +161,15 @@ def _confusion(s: _Scored) -> list[list[int]]:
 def _by_band(s: _Scored) -> dict[str, dict[str, Any]]:
     # Bands by data.age_band, so that the bands match the split's stratification exactly.
     bands = np.asarray(age_band(s.age_true.astype(np.int64)))
+    confidence = np.maximum(s.p_female, 1 - s.p_female)
     return {
         band_name(b): {
             "n": int((bands == b).sum()),
             "mae": _mean(s.abs_err[bands == b]),
             "gender_accuracy": _accuracy(s, bands == b),
+            # how sure the model sounds beside how often it is right: far apart for children
+            "gender_confidence": _mean(confidence[(bands == b) & s.known]),
+            "gender_ece": _calibration(s.p_female, s.correct, s.known & (bands == b))["ece"],
         }
         for b in range(len(AGE_BANDS))
     }

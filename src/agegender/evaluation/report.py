@@ -275,9 +275,16 @@ def _gender_age_lines(m: dict[str, Any]) -> list[str]:
 
     lines += ["## Age"]
     lines += table(
-        ["age band", "n", "MAE (years)", "gender accuracy"],
+        ["age band", "n", "MAE (years)", "gender accuracy", "gender confidence", "gender ECE"],
         [
-            [k, f"{v['n']:,}", fmt(v["mae"], ".2f"), fmt(v.get("gender_accuracy"), ".2%")]
+            [
+                k,
+                f"{v['n']:,}",
+                fmt(v["mae"], ".2f"),
+                fmt(v.get("gender_accuracy"), ".2%"),
+                fmt(v.get("gender_confidence"), ".2%"),
+                fmt(v.get("gender_ece"), ".3f"),
+            ]
             for k, v in m["age_mae_by_band"].items()
         ],
     )

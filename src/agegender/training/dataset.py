@@ -131,6 +131,8 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
     if cfg.model.init:
         model, _ = load_checkpoint(resolve_checkpoint(cfg.model.init), device)
         model.train()
+        if hasattr(model, "child_temperature"):  # fitted to the start, not to what it becomes
+            model.child_temperature = model.config["child_temperature"] = 1.0
     else:
         model = blank_model(cfg).to(device)
     prefixes = [p.strip() for p in cfg.train.freeze.split(",") if p.strip()]

@@ -86,7 +86,7 @@ def list_models() -> list[str]:
     """Names of the registered models, sorted.
 
     >>> list_models()
-    ['resnet-mt', 'resnet-mt-fast', 'resnet-mt-small',
+    ['resnet-mt', 'resnet-mt-fast', 'resnet-mt-fast-wide', 'resnet-mt-small',
      'seed-cnn', 'seed-cnn-3conv', 'seed-cnn-5conv']
     """
     return sorted(_REGISTRY)
@@ -383,6 +383,26 @@ class CoralHead(nn.Module):
         return self.fc(x) + self.bias
 
 
+#: where a face's estimated age starts to count as a child's for ``child_temperature`` (years)
+CHILD_AGE = 10.0
+#: how gradually: the softening is half at CHILD_AGE, 95 % at 4 years, 5 % at 16 (years)
+CHILD_AGE_WIDTH = 2.0
+
+
+def child_softening(gender_logit: torch.Tensor, age: torch.Tensor, temperature: float):
+    """The gender logit divided by a temperature that is ``temperature`` for a face whose
+    estimated age is well under :data:`CHILD_AGE` and 1 for an adult's, so that a child's
+    P(female) says how often such a guess is right rather than sounding sure (a network is
+    about as confident on a baby as on an adult, and right much less often).
+
+    >>> logit, age = torch.tensor([2.0, 2.0]), torch.tensor([1.0, 40.0])
+    >>> [round(v, 3) for v in child_softening(logit, age, 2.0).tolist()]
+    [1.006, 2.0]
+    """
+    share = torch.sigmoid((CHILD_AGE - age.detach().float()) / CHILD_AGE_WIDTH)
+    return gender_logit / (1 + (temperature - 1) * share)
+
+
 def _check_resnet(
     img_size: int, age_head: str, widths: list[int], depths: list[int], num_ages: int, stride: int
 ) -> None:
@@ -452,6 +472,8 @@ class ResNetMT(nn.Module):
         drop_rate: dropout rate before the heads.
         num_ages: K, the number of age classes ``0..K-1`` for ``dldl`` and ``coral``.
         stem_stride: 2 or 4, how much the stem shrinks the input.
+        child_temperature: in eval mode, children's gender logits are divided by this (see
+            :func:`child_softening`); fitted after training on faces the model never saw.
     """
 
     def __init__(
@@ -464,10 +486,15 @@ class ResNetMT(nn.Module):
         drop_rate: float = 0.2,
         num_ages: int = 117,
         stem_stride: int = 2,
+        child_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         widths, depths = list(widths), list(depths)
         _check_resnet(img_size, age_head, widths, depths, num_ages, stem_stride)
+        # a checkpoint's metadata sets it: a value outside this range is not a calibration
+        if not (isinstance(child_temperature, (int, float)) and 0.25 <= child_temperature <= 20):
+            raise ConfigError(f"child_temperature must be in [0.25, 20], got {child_temperature!r}")
+        self.child_temperature = float(child_temperature)
         self.data_config = _data_config(in_chans, img_size)
         self.config: dict[str, Any] = {
             "name": None,
@@ -479,6 +506,7 @@ class ResNetMT(nn.Module):
             "drop_rate": drop_rate,
             "num_ages": num_ages,
             "stem_stride": stem_stride,
+            "child_temperature": float(child_temperature),
         }
         self.age_head_kind = age_head
         self.num_ages = num_ages
@@ -538,6 +566,8 @@ class ResNetMT(nn.Module):
             out.update(age=mean, age_std=var.clamp_min(1e-12).sqrt(), age_logits=raw)
         else:
             out.update(age=torch.sigmoid(raw.float()).sum(dim=-1), age_logits=raw)
+        if self.child_temperature != 1.0 and not self.training:  # trained on plain logits
+            out["gender"] = child_softening(out["gender"], out["age"], self.child_temperature)
         return out
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -589,6 +619,19 @@ def resnet_mt_fast(**kwargs: Any) -> nn.Module:
         "resnet-mt-fast",
         kwargs,
         widths=(32, 64, 128, 256),
+        depths=(2, 2, 2, 2),
+        stem_stride=4,
+    )
+
+
+@register_model
+def resnet_mt_fast_wide(**kwargs: Any) -> nn.Module:
+    """resnet-mt-fast at 1.5x the width, 48/96/192/384: 2.2x the multiply-adds, 6.3 M params."""
+    return _create(
+        ResNetMT,
+        "resnet-mt-fast-wide",
+        kwargs,
+        widths=(48, 96, 192, 384),
         depths=(2, 2, 2, 2),
         stem_stride=4,
     )

@@ -13,7 +13,7 @@ from agegender.core.config import Config
 from agegender.core.errors import ConfigError
 from agegender.data.near_dups import SeenRecord
 from agegender.inference.model_files import read_seen, resolve_checkpoint
-from agegender.training.augment import augment
+from agegender.training.augment import augment, mixup
 from agegender.training.checkpoint import load_checkpoint, unwrap
 from agegender.training.losses import UncertaintyWeights, distillation_loss, multitask_loss
 from agegender.training.models import normalize
@@ -50,6 +50,23 @@ class TrainForward(nn.Module):
         self.head = plain.config.get("age_head", "regression")
         self.data_config = plain.data_config
 
+    def _loss(
+        self,
+        out: dict[str, torch.Tensor],
+        age: torch.Tensor,
+        gender: torch.Tensor,
+        soft_gender: torch.Tensor | None,
+        soft_age: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """The recipe's loss of ``out`` against these labels (and the teacher's outputs)."""
+        losses = recipe_loss(self.cfg, self.head, out, age, gender, self.weights)
+        if self.distill:
+            c = self.cfg.loss
+            kd = distillation_loss(out, soft_gender, soft_age, w_age=c.w_age, w_gender=c.w_gender)
+            w = self.cfg.distill.weight
+            losses["loss"] = (1 - w) * losses["loss"] + w * kd
+        return losses
+
     def forward(
         self,
         x: torch.Tensor,
@@ -61,20 +78,23 @@ class TrainForward(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = self.cfg.train
         x = normalize(x, self.data_config)
+        lam = None
         if t.augment:
             x = augment(x, self.cfg.aug, draws=draws)
+            if self.cfg.aug.mixup > 0:
+                x, lam = mixup(x, self.cfg.aug, draws)
         if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # no cast cache: CUDA graph capture needs it off, and each weight is cast once anyway
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp, cache_enabled=False):
             out = self.model(x)
-        losses = recipe_loss(self.cfg, self.head, out, age, gender, self.weights)
+        soft_age = soft_age if soft_age is not None and soft_age.numel() else None
+        losses = self._loss(out, age, gender, soft_gender, soft_age)
         loss = losses["loss"]
-        if self.distill:
-            c = self.cfg.loss
-            soft_age = soft_age if soft_age is not None and soft_age.numel() else None
-            kd = distillation_loss(out, soft_gender, soft_age, w_age=c.w_age, w_gender=c.w_gender)
-            loss = (1 - self.cfg.distill.weight) * loss + self.cfg.distill.weight * kd
+        if lam is not None:  # the blend's other face: the batch's labels shifted by one
+            rolled = [v.roll(1, dims=0) if v is not None else None
+                      for v in (age, gender, soft_gender, soft_age)]  # fmt: skip
+            loss = lam * loss + (1 - lam) * self._loss(out, *rolled)["loss"]
         right = (out["gender"].detach().float() > 0) == (gender > 0.5)
         correct = (right & (gender >= 0)).float().sum()  # of the faces whose gender is known
         return loss, losses["mae"], correct
@@ -127,6 +147,9 @@ def graph_train_forward(forward: TrainForward, sample: tuple[torch.Tensor, ...])
 
 def recipe_loss(cfg: Config, head: str, out, age, gender, weights: UncertaintyWeights | None):
     out = {k: v.float() for k, v in out.items()}
+    if cfg.loss.gender_smoothing > 0:  # known genders only: -1 (not known) stays -1
+        s = cfg.loss.gender_smoothing
+        gender = torch.where(gender >= 0, gender.float() * (1 - s) + s / 2, gender.float())
     if weights is not None:
         return weights(out, age, gender, head=head, sigma=cfg.loss.sigma)
     return multitask_loss(
@@ -143,17 +166,26 @@ def recipe_loss(cfg: Config, head: str, out, age, gender, weights: UncertaintyWe
 def distill_targets(
     cfg: Config, x: torch.Tensor, student: nn.Module, amp: bool
 ) -> tuple[torch.Tensor, torch.Tensor, SeenRecord | None]:
-    """``distill.teacher``'s outputs on the training faces ``x`` (:func:`teacher_targets`) and
-    its record of the images it saw."""
-    path = resolve_checkpoint(cfg.distill.teacher)
-    teacher, meta = load_checkpoint(path, x.device)
-    if meta["data_config"]["input_size"] != list(student.data_config["input_size"]):
-        raise ConfigError(
-            f"distill.teacher={cfg.distill.teacher} takes {meta['data_config']['input_size']} "
-            f"faces, the student {list(student.data_config['input_size'])}: give a teacher of "
-            "the same size and colour"
-        )
+    """The outputs of ``distill.teacher`` on the training faces ``x`` (:func:`teacher_targets`)
+    and its record of the images it saw. Several teachers, comma-separated, are an ensemble:
+    their P(female) and age distributions are averaged, and the record holds what any saw."""
+    names = [n.strip() for n in cfg.distill.teacher.split(",") if n.strip()]
     head = student.config.get("age_head", "regression")
-    batch = cfg.train.eval_batch_size
-    soft_gender, soft_age = teacher_targets(teacher, x, head, cfg.distill.tta, amp, batch)
-    return soft_gender, soft_age, read_seen(path)
+    genders, ages, seen = [], [], None
+    for name in names:
+        path = resolve_checkpoint(name)
+        teacher, meta = load_checkpoint(path, x.device)
+        if meta["data_config"]["input_size"] != list(student.data_config["input_size"]):
+            raise ConfigError(
+                f"distill.teacher {name} takes {meta['data_config']['input_size']} faces, the "
+                f"student {list(student.data_config['input_size'])}: give teachers of the same "
+                "size and colour"
+            )
+        g, a = teacher_targets(teacher, x, head, cfg.distill.tta, amp, cfg.train.eval_batch_size)
+        genders.append(g)
+        ages.append(a)
+        record = read_seen(path)
+        seen = record if seen is None else (seen + record if record is not None else seen)
+    if len({a.shape[0] for a in ages}) > 1:  # some teacher gave no age distribution
+        ages = [a[:0] for a in ages]
+    return torch.stack(genders).mean(0), torch.stack(ages).mean(0), seen

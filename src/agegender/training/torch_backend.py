@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from agegender.core.errors import ConfigError
+from agegender.core.progress import progress_bar
 from agegender.inference.runtime import cpu_info, merge_views
 from agegender.training.models import normalize
 
@@ -136,9 +137,7 @@ def predict_arrays(
     parts: dict[str, list[torch.Tensor]] = {}
     starts = range(0, len(images), batch_size)
     if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="predicting", unit="batch", leave=False)
+        starts = progress_bar(starts, desc="predicting", unit="batch")
     for s in starts:
         x = normalize(to_tensor(images[s : s + batch_size], device), cfg)
         with autocast(device, amp):

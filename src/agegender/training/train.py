@@ -18,7 +18,6 @@ import os
 import platform
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +30,15 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from agegender.core import fileio
 from agegender.core.config import Config, check_config, load_config, to_dict, to_toml
 from agegender.core.errors import ConfigError, DataError, TrainingError
+from agegender.core.progress import progress_bar
 from agegender.data.near_dups import SeenRecord
 from agegender.inference.model_files import read_meta, read_seen, resolve_checkpoint
 from agegender.training import distributed
-from agegender.training.augment import DRAWS
+from agegender.training.augment import draw_count
 from agegender.training.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from agegender.training.dataset import Data, blank_model, build_model, load_data, without_seen_test
 from agegender.training.losses import UncertaintyWeights, range_error
@@ -136,7 +135,8 @@ def wrap_for_training(run: Run, data: Data) -> None:
     run.forward = TrainForward(run.cfg, train_model, run.weights, run.amp, _distill(run.cfg))
     if t.cuda_graphs:
         b = min(t.batch_size, len(data.x["train"]))  # every step's batch: the ragged is dropped
-        draws = torch.rand(b, DRAWS, device=run.device) if t.augment else torch.zeros(0)
+        k = draw_count(run.cfg.aug) if t.augment else 0
+        draws = torch.rand(b, k, device=run.device) if t.augment else torch.zeros(0)
         sample = (data.x["train"][:b], draws.to(run.device), data.age["train"][:b])
         sample += (data.gender["train"][:b],)
         if _distill(run.cfg):
@@ -246,13 +246,13 @@ def train_one_epoch(run: Run, data: Data, epoch: int) -> dict[str, float]:
     no_draws = torch.zeros(0, device=device)  # what a CUDA graph takes when nothing is drawn
     seen = 0
     desc = f"epoch {epoch}/{t.epochs}"
-    bar = tqdm(range(steps), desc, unit="step", leave=False, file=sys.stderr, disable=run.quiet)
+    bar = progress_bar(range(steps), quiet=run.quiet, desc=desc, unit="step")
     for step in bar:
         idx = perm[step * t.batch_size : (step + 1) * t.batch_size][rank::world]
         b = len(idx)
         draws = no_draws
         if t.augment:
-            draws = torch.rand(b, DRAWS, device=device, generator=run.aug_gen)
+            draws = torch.rand(b, draw_count(run.cfg.aug), device=device, generator=run.aug_gen)
         age, gender = data.age["train"][idx], data.gender["train"][idx]
         soft = (data.soft_gender[idx], data.soft_age[idx]) if data.soft_gender is not None else ()
         loss, mae, correct = run.forward(x_all[idx], draws, age, gender, *soft)

@@ -1,0 +1,124 @@
+"""Models and their ensemble on one split: each member's figures, the ensemble's, the groups.
+
+    python benchmarks/ensemble.py --data cache/utk128 [--split test] [--models default accurate]
+        [--out reports/accuracy/ensemble] [--threads 2]
+
+Each model is scored by :func:`agegender.evaluation.evaluate.evaluate` as ``agegender
+evaluate`` runs it (ONNX Runtime, its own test-time augmentation), on the images no member
+trained or validated on (each one's record of what it saw, near-copies included). The ensemble
+averages the members' P(female) and expected age per face. Writes ``OUT/<model>/`` (each
+member's report), ``OUT/ensemble.json`` and ``OUT/ensemble.md``: overall gender accuracy and
+age MAE, the race table, the age-band table and the gender's calibration by age band
+(children's gender is hard: how sure a model sounds there beside how often it is right).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from agegender.core import fileio
+from agegender.data.utkface import GENDERS, RACES
+from agegender.evaluation.evaluate import evaluate
+from agegender.evaluation.metrics import compute_metrics
+from agegender.inference.options import InferenceOptions
+
+
+def member(model: str, others: list[str], data: str, split: str, out: Path, threads: int):
+    """One model's predictions on the images no member saw: ``{path: row}``."""
+    evaluate(
+        InferenceOptions(model=model, threads=threads),
+        data,
+        split,
+        out_dir=out / model.replace("/", "_"),
+        timing=False,
+        quiet=True,
+        also_unseen_by=[m for m in others if m != model],
+    )
+    with (out / model.replace("/", "_") / "predictions.csv").open() as f:
+        return {row["path"]: row for row in csv.DictReader(f)}
+
+
+def scores(rows: list[dict], p_female: np.ndarray, age_pred: np.ndarray) -> dict:
+    """:func:`compute_metrics` of these predictions against ``rows``' truth."""
+    age = np.array([float(r["age_true"]) for r in rows])
+    gender = np.array([GENDERS.index(g) if (g := r["gender_true"]) in GENDERS else -1
+                       for r in rows])  # fmt: skip
+    race = np.array([RACES.index(r["race"]) if r["race"] in RACES else -1 for r in rows])
+    return compute_metrics(age, gender, race, age_pred, p_female)
+
+
+def _row(label: str, cells: list[str]) -> str:
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def table(results: dict[str, dict]) -> str:
+    """The Markdown tables: overall, race, age band and gender calibration by age band, a
+    column a model."""
+    names = list(results)
+    head = [_row("", names), _row("---", ["---"] * len(names))]
+    first = results[names[0]]
+    lines = ["## Overall", "", *head]
+    lines.append(_row("faces", [f"{results[n]['n']:,}" for n in names]))
+    lines.append(
+        _row("gender accuracy", [f"{100 * results[n]['gender_accuracy']:.2f} %" for n in names])
+    )
+    lines.append(_row("age MAE", [f"{results[n]['age_mae']:.3f}" for n in names]))
+    lines += ["", "## By race: gender accuracy / age MAE", "", *head]
+    for race, first_row in first["by_race"].items():
+        cells = [results[n]["by_race"][race] for n in names]
+        text = [f"{100 * c['gender_accuracy']:.1f} % / {c['age_mae']:.2f}" for c in cells]
+        lines.append(_row(f"{race} ({first_row['n']:,})", text))
+    lines += ["", "## By age band: gender accuracy / age MAE", "", *head]
+    bands = first["age_mae_by_band"]
+    for band, first_row in bands.items():
+        cells = [results[n]["age_mae_by_band"][band] for n in names]
+        text = [f"{100 * c['gender_accuracy']:.1f} % / {c['mae']:.2f}" for c in cells]
+        lines.append(_row(f"{band} ({first_row['n']:,})", text))
+    lines += ["", "## Gender by age band: accuracy / mean confidence / ECE", "", *head]
+    for band, first_row in bands.items():
+        cells = [results[n]["age_mae_by_band"][band] for n in names]
+        text = [f"{100 * c['gender_accuracy']:.1f} % / {100 * c['gender_confidence']:.1f} % / "
+                f"{c['gender_ece']:.3f}" for c in cells]  # fmt: skip
+        lines.append(_row(f"{band} ({first_row['n']:,})", text))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--data", required=True, help="prepared cache")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--models", nargs="+", default=["default", "accurate"])
+    ap.add_argument("--out", default="reports/accuracy/ensemble")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    out = Path(args.out)
+    preds = {m: member(m, args.models, args.data, args.split, out, args.threads)
+             for m in args.models}  # fmt: skip
+    paths = sorted(set.intersection(*(set(p) for p in preds.values())))
+    rows = [preds[args.models[0]][p] for p in paths]
+    results = {}
+    for m, pred in preds.items():
+        p = np.array([float(pred[k]["p_female"]) for k in paths])
+        a = np.array([float(pred[k]["age_pred"]) for k in paths])
+        results[m] = scores(rows, p, a)
+    mean_p = np.mean([[float(pred[k]["p_female"]) for k in paths] for pred in preds.values()], 0)
+    mean_a = np.mean([[float(pred[k]["age_pred"]) for k in paths] for pred in preds.values()], 0)
+    results["ensemble"] = scores(rows, mean_p, mean_a)
+    keep = ("n", "gender_accuracy", "age_mae", "by_race", "age_mae_by_band", "calibration")
+    summary = {"split": args.split, "data": args.data, "models": args.models,
+               "results": {n: {k: r[k] for k in keep} for n, r in results.items()}}  # fmt: skip
+    fileio.write_text(out / "ensemble.json", json.dumps(summary, indent=1) + "\n")
+    title = (
+        f"# {' + '.join(args.models)} and their mean, {args.split} split ({len(paths):,} faces)\n\n"
+    )
+    fileio.write_text(out / "ensemble.md", title + table(results))
+    print(title + table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,8 +6,8 @@
 Each model is scored by :func:`agegender.evaluation.evaluate.evaluate` as ``agegender
 evaluate`` runs it (ONNX Runtime, its own test-time augmentation), on the images no member
 trained or validated on (each one's record of what it saw, near-copies included). The ensemble
-averages the members' P(female) and expected age per face. Writes ``OUT/<model>/`` (each
-member's report), ``OUT/ensemble.json`` and ``OUT/ensemble.md``: overall gender accuracy and
+averages the members' P(female) and expected age per face. Writes ``OUT/ensemble.json`` and
+``OUT/ensemble.md``: overall gender accuracy and
 age MAE, the race table, the age-band table and the gender's calibration by age band
 (children's gender is hard: how sure a model sounds there beside how often it is right).
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +98,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     out = Path(args.out)
-    preds = {m: member(m, args.models, args.data, args.split, out, args.threads)
-             for m in args.models}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:  # each member's full report: not kept
+        preds = {m: member(m, args.models, args.data, args.split, Path(tmp), args.threads)
+                 for m in args.models}  # fmt: skip
     paths = sorted(set.intersection(*(set(p) for p in preds.values())))
     rows = [preds[args.models[0]][p] for p in paths]
     results = {}

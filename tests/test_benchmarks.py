@@ -227,3 +227,31 @@ def test_spin(tmp_path):
         assert m["group_yunet"]["median_ms"] > 0 and m["group_yunet-fast"]["median_ms"] > 0
         for b in (m["batch1_idle"], m["batch1_one_core_busy"]):
             assert 0 < b["median_ms"] <= b["p99_ms"]
+
+
+@pytest.mark.slow
+def test_ensemble(cache64, tmp_path):
+    import shutil as sh
+
+    from conftest import make_checkpoint
+
+    a = make_checkpoint(tmp_path / "a" / "best.safetensors", seed=0)
+    twin = tmp_path / "twin" / "best.safetensors"
+    twin.parent.mkdir()
+    for suffix in (".safetensors", ".json"):
+        sh.copy(a.with_suffix(suffix), twin.with_suffix(suffix))
+    b = make_checkpoint(tmp_path / "b" / "best.safetensors", seed=1)
+
+    def ensemble(*models: Path) -> dict:
+        out = tmp_path / "out"
+        run("ensemble.py", "--data", str(cache64), "--models", *map(str, models),
+            "--out", str(out), "--threads", "1")  # fmt: skip
+        assert (out / "ensemble.md").read_text().startswith("# ")
+        return json.loads((out / "ensemble.json").read_text())["results"]
+
+    same = ensemble(a, twin)  # a model averaged with itself is itself
+    assert same["ensemble"]["gender_accuracy"] == same[str(a)]["gender_accuracy"]
+    assert same["ensemble"]["age_mae"] == pytest.approx(same[str(a)]["age_mae"], abs=1e-3)
+    two = ensemble(a, b)
+    assert two["ensemble"]["n"] == two[str(a)]["n"] == two[str(b)]["n"] > 0
+    assert set(two["ensemble"]["age_mae_by_band"]["0-9"]) >= {"gender_confidence", "gender_ece"}

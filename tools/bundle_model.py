@@ -96,30 +96,32 @@ def main() -> None:
     kw = {"data": args.cache, "split": "test", "timing": False, "quiet": True}
     report = Path("reports/bundled") / f"{args.name}.json"
     results: dict = {"source": str(src)}
-    if src.resolve() == dst.resolve() and report.is_file():  # re-exported: keep its fp32/fp16
-        results = {**json.loads(report.read_text()), **results}
+    same = src.resolve() == dst.resolve()
+    if same and report.is_file():  # re-exported: keep its fp32/fp16 figures and its source
+        results = json.loads(report.read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        if src.resolve() != dst.resolve():
-            model, meta = load_checkpoint(src)
-            if args.child_temperature == "fit" and getattr(model, "child_temperature", 1) != 1:
-                raise SystemExit(f"{src} is calibrated already: give --child-temperature keep")
-            extra = {k: meta[k] for k in ("epoch", "metrics", "config") if k in meta}
-            # the checkpoints themselves, on torch: what fp16 storage changes, before any export
-            on_torch = InferenceOptions(model=str(src), backend="torch")
-            results["fp32"] = _scores(evaluate(on_torch, out_dir=Path(tmp) / "full", **kw))
-            temperature, results["child_temperature"] = _child_temperature(
-                Path(tmp) / "full" / "predictions.csv", args.child_temperature
-            )
-            if temperature is not None:
-                model.child_temperature = model.config["child_temperature"] = temperature
-            half = save_checkpoint(
-                Path(tmp) / "half.safetensors", model, extra, half=True, seen=read_seen(src)
-            )
+        model, meta = load_checkpoint(src)
+        if args.child_temperature == "fit" and getattr(model, "child_temperature", 1) != 1:
+            raise SystemExit(f"{src} is calibrated already: give --child-temperature keep")
+        extra = {k: meta[k] for k in ("epoch", "metrics", "config") if k in meta}
+        seen = read_seen(src)
+        # the checkpoints themselves, on torch: what fp16 storage changes, before any export
+        on_torch = InferenceOptions(model=str(src), backend="torch")
+        plain = _scores(evaluate(on_torch, out_dir=Path(tmp) / "full", **kw))
+        temperature, calibration = _child_temperature(
+            Path(tmp) / "full" / "predictions.csv", args.child_temperature
+        )
+        if temperature is not None:
+            model.child_temperature = model.config["child_temperature"] = temperature
+            results["child_temperature"] = calibration
+        if not same:
+            results["fp32"] = plain
+            half = save_checkpoint(Path(tmp) / "half.safetensors", model, extra, True, seen)
             on_torch = on_torch.replace(model=str(half))
             results["fp16"] = _scores(evaluate(on_torch, out_dir=Path(tmp) / "half", **kw))
             if not _within(results["fp32"], results["fp16"], FP16_TOLERANCE):
                 raise SystemExit(f"fp16 storage loses too much: {results}")
-            save_checkpoint(dst, model, extra, half=True, seen=read_seen(src))
+        save_checkpoint(dst, model, extra, half=True, seen=seen)
         export(dst, WEIGHTS / f"{args.name}.onnx", half_weights=True)
         int8 = WEIGHTS / f"{args.name}.int8.onnx"
         export(dst, int8, int8=True, data=args.cache)

@@ -6,10 +6,15 @@
 Each model is scored by :func:`agegender.evaluation.evaluate.evaluate` as ``agegender
 evaluate`` runs it (ONNX Runtime, its own test-time augmentation), on the images no member
 trained or validated on (each one's record of what it saw, near-copies included). The ensemble
-averages the members' P(female) and expected age per face. Writes ``OUT/ensemble.json`` and
+averages the members' P(female) and expected age per face (the ``mean`` column); ``--also``
+models are scored on the same faces and shown beside. Writes ``OUT/ensemble.json`` and
 ``OUT/ensemble.md``: overall gender accuracy and
 age MAE, the race table, the age-band table and the gender's calibration by age band
 (children's gender is hard: how sure a model sounds there beside how often it is right).
+
+A model given as ``NAME@K`` is member ``K`` (from 0) of the ensemble ``NAME`` (a bundled name or
+a checkpoint), alone, with flip TTA: ``--models default accurate@1`` compares the default with
+the larger network inside ``accurate``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,28 @@ from agegender.data.utkface import GENDERS, RACES
 from agegender.evaluation.evaluate import evaluate
 from agegender.evaluation.metrics import compute_metrics
 from agegender.inference.options import InferenceOptions
+
+
+def alone(spec: str, out: Path) -> str:
+    """``spec``, or for ``NAME@K`` a checkpoint of that ensemble's member K written in ``out``
+    (with the ensemble's record of what it saw, and flip TTA)."""
+    import torch
+
+    from agegender.inference.model_files import read_seen, resolve_checkpoint
+    from agegender.training.checkpoint import load_checkpoint, save_checkpoint
+
+    name, _, k = spec.partition("@")
+    if not k:
+        return spec
+    path = resolve_checkpoint(name)
+    ensemble, _ = load_checkpoint(path)
+    net = ensemble.members[int(k)]
+    with torch.no_grad():  # a member file stores fp32 weights, as a trained run does
+        net.float()
+    extra = {"epoch": 0, "metrics": {}, "config": {"train": {"tta": True}}}
+    dest = out / spec.replace("/", "_") / "member.safetensors"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return str(save_checkpoint(dest, net, extra, seen=read_seen(path)))
 
 
 def member(model: str, others: list[str], data: str, split: str, out: Path, threads: int):
@@ -95,23 +122,26 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--models", nargs="+", default=["default", "accurate"])
     ap.add_argument("--out", default="reports/accuracy/ensemble")
+    ap.add_argument("--also", nargs="*", default=[], help="models shown beside, not averaged")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:  # each member's full report: not kept
-        preds = {m: member(m, args.models, args.data, args.split, Path(tmp), args.threads)
-                 for m in args.models}  # fmt: skip
+        files = {m: alone(m, Path(tmp)) for m in [*args.models, *args.also]}
+        preds = {m: member(f, list(files.values()), args.data, args.split, Path(tmp),
+                           args.threads) for m, f in files.items()}  # fmt: skip
     paths = sorted(set.intersection(*(set(p) for p in preds.values())))
     rows = [preds[args.models[0]][p] for p in paths]
     results = {}
-    for m, pred in preds.items():
+    for m, pred in preds.items():  # each alone, the --also models too
         p = np.array([float(pred[k]["p_female"]) for k in paths])
         a = np.array([float(pred[k]["age_pred"]) for k in paths])
         results[m] = scores(rows, p, a)
-    mean_p = np.mean([[float(pred[k]["p_female"]) for k in paths] for pred in preds.values()], 0)
-    mean_a = np.mean([[float(pred[k]["age_pred"]) for k in paths] for pred in preds.values()], 0)
-    results["ensemble"] = scores(rows, mean_p, mean_a)
+    members = [preds[m] for m in args.models]
+    mean_p = np.mean([[float(pred[k]["p_female"]) for k in paths] for pred in members], 0)
+    mean_a = np.mean([[float(pred[k]["age_pred"]) for k in paths] for pred in members], 0)
+    results["mean"] = scores(rows, mean_p, mean_a)
     keep = ("n", "gender_accuracy", "age_mae", "by_race", "age_mae_by_band", "calibration")
     summary = {"split": args.split, "data": args.data, "models": args.models,
                "results": {n: {k: r[k] for k in keep} for n, r in results.items()}}  # fmt: skip

@@ -250,8 +250,8 @@ def test_ensemble(cache64, tmp_path):
         return json.loads((out / "ensemble.json").read_text())["results"]
 
     same = ensemble(a, twin)  # a model averaged with itself is itself
-    assert same["ensemble"]["gender_accuracy"] == same[str(a)]["gender_accuracy"]
-    assert same["ensemble"]["age_mae"] == pytest.approx(same[str(a)]["age_mae"], abs=1e-3)
+    assert same["mean"]["gender_accuracy"] == same[str(a)]["gender_accuracy"]
+    assert same["mean"]["age_mae"] == pytest.approx(same[str(a)]["age_mae"], abs=1e-3)
     two = ensemble(a, b)
-    assert two["ensemble"]["n"] == two[str(a)]["n"] == two[str(b)]["n"] > 0
-    assert set(two["ensemble"]["age_mae_by_band"]["0-9"]) >= {"gender_confidence", "gender_ece"}
+    assert two["mean"]["n"] == two[str(a)]["n"] == two[str(b)]["n"] > 0
+    assert set(two["mean"]["age_mae_by_band"]["0-9"]) >= {"gender_confidence", "gender_ece"}

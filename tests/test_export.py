@@ -286,3 +286,28 @@ def test_export_never_replaces_the_weights(tmp_path, capsys):
     assert main(["export", "--model", str(ckpt), "--onnx", str(old)]) == 0
     onnx.checker.check_model(onnx.load(str(old)))
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_an_ensemble_exports_as_one_graph_that_matches_torch(tmp_path):
+    from agegender.inference.model_files import read_seen
+    from agegender.training.checkpoint import save_ensemble
+
+    a = make_checkpoint(tmp_path / "a.safetensors", seed=1)
+    b = make_checkpoint(tmp_path / "b.safetensors", seed=2)
+    ens = save_ensemble([a, b], tmp_path / "ens.safetensors")
+    onnx_file = tmp_path / "ens.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["export", "--model", str(ens), "--onnx", str(onnx_file)]) == 0
+    net, meta = load_checkpoint(ens)
+    assert meta["config"]["train"]["tta"] is True and read_seen(ens) is None  # none recorded
+    faces = random_faces(6, 1, seed=4)
+    x = np.ascontiguousarray(faces.transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        ref = dict(zip(HEADS["dldl"], (t.numpy() for t in ExportWrapper(net)(torch.from_numpy(x)))))
+    got = dict(zip(HEADS["dldl"], ort_session(onnx_file).run(None, {"image": x})))
+    assert_close(got, ref, HEADS["dldl"])
+    # the graph gives the members' mean, as each alone gives it
+    each = [ExportWrapper(load_checkpoint(m)[0])(torch.from_numpy(x)) for m in (a, b)]
+    with torch.no_grad():
+        mean_p = (each[0][1] + each[1][1]) / 2
+    assert np.abs(got["p_female"] - mean_p.detach().numpy()).max() < PROB_TOL

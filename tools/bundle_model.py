@@ -1,6 +1,11 @@
 """Bundle a trained model into the package: fp16 weights with their record, and ONNX files.
 
-    python tools/bundle_model.py RUN_OR_CHECKPOINT --name default|accurate [--cache cache/utk128]
+    python tools/bundle_model.py RUN_OR_CHECKPOINT [...] --name default|accurate
+        [--cache cache/utk128] [--child-temperature fit|keep|T]
+
+Several runs or checkpoints make one ensemble (their outputs averaged, run with flip TTA; see
+:class:`agegender.training.models.Ensemble`), bundled as one model; its members keep their own
+``child_temperature``.
 
 Writes ``src/agegender/weights/NAME.safetensors`` (+ ``.json``): fp16 weights and the record
 of the images the model trained on, after checking that fp16 keeps the test metrics (gender
@@ -35,7 +40,7 @@ from agegender.evaluation.metrics import compute_metrics
 from agegender.inference.model_files import WEIGHTS, read_meta, read_seen
 from agegender.inference.options import InferenceOptions
 from agegender.training.calibrate import cross_fitted, fit_child_temperature
-from agegender.training.checkpoint import load_checkpoint, save_checkpoint
+from agegender.training.checkpoint import load_checkpoint, save_checkpoint, save_ensemble
 from agegender.training.export import export
 
 FP16_TOLERANCE = {"gender_accuracy": 1e-3, "age_mae": 0.02}
@@ -82,7 +87,11 @@ def _child_temperature(predictions: Path, how: str) -> tuple[float | None, dict]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("run", help="a run folder (its best.safetensors) or a checkpoint")
+    p.add_argument(
+        "run",
+        nargs="+",
+        help="a run folder (its best.safetensors) or a checkpoint; several: an ensemble of them",
+    )
     p.add_argument("--name", choices=("default", "accurate"), required=True)
     p.add_argument("--cache", default="cache/utk128", help="prepared cache: test and calibration")
     p.add_argument(
@@ -90,8 +99,13 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    src = Path(args.run)
-    src = src / "best.safetensors" if src.is_dir() else src
+    sources = [Path(r) / "best.safetensors" if Path(r).is_dir() else Path(r) for r in args.run]
+    src = sources[0]
+    if len(sources) > 1:
+        if args.child_temperature == "fit":
+            raise SystemExit("an ensemble's members keep their own: give --child-temperature keep")
+        # the members' own files stay where they are: the ensemble is a new checkpoint
+        src = save_ensemble(sources, Path("runs") / f"ensemble-{args.name}" / "best.safetensors")
     dst = WEIGHTS / f"{args.name}.safetensors"
     kw = {"data": args.cache, "split": "test", "timing": False, "quiet": True}
     report = Path("reports/bundled") / f"{args.name}.json"

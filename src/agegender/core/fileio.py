@@ -224,16 +224,12 @@ def output_path(
             yield tmp
             if tmp.exists():
                 replace(tmp, path)
-        except OSError as e:
-            if e.errno in _FULL:
-                raise DataError(
-                    f"{what} {path}: no space left on the device; nothing written"
-                ) from e
-            raise
         except BaseException as e:
-            # what a run found before Ctrl-C, SIGTERM or a dead worker is worth keeping; what it
-            # found before the disk filled up would only fill it further
-            if partial is not None and not is_disk_full(e) and tmp.is_file() and tmp.stat().st_size:
+            if is_disk_full(e):  # what it wrote would only fill the disk further
+                says = f"{what} {path}: no space left on the device; nothing written"
+                raise DataError(says) from e
+            # what a run found before Ctrl-C, SIGTERM or a dead worker is worth keeping
+            if partial is not None and tmp.is_file() and tmp.stat().st_size:
                 os.replace(tmp, partial)
             raise
         finally:

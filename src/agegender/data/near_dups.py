@@ -231,11 +231,12 @@ class SeenRecord:
         return len(self.hashes)
 
     def __add__(self, other: SeenRecord) -> SeenRecord:
-        """Both records (fine-tuning adds the new data to what the model already saw)."""
-        return SeenRecord(
-            np.concatenate([self.hashes, other.hashes]),
-            np.concatenate([self.signatures, other.signatures]),
-        )
+        """Both records (fine-tuning adds the new data to what the model already saw), each
+        image once: two teachers or ensemble members trained on the same faces."""
+        hashes = np.concatenate([self.hashes, other.hashes])
+        signatures = np.concatenate([self.signatures, other.signatures])
+        keep = np.sort(np.unique(hashes, return_index=True)[1])
+        return SeenRecord(hashes[keep], signatures[keep])
 
     def seen(self, content_hashes: list[str], faces: np.ndarray) -> np.ndarray:
         """``(N,)`` bool: which images are in the record, or near-copies of one in it."""

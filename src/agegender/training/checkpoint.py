@@ -28,6 +28,7 @@ from agegender.inference.model_files import (
     SEEN_SIGNATURES,
     VERSION,
     read_meta,
+    read_seen,
 )
 from agegender.training.models import LEGACY_ARGS, create_model
 
@@ -110,3 +111,23 @@ def load_checkpoint(
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return model.to(device).eval(), meta
+
+
+def save_ensemble(
+    members: list[str | os.PathLike], path: str | os.PathLike, tta: bool = True
+) -> Path:
+    """One checkpoint of an :class:`~agegender.training.models.Ensemble` of ``members``
+    (checkpoints), written to ``path``: their weights as they are, the record of every image
+    any of them saw, and a recipe that runs it with flip TTA when ``tta``."""
+    nets, seen = [], None
+    for member in members:
+        net, _ = load_checkpoint(member)
+        nets.append(net)
+        record = read_seen(member)
+        seen = record if seen is None else (seen + record if record is not None else seen)
+    ensemble = create_model("ensemble", members=[net.config for net in nets])
+    for slot, net in zip(ensemble.members, nets):
+        slot.load_state_dict(net.state_dict())
+    extra = {"epoch": 0, "metrics": {}, "config": {"train": {"tta": tta}}}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(path, ensemble, extra, seen=seen)

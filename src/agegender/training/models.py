@@ -86,7 +86,7 @@ def list_models() -> list[str]:
     """Names of the registered models, sorted.
 
     >>> list_models()
-    ['resnet-mt', 'resnet-mt-fast', 'resnet-mt-fast-wide', 'resnet-mt-small',
+    ['ensemble', 'resnet-mt', 'resnet-mt-fast', 'resnet-mt-fast-wide', 'resnet-mt-small',
      'seed-cnn', 'seed-cnn-3conv', 'seed-cnn-5conv']
     """
     return sorted(_REGISTRY)
@@ -575,6 +575,69 @@ class ResNetMT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class Ensemble(nn.Module):
+    """Several networks on the same faces, their outputs averaged: P(female) and the DLDL age
+    distribution (so ``age`` and ``age_std`` are the mixture's). Members are rebuilt from their
+    configs (``members``: each a model's ``config``, its ``name`` included), so a checkpoint of
+    an ensemble rebuilds it like any other; members keep their own eval-time settings
+    (``child_temperature``). All take the same faces and have ``dldl`` heads over the same ages.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[dict[str, Any]] = (),
+        in_chans: int | None = None,
+        img_size: int | None = None,
+        age_head: str = "dldl",
+    ) -> None:
+        super().__init__()
+        if len(members) < 2 or not all(isinstance(m, dict) and "name" in m for m in members):
+            raise ConfigError("an ensemble needs two or more member configs, each with a name")
+        nets = []
+        for cfg in members:
+            cfg = {LEGACY_ARGS.get(k, k): v for k, v in cfg.items()}
+            if cfg["name"] == "ensemble":
+                raise ConfigError("an ensemble cannot hold an ensemble")
+            nets.append(create_model(cfg.pop("name"), **cfg))
+        first = nets[0]
+        for net in nets:
+            if net.data_config != first.data_config:
+                raise ConfigError("ensemble members must take the same faces (size and colour)")
+            if net.config.get("age_head") != "dldl" or net.num_ages != first.num_ages:
+                raise ConfigError("ensemble members need dldl age heads over the same ages")
+        size = first.data_config["input_size"]
+        said = (in_chans or size[0], img_size or size[1], age_head)
+        if said != (size[0], size[1], "dldl"):  # a checkpoint's metadata beside its members
+            raise ConfigError(f"ensemble members take {size} with dldl heads, not {said}")
+        self.members = nn.ModuleList(nets)
+        self.data_config = first.data_config
+        self.num_ages = first.num_ages
+        self.age_head_kind = "dldl"
+        self.config: dict[str, Any] = {
+            "name": None,
+            "members": [dict(net.config) for net in nets],
+            "age_head": "dldl",
+            "in_chans": first.data_config["input_size"][0],
+            "img_size": first.data_config["input_size"][1],
+        }
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalised ``(B, C, H, W)`` -> the members' mean, as one model's output dict."""
+        outs = [net(x) for net in self.members]
+        p_female = torch.stack([torch.sigmoid(o["gender"].float()) for o in outs]).mean(0)
+        probs = torch.stack([o["age_logits"].float().softmax(-1) for o in outs]).mean(0)
+        ages = torch.arange(self.num_ages, device=x.device, dtype=probs.dtype)
+        mean = (probs * ages).sum(-1)
+        var = (probs * ages.square()).sum(-1) - mean.square()
+        p = p_female.clamp(1e-7, 1 - 1e-7)
+        return {
+            "gender": torch.log(p) - torch.log1p(-p),
+            "age": mean,
+            "age_std": var.clamp_min(1e-12).sqrt(),
+            "age_logits": probs.clamp_min(1e-12).log(),  # its softmax is the mean distribution
+        }
+
+
 # --------------------------------------------------------------------------------------------
 # Registered builders
 # --------------------------------------------------------------------------------------------
@@ -635,6 +698,12 @@ def resnet_mt_fast_wide(**kwargs: Any) -> nn.Module:
         depths=(2, 2, 2, 2),
         stem_stride=4,
     )
+
+
+@register_model
+def ensemble(**kwargs: Any) -> nn.Module:
+    """Several trained networks averaged (``members``: their configs); see :class:`Ensemble`."""
+    return _create(Ensemble, "ensemble", kwargs)
 
 
 @register_model

@@ -311,3 +311,31 @@ def test_an_ensemble_exports_as_one_graph_that_matches_torch(tmp_path):
     with torch.no_grad():
         mean_p = (each[0][1] + each[1][1]) / 2
     assert np.abs(got["p_female"] - mean_p.detach().numpy()).max() < PROB_TOL
+
+
+def test_int8_quantises_the_body_and_keeps_the_heads_float(tmp_path, cache64):
+    from agegender.training.export import export
+
+    ckpt = make_checkpoint(tmp_path / "m.safetensors", seed=3)
+    fp32 = export(ckpt, tmp_path / "m.onnx")
+    int8 = export(ckpt, tmp_path / "m.int8.onnx", int8=True, data=cache64)
+    graph = onnx.load(str(int8)).graph
+    quantized = {n.name for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    assert quantized  # the convolutions run in int8
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers = {i: n for n in graph.node for i in n.input}
+    # the heads and the age distribution stay float: no quantised weights, no quantised outputs
+    float_ops = ("Gemm", "Softmax", "Sigmoid", "Sqrt", "ReduceSum")
+    heads = [n for n in graph.node if n.op_type in float_ops]
+    assert {n.op_type for n in heads} == set(float_ops)
+    for node in heads:
+        for i in node.input[1:]:
+            assert producers.get(i) is None or producers[i].op_type != "DequantizeLinear", node
+        for o in node.output:
+            assert o not in consumers or consumers[o].op_type != "QuantizeLinear", node
+    x = np.ascontiguousarray(random_faces(32, 1, seed=5).transpose(0, 3, 1, 2))
+    a = dict(zip(HEADS["dldl"], ort_session(fp32).run(None, {"image": x})))
+    b = dict(zip(HEADS["dldl"], ort_session(int8).run(None, {"image": x})))
+    np.testing.assert_allclose(b["age_probs"].sum(1), 1, atol=1e-4)
+    # the spread (what the 90 % interval is made of) as the float model gives it, within 10 %
+    assert np.median(np.abs(b["age_std"] / a["age_std"] - 1)) < 0.1

@@ -177,6 +177,27 @@ class _Faces:
         return {self.name: np.ascontiguousarray(x)}
 
 
+#: the ops that pool a feature map to one vector: what follows them is the model's heads
+POOLING = ("GlobalAveragePool", "ReduceMean")
+
+
+def _after_pooling(graph: onnx.GraphProto) -> list[str]:
+    """The names of the nodes downstream of the graph's pooling (every member's, in an
+    ensemble): the heads and what turns their outputs into ages and probabilities."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    todo = [out for node in graph.node if node.op_type in POOLING for out in node.output]
+    found: dict[str, None] = {}
+    while todo:
+        for node in consumers.get(todo.pop(), []):
+            if node.name not in found:
+                found[node.name] = None
+                todo.extend(node.output)
+    return list(found)
+
+
 def quantize_onnx(
     fp32: str | os.PathLike, out: str | os.PathLike, faces: np.ndarray, reduce_range: bool = True
 ) -> Path:
@@ -195,6 +216,7 @@ def quantize_onnx(
         # shapes inferred and BatchNorm folded into the convolutions first, as onnxruntime
         # advises: the weights are then quantised as they will be used
         quant_pre_process(str(fp32), str(pre))
+        heads = _after_pooling(onnx.load(str(pre)).graph)
         quantize_static(
             str(pre),
             str(tmp),
@@ -208,6 +230,10 @@ def quantize_onnx(
             # accurate model MinMax lost 0.15 points of gender accuracy, this none (and 0.01
             # years of MAE) on the test split (tools/bundle_model.py checks each model)
             calibrate_method=CalibrationMethod.Percentile,
+            # the heads stay float: a softmax over 117 ages read from uint8 activations keeps
+            # its mean but loses its tails, and the age interval then covered 80 % of true ages
+            # instead of 90 % (they are a few thousand multiply-adds of the millions)
+            nodes_to_exclude=heads,
         )
         proto = onnx.load(str(tmp))
         meta = {p.key: p.value for p in onnx.load(str(fp32)).metadata_props}

@@ -90,24 +90,24 @@ def table(results: dict[str, dict]) -> str:
     names = list(results)
     head = [_row("", names), _row("---", ["---"] * len(names))]
     first = results[names[0]]
-    lines = ["## Overall", "", *head]
+    lines = ["#### Overall", "", *head]
     lines.append(_row("faces", [f"{results[n]['n']:,}" for n in names]))
     lines.append(
         _row("gender accuracy", [f"{100 * results[n]['gender_accuracy']:.2f} %" for n in names])
     )
     lines.append(_row("age MAE", [f"{results[n]['age_mae']:.3f}" for n in names]))
-    lines += ["", "## By race: gender accuracy / age MAE", "", *head]
+    lines += ["", "#### By race: gender accuracy / age MAE", "", *head]
     for race, first_row in first["by_race"].items():
         cells = [results[n]["by_race"][race] for n in names]
         text = [f"{100 * c['gender_accuracy']:.1f} % / {c['age_mae']:.2f}" for c in cells]
         lines.append(_row(f"{race} ({first_row['n']:,})", text))
-    lines += ["", "## By age band: gender accuracy / age MAE", "", *head]
+    lines += ["", "#### By age band: gender accuracy / age MAE", "", *head]
     bands = first["age_mae_by_band"]
     for band, first_row in bands.items():
         cells = [results[n]["age_mae_by_band"][band] for n in names]
         text = [f"{100 * c['gender_accuracy']:.1f} % / {c['mae']:.2f}" for c in cells]
         lines.append(_row(f"{band} ({first_row['n']:,})", text))
-    lines += ["", "## Gender by age band: accuracy / mean confidence / ECE", "", *head]
+    lines += ["", "#### Gender by age band: accuracy / mean confidence / ECE", "", *head]
     for band, first_row in bands.items():
         cells = [results[n]["age_mae_by_band"][band] for n in names]
         text = [f"{100 * c['gender_accuracy']:.1f} % / {100 * c['gender_confidence']:.1f} % / "
@@ -146,9 +146,8 @@ def main() -> None:
     summary = {"split": args.split, "data": args.data, "models": args.models,
                "results": {n: {k: r[k] for k in keep} for n, r in results.items()}}  # fmt: skip
     fileio.write_text(out / "ensemble.json", json.dumps(summary, indent=1) + "\n")
-    title = (
-        f"# {' + '.join(args.models)} and their mean, {args.split} split ({len(paths):,} faces)\n\n"
-    )
+    names = " + ".join(args.models)
+    title = f"### {names} and their mean, {args.split} split ({len(paths):,} faces)\n\n"
     fileio.write_text(out / "ensemble.md", title + table(results))
     print(title + table(results))
 

@@ -246,7 +246,7 @@ def test_ensemble(cache64, tmp_path):
         out = tmp_path / "out"
         run("ensemble.py", "--data", str(cache64), "--models", *map(str, models),
             "--out", str(out), "--threads", "1")  # fmt: skip
-        assert (out / "ensemble.md").read_text().startswith("# ")
+        assert (out / "ensemble.md").read_text().startswith("### ")
         return json.loads((out / "ensemble.json").read_text())["results"]
 
     same = ensemble(a, twin)  # a model averaged with itself is itself

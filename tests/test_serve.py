@@ -69,8 +69,14 @@ def test_health_page_and_docs(client, predictor):
     assert health["spin"] is predictor.backend.spin  # the shared predictor's own setting
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    # no CDN: the page must work without internet
-    assert "<script src" not in page.text and "https://" not in page.text
+    # no CDN: the page, and the two files it shares with the private page, work offline
+    assert "https://" not in page.text and "//cdn" not in page.text
+    for name, kind in (("faces.css", "text/css"), ("faces.js", "text/javascript")):
+        assert f'"/assets/{name}"' in page.text
+        asset = client.get(f"/assets/{name}")
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
+        assert "https://" not in asset.text
+    assert client.get("/assets/index.html").status_code == 404  # those two only
     assert 'id="file"' in page.text and "getUserMedia" in page.text
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]

@@ -93,7 +93,10 @@ def test_write_site_refuses_a_foreign_folder_and_replaces_its_own(tmp_path):
 
 
 def test_the_page_names_local_files_only():
+    from agegender.serve.site import ASSETS, SHARED_FILES
+
     html = (SITE / "index.html").read_text() + (SITE / "app.js").read_text()
+    html += "".join((ASSETS / name).read_text() for name in SHARED_FILES)
     assert "http://" not in html and "https://" not in html and "//cdn" not in html
 
 

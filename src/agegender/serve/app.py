@@ -53,7 +53,7 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from agegender import __version__
 from agegender.core.errors import ConfigError
@@ -373,6 +373,16 @@ def _add_pages(app: FastAPI, predictor: Predictor, photos: Lane, settings: dict)
                    include_in_schema=False)  # fmt: skip
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    # the look and the face labels the page shares with the private one (agegender site)
+    shared = {"faces.css": "text/css", "faces.js": "text/javascript"}
+
+    @app.api_route("/assets/{name}", methods=["GET", "HEAD"], include_in_schema=False)
+    async def asset(name: str) -> Response:
+        if name not in shared:
+            raise HTTPException(404, "no such file")
+        text = (PAGE.parent / name).read_text(encoding="utf-8")
+        return Response(text, media_type=shared[name])
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     async def docs() -> HTMLResponse:

@@ -39,8 +39,11 @@ __all__ = [
 
 #: the page's own files, in the package
 SITE = Path(__file__).resolve().parents[1] / "site"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 #: what is copied from :data:`SITE` (the vendored runtime's folder whole, besides)
 SITE_FILES = ("index.html", "app.js")
+#: what the private page shares with the served one: its look and how it labels faces
+SHARED_FILES = ("faces.css", "faces.js")
 #: the file that marks a folder as written by :func:`write_site`: only such a folder (or an
 #: empty one) is ever replaced
 MARKER = ".agegender-site"
@@ -255,6 +258,8 @@ def _check_target(out: Path) -> None:
 def _fill(stage: Path, model: Path) -> None:
     for name in SITE_FILES:
         shutil.copyfile(SITE / name, stage / name)
+    for name in SHARED_FILES:
+        shutil.copyfile(ASSETS / name, stage / name)
     vendor = SITE / "vendor" / "ort"
     if not (vendor / "VERSION.json").is_file():
         raise SiteError(f"{vendor} is missing: run python tools/vendor_ort_web.py")

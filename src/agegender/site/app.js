@@ -555,43 +555,6 @@ function setStatus(text, isError) {
   line.className = isError ? "error" : "";
 }
 
-function label(face) {
-  let text = (face.track ? "#" + face.track + " " : "") +
-             (face.gender === "female" ? "F " : "M ") + Math.round(face.age);
-  if (face.age_interval) {
-    text += " (" + Math.round(face.age_interval[0]) + "-" + Math.round(face.age_interval[1]) + ")";
-  }
-  return text;
-}
-
-// the picture with a box and a label per face; labels sit on a filled background and stay
-// inside the picture (above the box, else below it, else inside its top)
-function draw(source, faces) {
-  const canvas = $("canvas");
-  canvas.width = source.width;
-  canvas.height = source.height;
-  const ctx = canvas.getContext("2d");
-  ctx.drawImage(source, 0, 0);
-  const side = Math.max(source.width, source.height), lw = Math.max(2, Math.round(side / 300));
-  const fontPx = Math.max(12, Math.round(side / 40));
-  ctx.font = "600 " + fontPx + "px system-ui, sans-serif";
-  ctx.textBaseline = "top";
-  for (const face of faces) {
-    const [x0, y0, x1, y1] = face.box, color = face.gender === "female" ? "#e63c78" : "#2878e6";
-    ctx.lineWidth = lw;
-    ctx.strokeStyle = color;
-    ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
-    const text = label(face), h = fontPx + 2 * lw, w = ctx.measureText(text).width + 2 * lw;
-    let top = y0 - h >= 0 ? y0 - h : y1 + h <= canvas.height ? y1 : Math.max(y0, 0);
-    const left = clamp(x0, 0, Math.max(canvas.width - w, 0));
-    ctx.fillStyle = color;
-    ctx.fillRect(left, top, w, h);
-    ctx.fillStyle = "#fff";
-    ctx.fillText(text, left + lw, top + lw);
-  }
-  canvas.classList.remove("hidden");
-}
-
 function fillTable(faces) {
   const body = $("faces").querySelector("tbody");
   body.replaceChildren();
@@ -599,7 +562,7 @@ function fillTable(faces) {
     const row = document.createElement("tr");
     const cells = [
       [String(face.track || i + 1)],
-      [label(face), "label " + face.gender],
+      [faceLabel(face), "label " + face.gender],
       [face.gender],
       [face.p_female.toFixed(2)],
       [face.age.toFixed(1)],
@@ -647,7 +610,7 @@ async function analysePhoto(blob, name) {
     const bitmap = await createImageBitmap(blob, { imageOrientation: "from-image" });
     const { faces, timing } = await analyse(pixels(bitmap, bitmap.width, bitmap.height),
                                             { aligned: $("aligned").checked });
-    draw(bitmap, faces);
+    drawFaces($("canvas"), bitmap, faces);
     fillTable(faces);
     publish(faces, timing);
     const n = faces.length, ms = timing.total_ms.toFixed(0);
@@ -727,7 +690,7 @@ async function liveLoop(run) {
         const { faces, timing } = await analyse(img, { cfg: DETECTOR_FAST });
         if (live !== run) break;
         const tracked = track(run, faces, performance.now());
-        draw(frame, tracked);
+        drawFaces($("canvas"), frame, tracked);
         fillTable(tracked);
         publish(tracked, timing);
         run.frames += 1;

@@ -606,6 +606,18 @@ class FrameResult:
     quality: list[dict[str, Any]] = field(default_factory=list)
 
 
+def tracking_detector(predictor: Any, name: str | None = None) -> Any:
+    """The detector tracking runs: ``name`` (else the predictor's, else :data:`DETECTOR`),
+    passing faces down to ``LOW`` and trying the quarter turns the predictor's options ask for
+    (``rotations``: a camera held sideways or upside down), as a photo's detector does. A face
+    found turned keeps its landmarks' identities, so :func:`face_like` judges it in its own
+    frame and confirms it."""
+    options = getattr(predictor, "options", None)
+    rotations = options.rotations if options is not None else ()
+    name = name or getattr(predictor, "detector_name", None) or DETECTOR
+    return get_detector(name, score_threshold=LOW, rotations=rotations)
+
+
 class Tracking:
     """What :meth:`Predictor.track` returns: an iterator of :class:`FrameResult`; ``tracks``
     holds one summary per person seen (so far, while iterating). An interrupted iteration
@@ -631,9 +643,7 @@ class Tracking:
         self.frames, self.rate = sampled(source, fps) if source is not None else (None, LIVE_RATE)
         # low-scoring faces continue tracks (a blurred frame), only confident ones start them:
         # the detector passes them down to LOW (a shared one may be given, already so)
-        self.detector = detector or get_detector(
-            predictor.detector_name or DETECTOR, score_threshold=LOW
-        )
+        self.detector = detector or tracking_detector(predictor)
         max_missed = max(round(MAX_MISSED_S * self.rate), 1)
         self.tracker = Tracker(max_missed=max_missed, keep_ended=keep_ended)
         self.seen = 0

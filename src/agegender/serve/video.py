@@ -34,7 +34,7 @@ import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 
 from agegender.inference.predictor import Predictor, Tracking
-from agegender.inference.tracking import DETECTOR, LOW, VideoError, sampled
+from agegender.inference.tracking import DETECTOR, VideoError, sampled, tracking_detector
 from agegender.serve.uploads import (
     ERRORS,
     ImageError,
@@ -42,7 +42,6 @@ from agegender.serve.uploads import (
     admit_uploads,
     decode_upload,
 )
-from agegender.vision.detect import get_detector
 
 MAX_SESSIONS = 32  #: live trackers held at once
 SESSION_IDLE_S = 60.0  #: a session unused this long is forgotten
@@ -65,7 +64,7 @@ class Sessions:
     ) -> None:
         self.predictor, self.max_sessions, self.idle_s = predictor, max_sessions, idle_s
         # one detector for every session (its own lock serialises it), passing faces down to LOW
-        self.detector = get_detector(_video_detector(predictor), score_threshold=LOW)
+        self.detector = tracking_detector(predictor, _video_detector(predictor))
         self.held: OrderedDict[str, _Session] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -194,7 +193,7 @@ def add_video_routes(
     which webcam frames share; a clip gets a thread of its own."""
     sessions = Sessions(predictor)
     clips = ThreadPoolExecutor(1, thread_name_prefix="agegender-video")
-    clip_detector = get_detector(_video_detector(predictor), score_threshold=LOW)  # its own
+    clip_detector = tracking_detector(predictor, _video_detector(predictor))  # its own
     errors = {c: ERRORS[c] for c in (400, 401, 403, 413, 415, 422, 503)}
 
     @app.post("/api/track", responses=errors)

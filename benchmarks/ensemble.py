@@ -1,13 +1,14 @@
 """Models and their ensemble on one split: each member's figures, the ensemble's, the groups.
 
     python benchmarks/ensemble.py --data cache/utk128 [--split test] [--models default accurate]
-        [--out reports/accuracy/ensemble] [--threads 2]
+        [--also MODEL ...] [--no-mean] [--out reports/accuracy/ensemble] [--threads 2]
 
 Each model is scored by :func:`agegender.evaluation.evaluate.evaluate` as ``agegender
 evaluate`` runs it (ONNX Runtime, its own test-time augmentation), on the images no member
 trained or validated on (each one's record of what it saw, near-copies included). The ensemble
-averages the members' P(female) and expected age per face (the ``mean`` column); ``--also``
-models are scored on the same faces and shown beside. Writes ``OUT/ensemble.json`` and
+averages the members' P(female) and expected age per face (the ``mean`` column; none with
+``--no-mean``, for a table of models side by side); ``--also`` models are scored on the same
+faces and shown beside. Writes ``OUT/ensemble.json`` and
 ``OUT/ensemble.md``: overall gender accuracy and
 age MAE, the race table, the age-band table and the gender's calibration by age band
 (children's gender is hard: how sure a model sounds there beside how often it is right).
@@ -56,7 +57,7 @@ def alone(spec: str, out: Path) -> str:
     return str(save_checkpoint(dest, net, extra, seen=read_seen(path)))
 
 
-def member(model: str, others: list[str], data: str, split: str, out: Path, threads: int):
+def member(model: str, others: list[str], data: str | None, split: str, out: Path, threads: int):
     """One model's predictions on the images no member saw: ``{path: row}``."""
     evaluate(
         InferenceOptions(model=model, threads=threads),
@@ -80,6 +81,14 @@ def scores(rows: list[dict], p_female: np.ndarray, age_pred: np.ndarray) -> dict
     return compute_metrics(age, gender, race, age_pred, p_female)
 
 
+def _name(model: str) -> str:
+    """A column's title: a run folder's or checkpoint's own name, else the model's name."""
+    path = Path(model)
+    if path.is_dir():
+        return path.name
+    return path.parent.name if path.suffix == ".safetensors" else model
+
+
 def _row(label: str, cells: list[str]) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
@@ -88,7 +97,7 @@ def table(results: dict[str, dict]) -> str:
     """The Markdown tables: overall, race, age band and gender calibration by age band, a
     column a model."""
     names = list(results)
-    head = [_row("", names), _row("---", ["---"] * len(names))]
+    head = [_row("", [_name(n) for n in names]), _row("---", ["---"] * len(names))]
     first = results[names[0]]
     lines = ["#### Overall", "", *head]
     lines.append(_row("faces", [f"{results[n]['n']:,}" for n in names]))
@@ -118,11 +127,17 @@ def table(results: dict[str, dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--data", required=True, help="prepared cache")
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="prepared cache (without: each run folder's own, so runs "
+        "of other sizes or colours are scored on the same faces)",
+    )
     ap.add_argument("--split", default="test")
     ap.add_argument("--models", nargs="+", default=["default", "accurate"])
     ap.add_argument("--out", default="reports/accuracy/ensemble")
     ap.add_argument("--also", nargs="*", default=[], help="models shown beside, not averaged")
+    ap.add_argument("--no-mean", action="store_true", help="each model alone: no mean column")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     out = Path(args.out)
@@ -138,16 +153,18 @@ def main() -> None:
         p = np.array([float(pred[k]["p_female"]) for k in paths])
         a = np.array([float(pred[k]["age_pred"]) for k in paths])
         results[m] = scores(rows, p, a)
-    members = [preds[m] for m in args.models]
-    mean_p = np.mean([[float(pred[k]["p_female"]) for k in paths] for pred in members], 0)
-    mean_a = np.mean([[float(pred[k]["age_pred"]) for k in paths] for pred in members], 0)
-    results["mean"] = scores(rows, mean_p, mean_a)
+    if not args.no_mean:
+        members = [preds[m] for m in args.models]
+        mean_p = np.mean([[float(pred[k]["p_female"]) for k in paths] for pred in members], 0)
+        mean_a = np.mean([[float(pred[k]["age_pred"]) for k in paths] for pred in members], 0)
+        results["mean"] = scores(rows, mean_p, mean_a)
     keep = ("n", "gender_accuracy", "age_mae", "by_race", "age_mae_by_band", "calibration")
     summary = {"split": args.split, "data": args.data, "models": args.models,
                "results": {n: {k: r[k] for k in keep} for n, r in results.items()}}  # fmt: skip
     fileio.write_text(out / "ensemble.json", json.dumps(summary, indent=1) + "\n")
-    names = " + ".join(args.models)
-    title = f"### {names} and their mean, {args.split} split ({len(paths):,} faces)\n\n"
+    names = " + ".join(_name(m) for m in args.models)
+    what = "each alone" if args.no_mean else "and their mean"
+    title = f"### {names} {what}, {args.split} split ({len(paths):,} faces)\n\n"
     fileio.write_text(out / "ensemble.md", title + table(results))
     print(title + table(results))
 

@@ -242,10 +242,10 @@ def test_ensemble(cache64, tmp_path):
         sh.copy(a.with_suffix(suffix), twin.with_suffix(suffix))
     b = make_checkpoint(tmp_path / "b" / "best.safetensors", seed=1)
 
-    def ensemble(*models: Path) -> dict:
+    def ensemble(*models: Path, extra: tuple[str, ...] = ()) -> dict:
         out = tmp_path / "out"
         run("ensemble.py", "--data", str(cache64), "--models", *map(str, models),
-            "--out", str(out), "--threads", "1")  # fmt: skip
+            "--out", str(out), "--threads", "1", *extra)  # fmt: skip
         assert (out / "ensemble.md").read_text().startswith("### ")
         return json.loads((out / "ensemble.json").read_text())["results"]
 

@@ -12,19 +12,23 @@ CACHE=cache/utk128
 # 1. Prepare once: 128 px gray, content-hash split 70/10/20 (split seed 1: the bundled model's).
 $AG prepare "$DATA" --out $CACHE --seed 1 --quiet
 
-# 2. The bundled models. `accurate`: the default recipe on train+val, 40 epochs (108 minutes on
-#    this project's 2-core CPU, bf16 autocast, 2 threads). `default`: distilled from it
-#    (configs/student.toml, 75 epochs, 2.2 hours there). test stays held out.
+# 2. The bundled models. The larger network: the default recipe on train+val, 40 epochs (108
+#    minutes on this project's 2-core CPU, bf16 autocast, 2 threads), bundled alone as the
+#    teacher. `default`: distilled from it (configs/student.toml, 75 epochs, 2.2 hours there),
+#    its children's calibration fitted. `accurate`: the two averaged. test stays held out.
 #    train never writes over a run folder: the stages that retrain remove theirs first.
 if [ -z "${SKIP_TRAIN:-}" ]; then
   rm -rf runs/default-cpu runs/student
   $AG train configs/default.toml data.cache=$CACHE data.train_splits=train,val \
     run.out=runs/default-cpu train.threads=2
-  .venv/bin/python tools/bundle_model.py runs/default-cpu --name accurate --cache $CACHE
+  .venv/bin/python tools/bundle_model.py runs/default-cpu --name accurate --cache $CACHE \
+    --child-temperature keep
   $AG train configs/student.toml data.cache=$CACHE run.out=runs/student train.threads=2
   mkdir -p reports/student
   cp runs/student/{metrics.json,history.csv,curves.png,config.toml} reports/student/
   .venv/bin/python tools/bundle_model.py runs/student --name default --cache $CACHE
+  .venv/bin/python tools/bundle_model.py src/agegender/weights/default.safetensors \
+    runs/default-cpu --name accurate --cache $CACHE --child-temperature keep
 fi
 # What each bundled model scores on faces it never saw (MODEL_CARD.md, the README's Results)
 for m in default accurate; do
@@ -54,9 +58,9 @@ for r in seed seed-regularized default-train default-train-s42 default-b256-s42;
   mkdir -p reports/$r && cp runs/full/$r/curves.png runs/full/$r/history.csv runs/full/$r/metrics.json reports/$r/
 done
 
-# 3. `accurate` in full on the test split (fp32 on CPU, with its pictures: reports/README.md).
-$AG evaluate accurate --data $CACHE --split test --amp off --out reports/default --quiet  # add --no-timing on a busy machine
-$AG show accurate --data $CACHE --split test --out reports/default/grid.png
+# 3. The larger network in full on the test split (fp32 on CPU, with its pictures: reports/README.md).
+$AG evaluate runs/default-cpu --data $CACHE --split test --amp off --out reports/default --quiet  # add --no-timing on a busy machine
+$AG show runs/default-cpu --data $CACHE --split test --out reports/default/grid.png
 cp runs/default-cpu/curves.png runs/default-cpu/history.csv reports/default/
 
 # 4. The study's tables, SHORTENED for a CPU: the whole train split, 5 epochs, 96 px
@@ -113,5 +117,22 @@ rm -rf /tmp/finetune-shift
 #   .venv/bin/python tools/pack_cache.py pack $CACHE .pack/utk128.zip
 #   bash benchmarks/gpu_session.sh default-graphs speed check default
 
-# 6. reports/README.md and MODEL_CARD.md from all of the above
+# 5c. Accuracy (docs/accuracy.md, reports/accuracy/): the bundled models and their ensemble;
+#     the screen of changes for a stronger teacher (10 runs of 8 epochs, 2 at a time: about
+#     80 minutes on a 2-core CPU), each run's groups; the ensemble distilled into default.
+.venv/bin/python benchmarks/ensemble.py --data $CACHE --models default accurate@1 --also accurate \
+  --out reports/accuracy/ensemble
+if [ -z "${SKIP_TRAIN:-}" ]; then
+  $AG sweep sweeps/accuracy.toml --data $CACHE --root "$DATA" --parallel 2 --out runs/accuracy --quiet
+  mkdir -p reports/accuracy/screen
+  cp runs/accuracy/results.md runs/accuracy/results.csv reports/accuracy/screen/
+  .venv/bin/python benchmarks/ensemble.py --models runs/accuracy/*/ --no-mean \
+    --out reports/accuracy/screen/groups
+  rm -rf runs/ensemble-student
+  $AG train configs/ensemble-student.toml data.cache=$CACHE run.out=runs/ensemble-student --quiet
+  mkdir -p reports/accuracy/ensemble-student
+  cp runs/ensemble-student/{metrics.json,history.csv,curves.png,config.toml} reports/accuracy/ensemble-student/
+fi
+
+# 6. reports/README.md and MODEL_CARD.md from all of the above (and reports/accuracy/children.md)
 .venv/bin/python tools/make_report.py --full reports

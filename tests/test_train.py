@@ -585,7 +585,7 @@ def test_several_teachers_are_averaged_and_their_seen_images_all_kept(tmp_path):
         path = make_checkpoint(tmp_path / f"t{k}" / "best.safetensors", seed=k)
         model, meta = load_checkpoint(path)
         pixels = np.full((1, 64, 64, 1), k, np.uint8)
-        seen = SeenRecord.of([f"{k:064x}"], pixels)
+        seen = SeenRecord.of([f"{k + 1:x}" * 64], pixels)
         extra = {k: meta[k] for k in ("epoch", "metrics", "config")}
         save_checkpoint(path, model, extra, seen=seen)
         paths.append(path)

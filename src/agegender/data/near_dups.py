@@ -235,7 +235,7 @@ class SeenRecord:
         image once: two teachers or ensemble members trained on the same faces."""
         hashes = np.concatenate([self.hashes, other.hashes])
         signatures = np.concatenate([self.signatures, other.signatures])
-        keep = np.sort(np.unique(hashes, return_index=True)[1])
+        keep = np.sort(np.unique(hashes, axis=0, return_index=True)[1])  # a row is a hash
         return SeenRecord(hashes[keep], signatures[keep])
 
     def seen(self, content_hashes: list[str], faces: np.ndarray) -> np.ndarray:

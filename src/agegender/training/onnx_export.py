@@ -167,10 +167,14 @@ class _Faces:
     """onnxruntime's calibration reader over uint8 faces ``(N, H, W, C)``, a batch at a time."""
 
     def __init__(self, faces: np.ndarray, input_name: str, batch: int = 32) -> None:
-        self.faces, self.name, self.batch, self.at = faces, input_name, batch, 0
+        # whole batches only: the calibrator stacks every batch's outputs, so a ragged last one
+        # fails it (fewer faces than a batch: one batch of them all)
+        self.batch = min(batch, len(faces))
+        self.faces = faces[: len(faces) - len(faces) % self.batch] if self.batch else faces
+        self.name, self.at = input_name, 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.at >= len(self.faces):
+        if self.at >= len(self.faces) or not self.batch:
             return None
         x = self.faces[self.at : self.at + self.batch].transpose(0, 3, 1, 2)
         self.at += self.batch
